@@ -1,0 +1,190 @@
+"""Run directories: `runs/<name>/` with the resolved config, metrics, TensorBoard events and a log.
+
+Every file that is rewritten (config, summaries, checkpoints' manifests) goes through
+`atomic_write`: data lands in a temp file in the same folder, is fsynced, then renamed over the
+target, so a crash leaves either the old or the new file, never half of one. `metrics.jsonl` is
+append-only: each record is one `write()` of a whole line to an O_APPEND descriptor followed by
+fsync; `read_metrics` skips a torn final line should the machine die mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from m2rl.config import dump_yaml
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write `data` to `path` atomically (temp file in the same directory + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # The rename is durable only once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line with a single write() so concurrent readers never see half a record."""
+    line = (json.dumps(record, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSONL file, skipping a torn last line (left by a crash mid-append)."""
+    records: list[dict[str, Any]] = []
+    path = Path(path)
+    if not path.exists():
+        return records
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index == len(lines) - 1:
+                break  # torn final record
+            raise
+    return records
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def default_run_name(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class Run:
+    """One run's folder. Create with `Run.create(...)`; close with `close()` or use as a context."""
+
+    def __init__(self, directory: Path, tensorboard: bool = True) -> None:
+        self.directory = directory
+        self.metrics_path = directory / "metrics.jsonl"
+        self.log_path = directory / "run.log"
+        self.logger = logging.getLogger(f"m2rl.run.{directory.name}")
+        self.logger.setLevel(logging.INFO)
+        self._handler = logging.FileHandler(self.log_path, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger.addHandler(self._handler)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(directory / "tensorboard"))
+
+    @classmethod
+    def create(
+        cls, name: str, root: str | Path = "runs", config: Any = None, tensorboard: bool = True
+    ) -> "Run":
+        if not _NAME_RE.match(name):
+            raise ValueError(f"bad run name {name!r}: use letters, digits, '.', '_' and '-'")
+        directory = Path(root) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        run = cls(directory, tensorboard=tensorboard)
+        if config is not None:
+            run.write_config(config)
+        run.logger.info("run directory %s", directory)
+        return run
+
+    def write_config(self, config: Any) -> Path:
+        return atomic_write(self.directory / "config.yaml", dump_yaml(config))
+
+    def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Append `{"step", "time", **metrics}` to metrics.jsonl and scalars to TensorBoard."""
+        record = {"step": step, "time": time.time(), **metrics}
+        append_jsonl(self.metrics_path, record)
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
+
+    def write_file(self, relative: str, data: str | bytes) -> Path:
+        return atomic_write(self.directory / relative, data)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        self.logger.removeHandler(self._handler)
+        self._handler.close()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@contextmanager
+def progress(description: str, total: int | None, disable: bool = False) -> Iterator[Any]:
+    """A rich progress bar; yields a callable `advance(n=1, **fields)`."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
+    with Progress(*columns, disable=disable, transient=False) as bar:
+        task = bar.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, status: str = "") -> None:
+            bar.update(task, advance=n, status=status)
+
+        yield advance

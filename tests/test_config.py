@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from m2rl.config import ConfigError, apply_overrides, dump_yaml, load_config, parse_override, to_dict
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class ExampleConfig:
+    name: str = "run"
+    steps: int = 10
+    backend: Literal["docker", "bwrap"] = "bwrap"
+    use_kl: bool = False
+    tags: list[str] = field(default_factory=list)
+    seed: int | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_file_and_overrides_compose(tmp_path: Path) -> None:
+    path = write(tmp_path, "steps: 20\noptim:\n  lr: 0.001\n")
+    cfg = load_config(ExampleConfig, path, ["optim.betas=[0.8, 0.9]", "tags=[a, b]", "seed=3", "name=x"])
+    assert cfg == ExampleConfig(name="x", steps=20, tags=["a", "b"], seed=3,
+                                optim=OptimConfig(lr=0.001, betas=(0.8, 0.9)))
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path: Path) -> None:
+    assert load_config(ExampleConfig, None, ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="'steps'.*expected an integer"):
+        load_config(ExampleConfig, None, ["steps=1.5"])
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ExampleConfig, path)
+    message = str(info.value)
+    assert "optim.learning_rate" in message and str(path) in message and "lr" in message
+
+
+def test_unknown_override_key() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'stepz'.*command-line overrides"):
+        load_config(ExampleConfig, None, ["stepz=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("steps=many", "steps"), ("use_kl=maybe", "use_kl"), ("backend=kvm", "backend"),
+     ("optim=3", "optim"), ("tags=notalist", "tags"), ("optim.betas=[1, 2, 3]", "optim.betas")],
+)
+def test_wrong_types_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(ExampleConfig, None, [override])
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "steps: 3\noptim: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"bad YAML in {path} line \d+"):
+        load_config(ExampleConfig, path)
+
+
+def test_missing_file_and_non_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(ExampleConfig, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(ExampleConfig, write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        parse_override("steps")
+    with pytest.raises(ConfigError, match="empty key"):
+        parse_override("a..b=1")
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"steps": 3}, ["steps.x=1"])
+
+
+def test_round_trip_through_yaml(tmp_path: Path) -> None:
+    cfg = ExampleConfig(tags=["x"], seed=None, optim=OptimConfig(betas=(0.5, 0.6)))
+    path = write(tmp_path, dump_yaml(cfg))
+    assert load_config(ExampleConfig, path) == cfg
+    assert to_dict(cfg)["optim"]["betas"] == [0.5, 0.6]
+
+
+def test_post_init_validation_becomes_config_error() -> None:
+    @dataclass
+    class Checked:
+        eps: float = 0.1
+
+        def __post_init__(self) -> None:
+            if self.eps < 0:
+                raise ValueError("eps must be >= 0")
+
+    with pytest.raises(ConfigError, match="eps must be >= 0"):
+        load_config(Checked, None, ["eps=-1"])

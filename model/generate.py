@@ -1,0 +1,129 @@
+"""Batched generation with a preallocated KV cache: prefill, then one token per step. Token ids in and out.
+
+    outs = generate(model, [prompt_ids, ...], SamplingParams(max_tokens=64, temperature=0.7, seed=0))
+    outs[0].ids, outs[0].logprobs, outs[0].raw_logprobs, outs[0].finish_reason
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from m2rl.model.m2 import M2ForCausalLM
+from m2rl.model.sampling import sample_from_logits, sampling_logits
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()  # a stop id ends the sequence and is kept in its ids
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be a non-negative int, got {self.max_tokens!r}")
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+
+@dataclass
+class GenerationOutput:
+    ids: list[int]
+    logprobs: list[float]  # under the distribution each id was sampled from (greedy: the raw policy)
+    raw_logprobs: list[float]  # under the raw policy (temperature 1, no filtering)
+    finish_reason: Literal["stop", "length"]
+
+
+def _pad_batch(prompts: list[list[int]], pad_id: int, side: str,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [B, L], mask [B, L], index of each prompt's last real token [B]."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+        ids[b, cols] = torch.tensor(p, dtype=torch.long)
+        mask[b, cols] = True
+    last = torch.tensor([width - 1 if side == "left" else len(p) - 1 for p in prompts])
+    return ids.to(device), mask.to(device), last.to(device)
+
+
+def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in p if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+
+
+@torch.no_grad()
+def generate(model: M2ForCausalLM, prompts: list[list[int]], params: SamplingParams,
+             padding_side: Literal["left", "right"] = "left") -> list[GenerationOutput]:
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    prompts = [[int(t) for t in p] for p in prompts]
+    _check_prompts(prompts, model.config.vocab_size)
+    longest = max(len(p) for p in prompts) + params.max_tokens
+    if longest > model.config.max_position_embeddings:
+        raise ValueError(f"prompt + max_tokens = {longest} exceeds max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
+    device = model.device
+    outs = [GenerationOutput([], [], [], "length") for _ in prompts]
+    if params.max_tokens == 0:
+        return outs
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed)
+    ids, mask, last = _pad_batch(prompts, 0, padding_side, device)
+    B = len(prompts)
+    cache = model.new_kv_cache(B, ids.shape[1] + params.max_tokens)
+    hidden = model.hidden_states(ids, kv_cache=cache, attention_mask=mask)
+    logits = model.logits(hidden[torch.arange(B, device=device), last], fp32=True)  # [B, V]
+    stop = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, step_lp, step_raw = [], [], []
+    for step in range(params.max_tokens):
+        raw_lp = torch.log_softmax(logits, dim=-1)
+        if params.greedy:
+            next_ids = torch.argmax(logits, dim=-1)
+            lp = raw_lp
+        else:
+            sample_logits = sampling_logits(logits, params.temperature, params.top_k, params.top_p)
+            next_ids = sample_from_logits(sample_logits, generator)
+            lp = torch.log_softmax(sample_logits, dim=-1)
+        step_ids.append(next_ids)
+        step_lp.append(lp.gather(1, next_ids[:, None])[:, 0])
+        step_raw.append(raw_lp.gather(1, next_ids[:, None])[:, 0])
+        done = done | torch.isin(next_ids, stop)
+        if step + 1 == params.max_tokens or bool(done.all()):
+            break
+        # Finished rows keep decoding (their tokens are dropped below): a fixed batch shape, no re-packing.
+        hidden = model.hidden_states(next_ids[:, None], kv_cache=cache, check_ids=False)
+        logits = model.logits(hidden[:, -1], fp32=True)
+    all_ids = torch.stack(step_ids, 1).tolist()
+    all_lp = torch.stack(step_lp, 1).tolist()
+    all_raw = torch.stack(step_raw, 1).tolist()
+    stop_set = set(params.stop_ids)
+    for b in range(B):
+        for t, tok in enumerate(all_ids[b]):
+            outs[b].ids.append(tok)
+            outs[b].logprobs.append(all_lp[b][t])
+            outs[b].raw_logprobs.append(all_raw[b][t])
+            if tok in stop_set:
+                outs[b].finish_reason = "stop"
+                break
+    return outs

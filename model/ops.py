@@ -1,0 +1,122 @@
+"""The seam where fused kernels replace PyTorch code: a tiny registry of named implementations per op.
+
+Only the `torch` implementations live here. Triton kernels (m2rl.kernels) register themselves:
+
+    from m2rl.model import ops
+    ops.register("moe_experts", "triton", triton_moe_experts)
+    ops.use("moe_experts", "triton")            # or: with ops.using(moe_experts="triton"): ...
+
+The model calls `ops.rms_norm(...)` / `ops.moe_experts(...)`, which dispatch to the selected implementation.
+Shape suffixes: T tokens, D hidden, I expert inner width, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+_IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {}
+_SELECTED: dict[str, str] = {}
+
+
+def register(op: str, name: str, fn: Callable[..., torch.Tensor]) -> None:
+    _IMPLS.setdefault(op, {})[name] = fn
+    _SELECTED.setdefault(op, name)
+
+
+def available(op: str) -> list[str]:
+    if op not in _IMPLS:
+        raise KeyError(f"unknown op {op!r}; ops: {sorted(_IMPLS)}")
+    return sorted(_IMPLS[op])
+
+
+def use(op: str, name: str) -> None:
+    if name not in available(op):
+        raise KeyError(f"op {op!r} has no implementation {name!r}; registered: {available(op)}")
+    _SELECTED[op] = name
+
+
+def selected(op: str) -> str:
+    available(op)
+    return _SELECTED[op]
+
+
+@contextlib.contextmanager
+def using(**choices: str) -> Iterator[None]:
+    before = {op: selected(op) for op in choices}
+    try:
+        for op, name in choices.items():
+            use(op, name)
+        yield
+    finally:
+        for op, name in before.items():
+            _SELECTED[op] = name
+
+
+def get(op: str) -> Callable[..., torch.Tensor]:
+    return _IMPLS[op][selected(op)]
+
+
+# ---- dispatchers the model calls ----------------------------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _IMPLS["rms_norm"][_SELECTED["rms_norm"]](x, weight, eps)
+
+
+def moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    return _IMPLS["moe_experts"][_SELECTED["moe_experts"]](x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+
+
+# ---- torch reference implementations -----------------------------------------------------------------
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / rms(x); statistics in fp32, the weight multiplies after casting back (as transformers)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def moe_experts_torch(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                      experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[t,k] * w2_e(silu(w1_e x_t) * w3_e x_t) with e = experts[t,k]; loops over the experts hit.
+
+    Sorting the (token, slot) pairs by expert once replaces one boolean scan per expert."""
+    T, K = experts_TK.shape
+    if T * K <= w1_EID.shape[0]:
+        return _moe_experts_gathered(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+    out_TD = torch.zeros_like(x_TD)
+    flat_expert = experts_TK.reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    counts = torch.bincount(flat_expert, minlength=w1_EID.shape[0]).tolist()
+    token_of = order // K
+    weight_of = weights_TK.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tokens = token_of[start:start + n]
+        x_ND = x_TD[tokens]
+        h_NI = F.silu(x_ND @ w1_EID[e].t()) * (x_ND @ w3_EID[e].t())
+        # Routing weights are fp32; scale in fp32 then cast, as transformers does.
+        y_ND = (h_NI @ w2_EDI[e].t()) * weight_of[start:start + n, None]
+        out_TD.index_add_(0, tokens, y_ND.to(x_TD.dtype))
+        start += n
+    return out_TD
+
+
+def _moe_experts_gathered(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                          experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Decode-sized batches (T*K <= E): gather each slot's expert weights and run one bmm per matrix —
+    fewer, larger ops and no host sync, at the cost of copying T*K expert matrices."""
+    T, K = experts_TK.shape
+    e_N = experts_TK.reshape(-1)
+    x_ND1 = x_TD.repeat_interleave(K, dim=0)[:, :, None]
+    h_NI1 = F.silu(torch.bmm(w1_EID[e_N], x_ND1)) * torch.bmm(w3_EID[e_N], x_ND1)
+    y_ND = torch.bmm(w2_EDI[e_N], h_NI1)[..., 0] * weights_TK.reshape(-1, 1)
+    return y_ND.view(T, K, -1).sum(1).to(x_TD.dtype)
+
+
+register("rms_norm", "torch", rms_norm_torch)
+register("moe_experts", "torch", moe_experts_torch)

@@ -1,0 +1,324 @@
+"""The learner: one `update(batch)` per rollout batch, several optimizer steps inside it.
+
+Per update:
+  1. optionally recompute pi_old with the learner (no grad) and log the generator/learner log-prob gap;
+  2. for each epoch, split the sequences into `mini_batches` (one optimizer step each);
+  3. pack each mini-batch into micro-batches whose padded size (rows x longest row) fits
+     `micro_batch_tokens`, and accumulate gradients; the loss normaliser is the MINI-BATCH total
+     (masked tokens, or sequences for sequence aggregation), so the accumulated gradient equals the
+     gradient of the whole mini-batch in one piece;
+  4. clip the global grad norm, AdamW step (betas 0.9/0.95, eps 1e-15 as in M1), LR scheduler step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+
+import torch
+from m2rl.rl.batch import RolloutBatch
+from m2rl.rl.logprobs import policy_token_logprobs
+from m2rl.rl.losses import LossConfig, default_normalizer, policy_loss
+from m2rl.rl.lr_schedule import LRScheduleConfig, build_lr_scheduler
+from torch import Tensor, nn
+
+__all__ = ["Learner", "LearnerConfig", "RolloutBatch", "pack_micro_batches"]
+
+
+@dataclass
+class LearnerConfig:
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-15
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
+    micro_batch_tokens: int = 16384  # padded tokens per forward/backward
+    mini_batches: int = 1  # optimizer steps per epoch
+    epochs: int = 1  # passes over the rollout batch (>1 makes later steps off-policy)
+    shuffle: bool = True  # reshuffle sequences into mini-batches each epoch (seeded, resume-safe)
+    seed: int = 0
+    bf16: bool = False  # autocast the forward to bfloat16
+    lm_head_fp32: bool = True  # M1: the fp32 head raised train/inference prob correlation 0.987 -> 0.997
+    gradient_checkpointing: bool = False
+    recompute_old_logprobs: bool = True  # pi_old from the learner, not the generator (enables TIS)
+    compute_entropy: bool = True
+    logprob_chunk_size: int = 1024
+    loss: LossConfig = field(default_factory=LossConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+
+    def __post_init__(self) -> None:
+        # YAML gives nested mappings and lists
+        if isinstance(self.loss, Mapping):
+            self.loss = LossConfig(**self.loss)
+        if isinstance(self.lr_schedule, Mapping):
+            self.lr_schedule = LRScheduleConfig(**self.lr_schedule)
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if not self.lr >= 0:
+            raise ValueError(f"LearnerConfig.lr must be >= 0, got {self.lr}")
+        if self.micro_batch_tokens < 1:
+            raise ValueError(f"LearnerConfig.micro_batch_tokens must be >= 1, got {self.micro_batch_tokens}")
+        if self.mini_batches < 1 or self.epochs < 1:
+            raise ValueError(f"mini_batches and epochs must be >= 1, got {self.mini_batches}, {self.epochs}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"LearnerConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.loss.tis and not self.recompute_old_logprobs:
+            raise ValueError(
+                "loss.tis needs recompute_old_logprobs=True (TIS compares learner and generator pi_old)"
+            )
+
+
+def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Group row indices so each group's padded size len(group) * max(length) is <= token_budget.
+
+    Longest rows first, greedy; a row longer than the budget gets a micro-batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups: list[list[int]] = []
+    for i in order:
+        # rows arrive longest first, so a group's first row is its longest
+        if groups and (len(groups[-1]) + 1) * max(1, lengths[groups[-1][0]]) <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class _MetricMean:
+    """Token-weighted means; *_max / *_min keys keep the extreme; sums for counts."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
+        self.extremes: dict[str, float] = {}
+
+    def add(self, metrics: Mapping[str, Tensor | float], weight: float) -> None:
+        for key, value in metrics.items():
+            v = float(value)
+            if key.endswith("_max"):
+                self.extremes[key] = max(self.extremes.get(key, -math.inf), v)
+            elif key.endswith("_min"):
+                self.extremes[key] = min(self.extremes.get(key, math.inf), v)
+            elif weight > 0:
+                self.sums[key] = self.sums.get(key, 0.0) + v * weight
+                self.weights[key] = self.weights.get(key, 0.0) + weight
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.weights[k] for k in self.sums}
+        out.update(self.extremes)
+        return out
+
+
+LogprobFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
+
+
+class Learner:
+    """Holds the policy, AdamW and the LR scheduler; `update(batch) -> metrics`."""
+
+    def __init__(
+        self, model: nn.Module, config: LearnerConfig | None = None, logprob_fn: LogprobFn | None = None
+    ):
+        self.model = model
+        self.config = config or LearnerConfig()
+        self.logprob_fn = logprob_fn or policy_token_logprobs
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=self.config.lr,
+            betas=self.config.betas,
+            eps=self.config.adam_eps,
+            weight_decay=self.config.weight_decay,
+        )
+        self.scheduler = build_lr_scheduler(self.optimizer, self.config.lr_schedule)
+        self.update_count = 0  # rollout batches consumed; seeds the mini-batch shuffle
+        self.optimizer_steps = 0
+        if self.config.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+
+    # -- state (the optimizer and scheduler are saved by rl.checkpoint next to this) --
+    def state_dict(self) -> dict[str, int]:
+        return {"update_count": self.update_count, "optimizer_steps": self.optimizer_steps}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.update_count = int(state["update_count"])
+        self.optimizer_steps = int(state["optimizer_steps"])
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def _logprobs(
+        self, batch: RolloutBatch, rows: list[int], lengths: list[int], with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None, int]:
+        """Forward on `rows` trimmed to their longest length: ([b, L] logprobs, entropy or None, L)."""
+        idx = torch.tensor(rows, device=batch.input_ids.device)
+        length = max(1, max(lengths[r] for r in rows))
+        ids = batch.input_ids[idx, :length]
+        attn = batch.attention_mask[idx, :length] if batch.attention_mask is not None else None
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            out = self.logprob_fn(
+                self.model,
+                ids,
+                attention_mask=attn,
+                return_entropy=with_entropy,
+                chunk_size=self.config.logprob_chunk_size,
+                lm_head_fp32=self.config.lm_head_fp32,
+            )
+        if with_entropy:
+            logprobs, entropy = out
+            return logprobs, entropy.detach(), length
+        return out, None, length
+
+    @torch.no_grad()
+    def recompute_logprobs(self, batch: RolloutBatch) -> Tensor:
+        """Learner log-probs [B, T] of the batch under the current parameters (0 past each row's length)."""
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
+        lengths = batch.lengths()
+        for rows in pack_micro_batches(lengths, self.config.micro_batch_tokens):
+            logprobs, _, length = self._logprobs(batch, rows, lengths, with_entropy=False)
+            out = out.to(logprobs.dtype)
+            out[torch.tensor(rows, device=out.device), :length] = logprobs
+        return out
+
+    def compute_gradients(
+        self, batch: RolloutBatch, rows: list[int] | None = None, old_logprobs: Tensor | None = None
+    ) -> dict[str, float]:
+        """Accumulate into .grad the gradient of the loss of the mini-batch `rows` (default: all rows),
+        micro-batch by micro-batch. `old_logprobs` default to the batch's (generator) log-probs."""
+        cfg = self.config
+        rows = list(range(batch.input_ids.shape[0])) if rows is None else rows
+        old_logprobs = batch.old_logprobs if old_logprobs is None else old_logprobs
+        aggregation = cfg.loss.resolved_aggregation
+        rows_t = torch.tensor(rows, device=batch.loss_mask.device)
+        normalizer = default_normalizer(batch.loss_mask[rows_t], aggregation)
+        lengths = batch.lengths()
+        acc = _MetricMean()
+        loss_total = 0.0
+        for micro in pack_micro_batches([lengths[r] for r in rows], cfg.micro_batch_tokens):
+            sub = [rows[i] for i in micro]
+            logprobs, entropy, length = self._logprobs(batch, sub, lengths, with_entropy=cfg.compute_entropy)
+            idx = torch.tensor(sub, device=batch.input_ids.device)
+            mask = batch.loss_mask[idx, :length].to(logprobs.dtype)
+            gen = batch.old_logprobs[idx, :length].to(logprobs.dtype)
+            old = old_logprobs[idx, :length].to(logprobs.dtype)
+            loss, metrics = policy_loss(
+                cfg.loss,
+                logprobs,
+                old,
+                batch.advantages[idx, :length].to(logprobs.dtype),
+                mask,
+                normalizer=normalizer,
+                ref_logprobs=batch.ref_logprobs[idx, :length].to(logprobs.dtype)
+                if batch.ref_logprobs is not None
+                else None,
+                generator_logprobs=gen,
+                entropy=entropy,
+            )
+            loss.backward()
+            loss_total += float(metrics.pop("loss"))
+            n_tokens = float(metrics.pop("num_tokens"))
+            with torch.no_grad():
+                metrics["logp_gap_gen_current"] = (
+                    (gen - logprobs.detach()).abs() * mask
+                ).sum() / mask.sum().clamp(min=1)
+            acc.add(metrics, n_tokens)
+        out = acc.result()
+        out["loss"] = loss_total
+        out["num_tokens"] = float(batch.loss_mask[rows_t].sum())
+        return out
+
+    def update(self, batch: RolloutBatch | Mapping[str, Tensor]) -> dict[str, float]:
+        cfg = self.config
+        if not isinstance(batch, RolloutBatch):
+            batch = RolloutBatch.from_mapping(batch)
+        batch.validate()
+        batch = RolloutBatch(
+            **{
+                f.name: (
+                    getattr(batch, f.name).to(self.device) if getattr(batch, f.name) is not None else None
+                )
+                for f in fields(batch)
+            }
+        )
+        start = time.perf_counter()
+        self.model.train()
+        metrics = _MetricMean()
+        extra: dict[str, float] = {}
+        mask = batch.loss_mask.float()
+        if cfg.recompute_old_logprobs:
+            old_logprobs = self.recompute_logprobs(batch)
+            gap = (
+                (batch.old_logprobs.to(old_logprobs.dtype) - old_logprobs).abs() * mask
+            ).sum() / mask.sum().clamp(min=1)
+            extra["logp_gap_gen_learner"] = float(gap)
+        else:
+            old_logprobs = batch.old_logprobs
+        n_rows = batch.input_ids.shape[0]
+        lengths = batch.lengths()
+        forward_tokens = 0
+        skipped = 0
+        for epoch in range(cfg.epochs):
+            if cfg.shuffle:
+                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.update_count * 1009 + epoch)
+                order = torch.randperm(n_rows, generator=gen).tolist()
+            else:
+                order = list(range(n_rows))
+            for rows in _split(order, cfg.mini_batches):
+                if not rows:
+                    continue
+                self.optimizer.zero_grad(set_to_none=True)
+                step_metrics = self.compute_gradients(batch, rows, old_logprobs)
+                forward_tokens += sum(lengths[r] for r in rows)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+                step_metrics["grad_norm"] = float(grad_norm)
+                step_metrics["grad_norm_max"] = float(grad_norm)
+                if step_metrics["num_tokens"] == 0 or not math.isfinite(float(grad_norm)):
+                    # nothing to learn from, or a non-finite gradient: do not let it touch the weights
+                    # (nor advance the LR schedule, which counts optimizer steps)
+                    skipped += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                else:
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer_steps += 1
+                metrics.add(step_metrics, 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.update_count += 1
+        elapsed = time.perf_counter() - start
+        out = metrics.result()
+        out.update(extra)
+        out.pop("num_tokens", None)
+        out["skipped_steps"] = float(skipped)
+        out["lr"] = float(self.scheduler.get_last_lr()[0])
+        out["tokens_per_s"] = forward_tokens / max(elapsed, 1e-9)
+        out["update_time_s"] = elapsed
+        out["loss_tokens"] = float(mask.sum())
+        out["optimizer_steps"] = float(self.optimizer_steps)
+        return out
+
+
+def _split(order: list[int], parts: int) -> list[list[int]]:
+    """Split into `parts` contiguous chunks of near-equal size (the first ones one longer)."""
+    size, rest = divmod(len(order), parts)
+    chunks, start = [], 0
+    for k in range(parts):
+        end = start + size + (1 if k < rest else 0)
+        chunks.append(order[start:end])
+        start = end
+    return chunks
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+    elif hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = True
+    else:
+        raise ValueError(
+            f"gradient_checkpointing=True but {type(model).__name__} has neither gradient_checkpointing_enable() "
+            "nor a gradient_checkpointing attribute"
+        )

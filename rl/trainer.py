@@ -1,0 +1,378 @@
+"""The synchronous training loop: rollouts -> rewards -> advantages -> updates -> weight sync -> eval.
+
+    for step:
+        tasks   = curriculum.sample(batch_size(step) / G)            # difficulty curriculum, warm-up
+        groups  = G episodes per task from the policy on the env      # token-exact trajectories
+        A       = group-relative advantages of episode rewards        # dynamic sampling drops flat groups
+        learner.update(batch)                                         # CISPO (or a baseline) on sampled tokens
+        policy.update_weights(learner weights)                        # in-process weight sync, version + 1
+        every k steps: held-out success, checkpoint, curve
+
+The generator and the learner hold separate copies of the weights, as they would on separate devices,
+so the generator-vs-learner log-prob gap and the truncated-IS correction measure something real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from m2rl.agent.local_policy import LocalPolicy
+from m2rl.agent.loop import LoopConfig
+from m2rl.agent.policy import SamplingParams
+from m2rl.config import to_dict
+from m2rl.rl.advantages import dynamic_sampling_keep, group_advantages
+from m2rl.rl.batch import collate
+from m2rl.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
+from m2rl.rl.curves import plot_training_curve
+from m2rl.rl.learner import Learner, LearnerConfig
+from m2rl.rl.rollout import Episode, EpisodeRunner
+from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
+from m2rl.runs import Run, atomic_write, default_run_name, progress
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    # Warm-start checkpoint (HF safetensors folder). Relative paths resolve against the repo root.
+    init: str | None = "model/assets/tiny-python-sft"
+    seed: int = 0  # init seed when there is no checkpoint
+
+
+@dataclass
+class EnvSection:
+    id: str = "m2rl/Python-v0"
+    sandbox: str = "bwrap"
+    kinds: list[str] | None = None  # restrict task kinds (None: all of the family)
+    max_steps: int = 4  # assistant turns per episode
+    num_train_tasks: int = 256  # the training task pool the curriculum draws from
+    enable_thinking: bool = True
+
+
+@dataclass
+class RolloutSection:
+    group_size: int = 8  # G samples per task
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 96  # per assistant turn
+    num_envs: int = 32  # concurrent episodes
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal (no signal)
+    scale_by_std: bool = True
+    batch_warmup: BatchSizeWarmup = field(default_factory=lambda: BatchSizeWarmup(32, 64, 0, 8))
+    context: ContextLengthSchedule = field(default_factory=lambda: ContextLengthSchedule([(0, 1024)]))
+    curriculum: bool = False
+    curriculum_config: CurriculumConfig = field(default_factory=CurriculumConfig)
+
+
+@dataclass
+class EvalSection:
+    every: int = 10  # steps; 0 disables periodic eval (start and end still run)
+    num_tasks: int = 48  # held-out (test split) tasks
+    greedy: bool = True
+    temperature: float = 1.0  # used when greedy is false
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""  # run name; "" -> train-<timestamp>
+    run_root: str = "runs"
+    seed: int = 0
+    steps: int = 60
+    max_minutes: float = 9.0  # wall-clock budget for the whole job (eval included); stops cleanly
+    threads: int = 2
+    device: str = "cpu"
+    resume: bool = False  # continue from the newest checkpoint of runs/<name>
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    model: ModelSection = field(default_factory=ModelSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.rollout.group_size < 2:
+            raise ValueError("rollout.group_size must be >= 2 for group-relative advantages")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch.nn.Module, Any]:
+    from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, load_pretrained
+
+    if section.init:
+        path = Path(section.init)
+        path = path if path.is_absolute() else REPO_ROOT / path
+        if not path.exists():
+            raise FileNotFoundError(
+                f"warm-start checkpoint {path} not found; build it with `python -m m2rl.rl.warm_start` "
+                "or set model.init=null to start from random weights"
+            )
+        model = load_pretrained(path, dtype=torch.float32, device=device)
+        tokenizer_file = path / "tokenizer.json"
+        tokenizer = M2Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else M2Tokenizer.tiny()
+    else:
+        model = M2ForCausalLM(M2Config.from_preset(section.preset)).init_weights(seed=section.seed).to(device)
+        tokenizer = M2Tokenizer.tiny()
+    return model, tokenizer
+
+
+def make_env_factory(section: EnvSection, split: str) -> Any:
+    import gymnasium
+
+    import m2rl.envs  # noqa: F401  (registers the m2rl/* ids)
+
+    kwargs: dict[str, Any] = {"backend": section.sandbox, "split": split, "max_steps": section.max_steps,
+                              "enable_thinking": section.enable_thinking}
+    if section.kinds:
+        kwargs["kinds"] = tuple(section.kinds)
+    return lambda: gymnasium.make(section.id, **kwargs)
+
+
+def task_pool(env: Any, split: str, count: int, kinds: list[str] | None) -> list[str]:
+    task_set = env.unwrapped.task_set
+    return [task.id for task in task_set.tasks(split, count, kinds=tuple(kinds) if kinds else None)]
+
+
+def episodes_to_batch(episodes: list[Episode], advantages: list[float], pad_id: int) -> Any:
+    trajectories = [e.trajectory for e in episodes]
+    return collate(
+        [t.ids for t in trajectories],
+        [t.loss_mask for t in trajectories],
+        [t.logprobs for t in trajectories],
+        advantages,
+        pad_id=pad_id,
+    )
+
+
+def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]:
+    if not episodes:
+        return {}
+    n = len(episodes)
+    metrics = {
+        f"{prefix}/success_rate": sum(e.resolved for e in episodes) / n,
+        f"{prefix}/reward_mean": sum(e.reward for e in episodes) / n,
+        f"{prefix}/sampled_tokens_mean": sum(e.sampled_tokens for e in episodes) / n,
+        f"{prefix}/turns_mean": sum(e.trajectory.num_turns for e in episodes) / n,
+    }
+    violations = [e.trajectory.metadata.get("continuity_violations") for e in episodes]
+    metrics[f"{prefix}/continuity_violations"] = float(sum(v for v in violations if isinstance(v, int)))
+    components: dict[str, float] = {}
+    for episode in episodes:
+        for name, value in episode.reward_breakdown.items():
+            components[name] = components.get(name, 0.0) + value / n
+    metrics.update({f"{prefix}/reward/{k}": v for k, v in components.items()})
+    return metrics
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        torch.set_num_threads(max(1, config.threads))
+        seed_everything(config.seed)
+        self.name = config.name or default_run_name("train")
+        self.run = Run.create(self.name, root=config.run_root, config=config)
+        self.model, self.tokenizer = build_model_and_tokenizer(config.model, config.device)
+        # The generator's own copy of the weights; synced after every update (bumping its version).
+        self.generator = copy.deepcopy(self.model).eval()
+        for parameter in self.generator.parameters():
+            parameter.requires_grad_(False)
+        self.policy = LocalPolicy(self.generator, self.tokenizer, max_batch_size=config.rollout.num_envs)
+        self.learner = Learner(self.model, config.learner)
+        self.train_runner = EpisodeRunner(make_env_factory(config.env, "train"), config.rollout.num_envs,
+                                          self.tokenizer)
+        self.eval_runner = EpisodeRunner(make_env_factory(config.env, "test"),
+                                         min(config.rollout.num_envs, config.eval.num_tasks), self.tokenizer)
+        probe = self.train_runner.envs[0]
+        self.train_tasks = task_pool(probe, "train", config.env.num_train_tasks, config.env.kinds)
+        self.eval_tasks = task_pool(probe, "test", config.eval.num_tasks, config.env.kinds)
+        self.curriculum = DifficultyCurriculum(self.train_tasks, config.rollout.curriculum_config)
+        self.rng = random.Random(config.seed)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        if config.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ state
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "rng": self.rng.getstate(),
+            "learner": self.learner.state_dict(),
+            "curriculum": {"attempts": self.curriculum.attempts, "successes": self.curriculum.successes,
+                           "raw_attempts": self.curriculum.raw_attempts},
+            "policy_version": self.policy.policy_version,
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run.directory / "checkpoints", self.step, self.model, self.learner.optimizer,
+            self.learner.scheduler, trainer_state=self._trainer_state(), data_position=self.step,
+            keep_last=self.config.keep_checkpoints,
+        )
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.run.directory / "checkpoints")
+        if path is None:
+            self.run.logger.info("resume requested but no checkpoint found; starting fresh")
+            return
+        state = load_checkpoint(path, self.model, self.learner.optimizer, self.learner.scheduler)
+        self.step = state.step
+        trainer_state = state.trainer_state
+        version, internal, gauss = trainer_state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.learner.load_state_dict(trainer_state["learner"])
+        self.curriculum.attempts.update(trainer_state["curriculum"]["attempts"])
+        self.curriculum.successes.update(trainer_state["curriculum"]["successes"])
+        self.curriculum.raw_attempts.update(trainer_state["curriculum"]["raw_attempts"])
+        self._sync_weights(version=int(trainer_state["policy_version"]))
+        self.run.logger.info("resumed from %s at step %d", path, self.step)
+
+    def _sync_weights(self, version: int | None = None) -> int:
+        return self.policy.update_weights(self.model.state_dict(), version=version)
+
+    # ------------------------------------------------------------------ rollouts and evaluation
+
+    def _loop_config(self) -> LoopConfig:
+        return LoopConfig(
+            max_turns=self.config.env.max_steps,
+            max_context_tokens=self.config.rollout.context.max_tokens(self.step),
+            enable_thinking=self.config.env.enable_thinking,
+        )
+
+    def _sampling(self, greedy: bool = False, temperature: float | None = None) -> SamplingParams:
+        r = self.config.rollout
+        return SamplingParams(
+            max_tokens=r.max_new_tokens, temperature=temperature or r.temperature, top_p=r.top_p,
+            stop_ids=(self.tokenizer.eos_id,), greedy=greedy,
+        )
+
+    def _sample_tasks(self, count: int) -> list[str]:
+        if self.config.rollout.curriculum:
+            return [str(t) for t in self.curriculum.sample(count, self.rng)]
+        return self.rng.sample(self.train_tasks, min(count, len(self.train_tasks)))
+
+    def evaluate(self) -> dict[str, float]:
+        e = self.config.eval
+        params = self._sampling(greedy=e.greedy, temperature=e.temperature)
+        episodes = asyncio.run(self._collect(self.eval_runner, self.eval_tasks, 1, params))
+        return summarize_episodes(episodes, "eval")
+
+    async def _collect(self, runner: EpisodeRunner, tasks: list[str], group: int,
+                       params: SamplingParams) -> list[Episode]:
+        try:
+            return await runner.run(self.policy, tasks, group, params, self._loop_config())
+        finally:
+            await self.policy.aclose()  # the batching worker belongs to this event loop
+
+    def train_step(self) -> dict[str, float]:
+        r = self.config.rollout
+        t0 = time.perf_counter()
+        num_tasks = max(1, r.batch_warmup.batch_size(self.step) // r.group_size)
+        tasks = self._sample_tasks(num_tasks)
+        episodes = asyncio.run(self._collect(self.train_runner, tasks, r.group_size, self._sampling()))
+        rollout_s = time.perf_counter() - t0
+        for episode in episodes:
+            self.curriculum.update(episode.task_id, 1.0 if episode.resolved else 0.0)
+        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32).view(len(tasks), r.group_size)
+        keep = dynamic_sampling_keep(rewards) if r.dynamic_sampling else torch.ones(len(tasks), dtype=torch.bool)
+        advantages = group_advantages(rewards, scale_by_std=r.scale_by_std)
+        metrics = summarize_episodes(episodes, "train")
+        metrics.update({"rollout_s": rollout_s, "groups_kept": float(keep.sum()), "groups": float(len(tasks))})
+        kept = [(e, float(advantages[e.group, i % r.group_size]))
+                for i, e in enumerate(episodes) if bool(keep[e.group])]
+        if kept:
+            batch = episodes_to_batch([e for e, _ in kept], [a for _, a in kept], pad_id=self.tokenizer.eos_id)
+            update = self.learner.update(batch)
+            metrics.update({f"learner/{k}": v for k, v in update.items()})
+            metrics["policy_version"] = float(self._sync_weights())
+        else:
+            metrics["learner/skipped_no_signal"] = 1.0
+        metrics["step_s"] = time.perf_counter() - t0
+        return metrics
+
+    # ------------------------------------------------------------------ the whole job
+
+    def train(self) -> dict[str, Any]:
+        c = self.config
+        start = time.monotonic()
+        deadline = start + c.max_minutes * 60
+        self.run.logger.info("training %s for %d steps (budget %.1f min)", self.name, c.steps, c.max_minutes)
+        initial = self.evaluate() if self.step == 0 else {}
+        if initial:
+            self._log(self.step, initial)
+        first_success = initial.get("eval/success_rate")
+        stopped_early = False
+        with progress(f"train {self.name}", total=c.steps) as advance:
+            advance(self.step)
+            while self.step < c.steps:
+                if time.monotonic() > deadline:
+                    stopped_early = True
+                    break
+                metrics = self.train_step()
+                self.step += 1
+                if c.eval.every and self.step % c.eval.every == 0 and self.step < c.steps:
+                    metrics.update(self.evaluate())
+                self._log(self.step, metrics)
+                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                    self.save()
+                status = f"success {metrics.get('train/success_rate', 0):.2f}"
+                if "eval/success_rate" in metrics:
+                    status += f" held-out {metrics['eval/success_rate']:.2f}"
+                advance(1, status=status)
+        final = self.evaluate()
+        self._log(self.step, final)
+        self.save()
+        elapsed = time.monotonic() - start
+        summary = {
+            "run": str(self.run.directory),
+            "steps": self.step,
+            "stopped_early_by_time_budget": stopped_early,
+            "wall_time_s": round(elapsed, 1),
+            "initial_eval_success": first_success,
+            "final_eval_success": final.get("eval/success_rate"),
+        }
+        self.run.write_file("summary.json", json.dumps(summary, indent=2))
+        self.close()
+        return summary
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.run.log_metrics(step, clean)
+        self.history.append({"step": step, **clean})
+        plot_training_curve(self.history, self.run.directory / "curve.png", title=self.name)
+
+    def close(self) -> None:
+        self.train_runner.close()
+        self.eval_runner.close()
+        self.run.close()
+
+
+def config_as_dict(config: TrainConfig) -> dict[str, Any]:
+    return to_dict(dataclasses.replace(config))
+
+
+def write_resolved(config: TrainConfig, path: Path) -> None:
+    from m2rl.config import dump_yaml
+
+    atomic_write(path, dump_yaml(config))

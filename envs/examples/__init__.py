@@ -1,0 +1,1 @@
+"""Small example environments (docs/new_env.md includes them verbatim)."""

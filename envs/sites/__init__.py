@@ -1,0 +1,1 @@
+"""Generated local web sites the browser env serves on loopback."""

@@ -1,0 +1,262 @@
+"""`str_replace_editor`: view / create / str_replace / insert / undo_edit, with the semantics and messages of
+the SWE-agent / Anthropic text-editor tool (so models trained on those transcripts read familiar replies).
+
+Files live in the sandbox; the tool reads and writes them through `Sandbox.read_file` / `write_file`.
+One deliberate difference: file contents are not `expandtabs()`-ed (the reference tool rewrites every tab in
+an edited file to spaces, silently changing Makefiles and tab-indented code).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import PurePosixPath
+from typing import Any, Literal
+
+from m2rl.envs.tool import ToolError, ToolOutput
+
+SNIPPET_LINES = 4
+MAX_VIEW_CHARS = 16_000
+
+
+def numbered(text: str, start_line: int = 1) -> str:
+    """`cat -n` style: six-wide line numbers, a tab, the line."""
+    return "\n".join(f"{i + start_line:6}\t{line}" for i, line in enumerate(text.split("\n")))
+
+
+def python_syntax_ok(path: str, text: str) -> bool | None:
+    if not path.endswith(".py"):
+        return None
+    try:
+        compile(text, path, "exec", dont_inherit=True)
+        return True
+    except (SyntaxError, ValueError):
+        return False
+
+
+class EditorTool:
+    def __init__(self, sandbox: Any) -> None:
+        self.sandbox = sandbox
+        self.history: dict[str, list[str]] = {}  # path -> earlier contents, for undo_edit
+
+    # -------------------------------------------------------------------- sandbox file access
+
+    def _kind(self, path: str) -> str:
+        script = (
+            'if [ -d "$1" ]; then echo dir; elif [ -f "$1" ]; then echo file; '
+            'elif [ -e "$1" ]; then echo other; else echo none; fi'
+        )
+        res = self.sandbox.exec(["bash", "-c", script, "m2rl", path], timeout=10.0)
+        return res.stdout.strip() or "none"
+
+    def _read(self, path: str) -> str:
+        try:
+            data = self.sandbox.read_file(path)
+        except Exception as exc:
+            raise ToolError(f"Ran into {exc} while trying to read {path}") from None
+        return data.decode("utf-8", "replace")
+
+    def _write(self, path: str, text: str) -> None:
+        try:
+            self.sandbox.write_file(path, text.encode("utf-8"))
+        except Exception as exc:
+            raise ToolError(f"Ran into {exc} while trying to write to {path}") from None
+
+    def _validate(self, command: str, path: str) -> str:
+        if not PurePosixPath(path).is_absolute():
+            suggested = str(PurePosixPath("/work") / path)
+            raise ToolError(
+                f"The path {path} is not an absolute path, it should start with `/`. "
+                f"Maybe you meant {suggested}?"
+            )
+        kind = self._kind(path)
+        if kind == "none" and command != "create":
+            raise ToolError(f"The path {path} does not exist. Please provide a valid path.")
+        if kind != "none" and command == "create":
+            raise ToolError(f"File already exists at: {path}. Cannot overwrite files using command `create`.")
+        if kind == "dir" and command != "view":
+            raise ToolError(
+                f"The path {path} is a directory and only the `view` command can be used on directories"
+            )
+        if kind == "other":
+            raise ToolError(f"The path {path} is not a regular file or directory.")
+        return kind
+
+    # -------------------------------------------------------------------- the tool
+
+    def str_replace_editor(
+        self,
+        command: Literal["view", "create", "str_replace", "insert", "undo_edit"],
+        path: str,
+        file_text: str | None = None,
+        old_str: str | None = None,
+        new_str: str | None = None,
+        insert_line: int | None = None,
+        view_range: list[int] | None = None,
+    ) -> ToolOutput:
+        """Custom editing tool for viewing, creating and editing files. `view` shows a file with line numbers
+        (`cat -n`) or lists a directory 2 levels deep. `create` makes a new file (it cannot overwrite).
+        `str_replace` replaces `old_str`, which must match exactly one place in the file (whitespace
+        included), with `new_str`. `insert` adds `new_str` after line `insert_line`. `undo_edit` reverts the
+        last edit.
+
+        Args:
+            command: The command to run: view, create, str_replace, insert or undo_edit.
+            path: Absolute path to a file or directory, e.g. /work/file.py or /work.
+            file_text: Required for `create`: the content of the file to be created.
+            old_str: Required for `str_replace`: the exact text to replace.
+            new_str: For `str_replace`: the replacement (omitted = delete old_str). Required for `insert`.
+            insert_line: Required for `insert`: new_str is inserted AFTER this line (0 = at the top).
+            view_range: Optional for `view` of a file: [start, end] line numbers (1-based, end -1 = to the
+                end).
+        """
+        kind = self._validate(command, path)
+        if command == "view":
+            return self._view(path, kind, view_range)
+        if command == "create":
+            if file_text is None:
+                raise ToolError("Parameter `file_text` is required for command: create")
+            self._write(path, file_text)
+            self.history.setdefault(path, []).append("")
+            return ToolOutput(
+                output=f"File created successfully at: {path}",
+                edits=[{"path": path, "syntax_ok": python_syntax_ok(path, file_text)}],
+            )
+        if command == "str_replace":
+            if old_str is None:
+                raise ToolError("Parameter `old_str` is required for command: str_replace")
+            return self._str_replace(path, old_str, new_str or "")
+        if command == "insert":
+            if insert_line is None:
+                raise ToolError("Parameter `insert_line` is required for command: insert")
+            if new_str is None:
+                raise ToolError("Parameter `new_str` is required for command: insert")
+            return self._insert(path, insert_line, new_str)
+        if command == "undo_edit":
+            return self._undo(path)
+        raise ToolError(
+            f"Unrecognized command {command}. The allowed commands for the str_replace_editor tool "
+            "are: view, create, str_replace, insert, undo_edit"
+        )
+
+    def _view(self, path: str, kind: str, view_range: list[int] | None) -> ToolOutput:
+        if kind == "dir":
+            if view_range:
+                raise ToolError(
+                    "The `view_range` parameter is not allowed when `path` points to a directory."
+                )
+            res = self.sandbox.exec(
+                f"find {shlex.quote(path)} -maxdepth 2 -not -path '*/.*' | sort", timeout=15.0
+            )
+            if res.exit_code != 0 and not res.stdout:
+                raise ToolError(res.stderr.strip() or f"could not list {path}")
+            return ToolOutput(
+                output=f"Here's the files and directories up to 2 levels deep in {path}, excluding "
+                f"hidden items:\n{res.stdout}",
+                files_viewed=[path],
+            )
+        text = self._read(path)
+        start = 1
+        if view_range:
+            lines = text.split("\n")
+            n = len(lines)
+            if len(view_range) != 2 or not all(isinstance(i, int) for i in view_range):
+                raise ToolError("Invalid `view_range`. It should be a list of two integers.")
+            first, last = view_range
+            if first < 1 or first > n:
+                raise ToolError(
+                    f"Invalid `view_range`: {view_range}. Its first element `{first}` should be within "
+                    f"the range of lines of the file: {[1, n]}"
+                )
+            if last > n:
+                raise ToolError(
+                    f"Invalid `view_range`: {view_range}. Its second element `{last}` should be smaller "
+                    f"than the number of lines in the file: `{n}`"
+                )
+            if last != -1 and last < first:
+                raise ToolError(
+                    f"Invalid `view_range`: {view_range}. Its second element `{last}` should be larger "
+                    f"or equal than its first `{first}`"
+                )
+            text = "\n".join(lines[first - 1 :] if last == -1 else lines[first - 1 : last])
+            start = first
+        shown = numbered(text, start)
+        if len(shown) > MAX_VIEW_CHARS:
+            shown = shown[:MAX_VIEW_CHARS] + (
+                "\n<response clipped><NOTE>To save on context only part of this file "
+                "has been shown to you. Use `view_range` or grep -n to see the rest."
+                "</NOTE>"
+            )
+        return ToolOutput(
+            output=f"Here's the result of running `cat -n` on {path}:\n{shown}\n", files_viewed=[path]
+        )
+
+    def _snippet(self, text: str, center_line: int, extra: int) -> tuple[str, int]:
+        lines = text.split("\n")
+        start = max(0, center_line - SNIPPET_LINES)
+        end = center_line + SNIPPET_LINES + extra
+        return "\n".join(lines[start : end + 1]), start + 1
+
+    def _str_replace(self, path: str, old_str: str, new_str: str) -> ToolOutput:
+        text = self._read(path)
+        count = text.count(old_str)
+        if count == 0 or old_str == "":
+            raise ToolError(
+                f"No replacement was performed, old_str `{old_str}` did not appear verbatim in {path}."
+            )
+        if count > 1:
+            lines = [i + 1 for i, line in enumerate(text.split("\n")) if old_str in line]
+            where = f"in lines {lines}" if lines else f"({count} times, spanning several lines)"
+            raise ToolError(
+                f"No replacement was performed. Multiple occurrences of old_str `{old_str}` {where}. "
+                "Please ensure it is unique"
+            )
+        new_text = text.replace(old_str, new_str)
+        self._write(path, new_text)
+        self.history.setdefault(path, []).append(text)
+        replacement_line = text.split(old_str)[0].count("\n")
+        snippet, first = self._snippet(new_text, replacement_line, new_str.count("\n"))
+        out = (
+            f"The file {path} has been edited. Here's the result of running `cat -n` on a snippet of "
+            f"{path}:\n"
+            f"{numbered(snippet, first)}\nReview the changes and make sure they are as expected. "
+            "Edit the file again if necessary."
+        )
+        return ToolOutput(output=out, edits=[{"path": path, "syntax_ok": python_syntax_ok(path, new_text)}])
+
+    def _insert(self, path: str, insert_line: int, new_str: str) -> ToolOutput:
+        text = self._read(path)
+        lines = text.split("\n")
+        if insert_line < 0 or insert_line > len(lines):
+            raise ToolError(
+                f"Invalid `insert_line` parameter: {insert_line}. It should be within the range of lines "
+                f"of the file: {[0, len(lines)]}"
+            )
+        new_lines = new_str.split("\n")
+        new_text = "\n".join(lines[:insert_line] + new_lines + lines[insert_line:])
+        self._write(path, new_text)
+        self.history.setdefault(path, []).append(text)
+        snippet_lines = (
+            lines[max(0, insert_line - SNIPPET_LINES) : insert_line]
+            + new_lines
+            + lines[insert_line : insert_line + SNIPPET_LINES]
+        )
+        out = (
+            f"The file {path} has been edited. Here's the result of running `cat -n` on a snippet of the "
+            "edited "
+            f"file:\n{numbered(chr(10).join(snippet_lines), max(1, insert_line - SNIPPET_LINES + 1))}\n"
+            "Review the changes and make sure they are as expected (correct indentation, no duplicate "
+            "lines, etc). "
+            "Edit the file again if necessary."
+        )
+        return ToolOutput(output=out, edits=[{"path": path, "syntax_ok": python_syntax_ok(path, new_text)}])
+
+    def _undo(self, path: str) -> ToolOutput:
+        if not self.history.get(path):
+            raise ToolError(f"No edit history found for {path}.")
+        previous = self.history[path].pop()
+        self._write(path, previous)
+        return ToolOutput(
+            output=f"Last edit to {path} undone successfully. Here's the result of running `cat -n` "
+            f"on {path}:\n{numbered(previous)}\n",
+            edits=[{"path": path, "syntax_ok": python_syntax_ok(path, previous)}],
+        )

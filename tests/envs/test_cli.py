@@ -1,0 +1,56 @@
+"""`m2rl tasks list|show|sample`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from m2rl.envs import cli
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="m2rl")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_list_families_and_tasks(capsys) -> None:
+    assert run(["tasks", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "shell    count_matches, sort_uniq, rename_ext, csv_column, largest_file" in out
+    assert "python   arith, sum_primes, sha256, fib_mod, collatz" in out
+    assert run(["tasks", "list", "--family", "python", "--count", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("python/arith/9 ")
+
+
+def test_show_prints_the_hidden_answer(capsys) -> None:
+    assert run(["tasks", "show", "python/arith/9", "--json"]) == 0
+    task = json.loads(capsys.readouterr().out)
+    assert task["answer"] == str(2 * 90 * 82) and task["split"] == "test"
+    assert run(["tasks", "show", "shell/rename_ext/16"]) == 0
+    assert "graded by a checker script" in capsys.readouterr().out
+
+
+def test_sample_is_reproducible(capsys) -> None:
+    assert run(["tasks", "sample", "--family", "python", "--seed", "3", "-n", "4", "--kinds", "arith"]) == 0
+    first = capsys.readouterr().out
+    assert run(["tasks", "sample", "--family", "python", "--seed", "3", "-n", "4", "--kinds", "arith"]) == 0
+    assert capsys.readouterr().out == first and first.count("python/arith/") == 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tasks", "show", "nope/x/1"], "unknown task family 'nope'"),
+        (["tasks", "show", "python/x/1"], "unknown task id 'python/x/1'"),
+        (["tasks", "sample", "--family", "python", "--kinds", "zzz"], "unknown task kinds ['zzz']"),
+        (["tasks", "list", "--family", "zzz"], "unknown task family 'zzz'"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(capsys, argv: list[str], message: str) -> None:
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

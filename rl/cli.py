@@ -19,10 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from m2rl.config import load_config
+    from m2rl.rl.stages import run_pipeline
     from m2rl.rl.trainer import TrainConfig, Trainer
 
     config = load_config(TrainConfig, args.config, args.overrides)
-    trainer = Trainer(config)
-    summary = trainer.train()
+    summary = run_pipeline(config) if config.stages else Trainer(config).train()
     print(json.dumps(summary, indent=2))
     return 0

@@ -38,6 +38,7 @@ from m2rl.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
 from m2rl.rl.curves import plot_training_curve
 from m2rl.rl.learner import Learner, LearnerConfig
+from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.rollout import Episode, EpisodeRunner
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
 from m2rl.runs import Run, atomic_write, default_run_name, progress
@@ -87,6 +88,16 @@ class EvalSection:
 
 
 @dataclass
+class SFTSection:
+    """Used by `sft` stages of a pipeline: expert demonstrations, then cross-entropy on policy tokens."""
+
+    demos: int = 128
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 10
+
+
+@dataclass
 class TrainConfig:
     name: str = ""  # run name; "" -> train-<timestamp>
     run_root: str = "runs"
@@ -103,6 +114,9 @@ class TrainConfig:
     rollout: RolloutSection = field(default_factory=RolloutSection)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     eval: EvalSection = field(default_factory=EvalSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    # A multi-stage pipeline (e.g. SFT short -> SFT long -> RL short -> RL long); empty: one RL stage.
+    stages: list[StageConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -186,13 +200,20 @@ def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
+    """One RL stage. `model`/`tokenizer` may be handed over by an earlier pipeline stage."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None, tokenizer: Any = None) -> None:
         self.config = config
         torch.set_num_threads(max(1, config.threads))
         seed_everything(config.seed)
         self.name = config.name or default_run_name("train")
         self.run = Run.create(self.name, root=config.run_root, config=config)
-        self.model, self.tokenizer = build_model_and_tokenizer(config.model, config.device)
+        if model is None:
+            self.model, self.tokenizer = build_model_and_tokenizer(config.model, config.device)
+        else:
+            from m2rl.model import M2Tokenizer
+
+            self.model, self.tokenizer = model, tokenizer or M2Tokenizer.tiny()
         # The generator's own copy of the weights; synced after every update (bumping its version).
         self.generator = copy.deepcopy(self.model).eval()
         for parameter in self.generator.parameters():

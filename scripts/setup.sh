@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python3}"
 say() { printf '[setup] %s\n' "$*"; }
 
 # --- system packages and the Docker engine (root only) ---------------------------------------
-APT_PACKAGES=(docker.io bubblewrap debootstrap chromium iproute2)
+APT_PACKAGES=(docker.io bubblewrap debootstrap chromium iproute2 git)
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     missing=()
     for pkg in "${APT_PACKAGES[@]}"; do
@@ -70,6 +70,23 @@ else
     fi
     echo "$stamp" > "$VENV/.m2rl-stamp"
     say "Python packages installed (stamp $stamp)"
+fi
+
+# --- MCP servers from npm (the MCP env's filesystem and memory servers) ---------------------------
+NPM_DIR="${M2RL_MCP_NPM_DIR:-$ROOT/.cache/npm}"
+NPM_PACKAGES=(@modelcontextprotocol/server-filesystem@2026.8.31 @modelcontextprotocol/server-memory@2026.8.31)
+if command -v npm >/dev/null 2>&1; then
+    if [ -d "$NPM_DIR/node_modules/@modelcontextprotocol/server-filesystem" ] \
+        && [ -d "$NPM_DIR/node_modules/@modelcontextprotocol/server-memory" ]; then
+        say "MCP npm servers present in $NPM_DIR"
+    else
+        say "installing MCP npm servers into $NPM_DIR"
+        mkdir -p "$NPM_DIR"
+        npm install --silent --no-audit --no-fund --prefix "$NPM_DIR" "${NPM_PACKAGES[@]}" >/dev/null \
+            || say "WARNING: npm install of MCP servers failed; those MCP tasks will skip"
+    fi
+else
+    say "npm not found: MCP filesystem/memory servers unavailable (their tasks skip)"
 fi
 
 # --- base sandbox image (needs a running engine; cached by content hash) ------------------------

@@ -159,6 +159,8 @@ class Learner:
         length = max(1, max(lengths[r] for r in rows))
         ids = batch.input_ids[idx, :length]
         attn = batch.attention_mask[idx, :length] if batch.attention_mask is not None else None
+        # Only loss tokens need log-probs: the head is skipped on prompt and env tokens.
+        target = batch.loss_mask[idx, :length]
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
             out = self.logprob_fn(
                 self.model,
@@ -167,6 +169,7 @@ class Learner:
                 return_entropy=with_entropy,
                 chunk_size=self.config.logprob_chunk_size,
                 lm_head_fp32=self.config.lm_head_fp32,
+                target_mask=target,
             )
         if with_entropy:
             logprobs, entropy = out

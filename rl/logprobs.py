@@ -82,16 +82,15 @@ def policy_token_logprobs(
     return_entropy: bool = False,
     chunk_size: int = 1024,
     lm_head_fp32: bool = True,
+    target_mask: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Dispatch to the M2 chunked implementation for M2 models, the generic one otherwise."""
+    """Dispatch to the M2 chunked implementation for M2 models, the generic one otherwise.
+
+    `target_mask` (e.g. the loss mask) lets the M2 path skip the LM head on positions nobody needs;
+    the generic path computes everything and the caller masks."""
     fn = _m2_token_logprobs() if _is_m2_model(model) else None
+    kwargs = dict(attention_mask=attention_mask, return_entropy=return_entropy, chunk_size=chunk_size,
+                  lm_head_fp32=lm_head_fp32)
     if fn is None:
-        fn = generic_token_logprobs
-    return fn(
-        model,
-        input_ids,
-        attention_mask=attention_mask,
-        return_entropy=return_entropy,
-        chunk_size=chunk_size,
-        lm_head_fp32=lm_head_fp32,
-    )
+        return generic_token_logprobs(model, input_ids, **kwargs)
+    return fn(model, input_ids, target_mask=target_mask, **kwargs)

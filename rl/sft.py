@@ -130,7 +130,8 @@ def sft_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     """Mean negative log-likelihood of the policy tokens (loss mask 1) over the whole batch."""
     from m2rl.model.logprobs import token_logprobs
 
-    logprobs = token_logprobs(model, batch.input_ids, attention_mask=batch.attention_mask)
+    logprobs = token_logprobs(model, batch.input_ids, attention_mask=batch.attention_mask,
+                              target_mask=batch.loss_mask)
     mask = batch.loss_mask.to(logprobs.dtype)
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 

@@ -69,3 +69,23 @@ def test_does_not_materialise_full_logits(tiny_model, monkeypatch):
     ids = torch.randint(0, 4096, (3, 40))
     token_logprobs(tiny_model, ids, chunk_size=16).sum().backward()
     assert seen and max(seen) <= 16
+
+
+@pytest.mark.parametrize("chunk_size", [5, 1024])
+def test_target_mask_computes_only_wanted_positions(tiny_model, chunk_size):
+    torch.manual_seed(3)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (3, 17))
+    target = (torch.rand(3, 17) < 0.4).long()
+    target[2] = 0  # a row with nothing wanted
+    full_lp, full_ent = token_logprobs(tiny_model, ids, return_entropy=True)
+    lp, ent = token_logprobs(tiny_model, ids, return_entropy=True, chunk_size=chunk_size, target_mask=target)
+    keep = target.bool() & (torch.arange(17) > 0)
+    torch.testing.assert_close(lp, full_lp * keep, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, full_ent * keep, rtol=1e-6, atol=1e-6)
+    # gradients of a loss on the wanted positions are the same either way
+    weights = torch.randn(3, 17) * keep
+    g_full = torch.autograd.grad((token_logprobs(tiny_model, ids) * weights).sum(), list(tiny_model.parameters()))
+    g_mask = torch.autograd.grad((token_logprobs(tiny_model, ids, target_mask=target) * weights).sum(),
+                                 list(tiny_model.parameters()))
+    for a, b in zip(g_full, g_mask):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -55,15 +55,17 @@ def test_m2_models_dispatch_to_model_logprobs(monkeypatch):
     calls = []
 
     def fake_m2(
-        model, input_ids, attention_mask=None, return_entropy=False, chunk_size=1024, lm_head_fp32=True
+        model, input_ids, attention_mask=None, return_entropy=False, chunk_size=1024, lm_head_fp32=True,
+        target_mask=None,
     ):
-        calls.append((chunk_size, lm_head_fp32))
+        calls.append((chunk_size, lm_head_fp32, target_mask))
         return torch.zeros(input_ids.shape)
 
     monkeypatch.setattr(logprobs_module, "_is_m2_model", lambda model: True)
     monkeypatch.setattr(logprobs_module, "_m2_token_logprobs", lambda: fake_m2)
-    policy_token_logprobs(TinyCausalLM(), torch.zeros(1, 4, dtype=torch.long), chunk_size=7)
-    assert calls == [(7, True)]
+    mask = torch.tensor([[0, 1, 1, 0]])
+    policy_token_logprobs(TinyCausalLM(), torch.zeros(1, 4, dtype=torch.long), chunk_size=7, target_mask=mask)
+    assert calls == [(7, True, mask)]
 
 
 # ------------------------------------------------------------------------------------- micro-batches

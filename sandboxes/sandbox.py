@@ -1,0 +1,290 @@
+"""The `Sandbox` protocol every backend implements, on top of the in-sandbox executor (agent.py).
+
+A backend only knows how to start an isolated process tree running the agent with the right mounts and
+limits, and how to destroy it; everything else (exec, files, reset) is the same framed protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import io
+import tarfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+from m2rl.sandboxes.channel import Channel
+from m2rl.sandboxes.errors import SandboxDead, SandboxError
+from m2rl.sandboxes.limits import Limits
+from m2rl.sandboxes.result import ExecResult
+
+WORKDIR = "/work"
+HOME = "/home/sandbox"
+WRITABLE_ROOTS = (WORKDIR, "/tmp", HOME)
+AGENT_PATH = "/opt/m2rl/agent.py"
+AGENT_SOCKET_DIR = "/run/m2rl"
+# Host-side grace beyond an exec's own timeout before a silent executor counts as dead.
+EXEC_GRACE_S = 15.0
+NO_TIMEOUT_S = 7 * 24 * 3600.0  # what timeout=None means
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": HOME,
+    "USER": "sandbox",
+    "LANG": "C.UTF-8",
+    "LC_ALL": "C.UTF-8",
+    "TERM": "dumb",
+}
+
+
+def agent_config(
+    rlimits: dict[str, int] | None = None, memory_watchdog_bytes: int | None = None
+) -> dict[str, Any]:
+    return {
+        "writable_roots": list(WRITABLE_ROOTS),
+        "socket": f"{AGENT_SOCKET_DIR}/agent.sock",
+        "rlimits": rlimits or {},
+        "env": BASE_ENV,
+        "memory_watchdog_bytes": memory_watchdog_bytes,
+    }
+
+
+# Sandboxes never closed by their owner are closed at interpreter exit (their executors would exit on
+# their own when the connection drops; this also removes their state directories).
+_LIVE: "weakref.WeakSet[Sandbox]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_sandboxes() -> None:
+    for sb in list(_LIVE):
+        try:
+            sb.close()
+        except Exception:
+            pass
+
+
+class Sandbox:
+    """One isolated machine for one episode. Use as a context manager, or call `close()`."""
+
+    backend = "abstract"
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self._channel: Channel | None = None
+        self.closed = False
+        self.created_at = time.monotonic()
+        _LIVE.add(self)
+
+    # ---- backend hooks -------------------------------------------------------------------------
+    def _destroy(self) -> None:
+        raise NotImplementedError
+
+    def _death_reason(self) -> str | None:
+        """None while the sandbox's processes are running, else why they are not."""
+        raise NotImplementedError
+
+    # ---- protocol --------------------------------------------------------------------------------
+    def _request(
+        self, header: dict, payload: bytes = b"", timeout: float | None = 60.0
+    ) -> tuple[dict, bytes]:
+        if self.closed or self._channel is None:
+            raise SandboxDead(f"{self.backend} sandbox is closed")
+        try:
+            return self._channel.request(header, payload, timeout=timeout)
+        except SandboxDead as exc:
+            reason = self._death_reason()
+            raise SandboxDead(f"{self.backend} sandbox is dead: {reason or exc}") from exc
+
+    def exec(
+        self,
+        cmd: str | list[str],
+        timeout: float | None = 30.0,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        keep_background: bool = False,
+    ) -> ExecResult:
+        """Run `cmd` (a str runs under `bash -lc`) and wait at most `timeout` seconds (None: no limit).
+
+        On timeout every process the command started is killed and the sandbox stays usable. Processes a
+        command leaves running in the background are killed when it returns, unless `keep_background`
+        (they then live, in their session, until `reset()`/`close()`).
+        """
+        argv = _argv(cmd)
+        if timeout is None:
+            timeout = NO_TIMEOUT_S
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            raise SandboxError(f"exec timeout must be a positive number of seconds or None, got {timeout!r}")
+        if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+            raise SandboxError(f"exec cwd must be an absolute path inside the sandbox, got {cwd!r}")
+        if env is not None and not (
+            isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
+            raise SandboxError("exec env must be a dict of str to str")
+        if isinstance(stdin, str):
+            stdin = stdin.encode()
+        if stdin is not None and not isinstance(stdin, bytes):
+            raise SandboxError(f"exec stdin must be str or bytes, got {type(stdin).__name__}")
+        header = {
+            "op": "exec",
+            "argv": argv,
+            "timeout": float(timeout),
+            "cwd": cwd or WORKDIR,
+            "env": env or {},
+            "max_output": self.limits.max_output_bytes,
+            "max_drain": self.limits.max_drain_bytes,
+            "keep_background": keep_background,
+        }
+        reply, data = self._request(header, stdin or b"", timeout=timeout + EXEC_GRACE_S)
+        n = reply["stdout_n"]
+        return ExecResult(
+            exit_code=reply["exit_code"],
+            stdout=data[:n].decode("utf-8", "replace"),
+            stderr=data[n:].decode("utf-8", "replace"),
+            timed_out=reply["timed_out"],
+            truncated=reply["truncated"],
+            duration_s=reply["duration_s"],
+        )
+
+    def read_file(self, path: str) -> bytes:
+        _check_path(path)
+        return self._request({"op": "read", "path": path})[1]
+
+    def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
+        _check_path(path)
+        if isinstance(data, str):
+            data = data.encode()
+        if not isinstance(data, bytes):
+            raise SandboxError(f"write_file data must be str or bytes, got {type(data).__name__}")
+        self._request({"op": "write", "path": path, "mode": mode}, data)
+
+    def upload(self, local: str | Path, remote: str) -> None:
+        """Copy a host file or directory to `remote` (the full destination path)."""
+        local, remote = Path(local), _check_path(remote)
+        if not local.exists():
+            raise SandboxError(f"upload: local path does not exist: {local}")
+        parent, name = remote.rsplit("/", 1)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(str(local), arcname=name)
+        self._request({"op": "untar", "path": parent or "/"}, buf.getvalue())
+
+    def download(self, remote: str, local: str | Path) -> None:
+        """Copy a sandbox file or directory to the host path `local` (the full destination path)."""
+        _check_path(remote)
+        local = Path(local)
+        _, data = self._request({"op": "tar", "path": remote})
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            members = tar.getmembers()
+            root = members[0].name if members else ""
+            for m in members:
+                if m.name.startswith("/") or ".." in m.name.split("/") or m.issym() or m.islnk() or m.isdev():
+                    continue  # never let sandbox content write outside `local` on the host
+                rel = m.name[len(root) :].lstrip("/")
+                target = local / rel if rel else local
+                if m.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif m.isfile():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    src = tar.extractfile(m)
+                    assert src is not None
+                    target.write_bytes(src.read())
+
+    def reset(self) -> None:
+        """Kill every process and restore /work, /tmp and $HOME to the initial (or checkpointed) state."""
+        self._request({"op": "reset"}, timeout=120.0)
+
+    def checkpoint(self) -> None:
+        """Make the current /work, /tmp and $HOME the state `reset()` returns to (e.g. after task set-up)."""
+        self._request({"op": "checkpoint"}, timeout=120.0)
+
+    def ping(self) -> bool:
+        try:
+            self._request({"op": "ping"}, timeout=5.0)
+            return True
+        except SandboxError:
+            return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        _LIVE.discard(self)
+        if self._channel is not None:
+            self._channel.close()
+        self._destroy()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "closed", True):
+            try:
+                self.close()
+            except Exception:
+                pass
+
+
+class AsyncSandbox:
+    """The same protocol with `await`: each call runs in a worker thread, so sandboxes proceed at once."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sync = sandbox
+
+    async def exec(
+        self,
+        cmd: str | list[str],
+        timeout: float | None = 30.0,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        stdin: str | bytes | None = None,
+        keep_background: bool = False,
+    ) -> ExecResult:
+        return await asyncio.to_thread(self.sync.exec, cmd, timeout, cwd, env, stdin, keep_background)
+
+    async def read_file(self, path: str) -> bytes:
+        return await asyncio.to_thread(self.sync.read_file, path)
+
+    async def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
+        await asyncio.to_thread(self.sync.write_file, path, data, mode)
+
+    async def upload(self, local: str | Path, remote: str) -> None:
+        await asyncio.to_thread(self.sync.upload, local, remote)
+
+    async def download(self, remote: str, local: str | Path) -> None:
+        await asyncio.to_thread(self.sync.download, remote, local)
+
+    async def reset(self) -> None:
+        await asyncio.to_thread(self.sync.reset)
+
+    async def checkpoint(self) -> None:
+        await asyncio.to_thread(self.sync.checkpoint)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.sync.close)
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def _argv(cmd: str | list[str]) -> list[str]:
+    if isinstance(cmd, str):
+        if not cmd.strip():
+            raise SandboxError("exec: empty command")
+        return ["bash", "-lc", cmd]
+    if isinstance(cmd, (list, tuple)) and cmd and all(isinstance(a, str) for a in cmd):
+        return list(cmd)
+    raise SandboxError(f"exec: cmd must be a non-empty str or list of str, got {cmd!r}")
+
+
+def _check_path(path: str) -> str:
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise SandboxError(f"sandbox paths must be absolute strings, got {path!r}")
+    return path.rstrip("/") or "/"

@@ -130,9 +130,10 @@ def sft_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     """Mean negative log-likelihood of the policy tokens (loss mask 1) over the whole batch."""
     from m2rl.model.logprobs import token_logprobs
 
-    logprobs = token_logprobs(model, batch.input_ids, attention_mask=batch.attention_mask,
-                              target_mask=batch.loss_mask)
-    mask = batch.loss_mask.to(logprobs.dtype)
+    device = next(model.parameters()).device
+    ids, attention, loss_mask = (t.to(device) for t in (batch.input_ids, batch.attention_mask, batch.loss_mask))
+    logprobs = token_logprobs(model, ids, attention_mask=attention, target_mask=loss_mask)
+    mask = loss_mask.to(logprobs.dtype)
     return -(logprobs * mask).sum() / mask.sum().clamp(min=1)
 
 

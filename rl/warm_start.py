@@ -1,11 +1,13 @@
 """Build the shipped SFT warm-start checkpoint of the `tiny` policy (reproducible: script + seed).
 
-    python -m m2rl.rl.warm_start --out model/assets/tiny-python-sft
+    python -m m2rl.rl.warm_start collect --demos 4096 --out demos.pt     # CPU: real env + bwrap sandboxes
+    python -m m2rl.rl.warm_start train --demos-file demos.pt --out DIR   # any device (cuda is faster)
+    python -m m2rl.rl.warm_start all --out model/assets/tiny-python-sft  # both, here
 
-Random `tiny` weights (seeded) are trained with cross-entropy on the policy tokens of scripted-expert
-demonstrations of the Python env's `arith` tasks (train split), collected through the real agent loop
-and bubblewrap sandboxes. The SFT is deliberately short: the RL main job starts from a policy that
-solves some held-out tasks but not most, so RL has room to show what it adds.
+Demonstrations are scripted-expert episodes of the Python env's `arith` tasks (train split), collected
+through the real agent loop, so their ids and loss masks are exactly what RL will produce. Random
+`tiny` weights (seeded) are trained with cross-entropy on the policy tokens. Training stops short of
+mastery on purpose: the RL main job starts from a policy that solves some held-out tasks but not most.
 """
 
 from __future__ import annotations
@@ -15,60 +17,118 @@ import asyncio
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-import gymnasium
 import torch
 
-from m2rl.agent.loop import LoopConfig
-from m2rl.rl.sft import SFTConfig, collect_demonstrations, train_sft
+from m2rl.rl.sft import SFTConfig, train_sft
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "model/assets/tiny-python-sft"
+KINDS = ("arith",)
 
 
-def build_warm_start(out: Path, demos: int, steps: int, batch_size: int, lr: float, seed: int,
-                     sandbox: str = "bwrap", threads: int = 2) -> dict[str, object]:
+class Demo:
+    """The two fields SFT needs from a Trajectory (lets `train` run where gymnasium is absent)."""
+
+    def __init__(self, ids: list[int], loss_mask: list[int]) -> None:
+        self.ids = ids
+        self.loss_mask = loss_mask
+        self.logprobs = [0.0] * len(ids)
+
+
+def collect(count: int, sandbox: str = "bwrap") -> list[Demo]:
+    import gymnasium
+
     import m2rl.envs  # noqa: F401  (registers the env ids)
+    from m2rl.agent.loop import LoopConfig
     from m2rl.envs.experts import python_expert
-    from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, save_pretrained
+    from m2rl.model import M2Tokenizer
+    from m2rl.rl.sft import collect_demonstrations
 
-    torch.set_num_threads(threads)
     tokenizer = M2Tokenizer.tiny()
-    kinds = ("arith",)
 
-    def make_env() -> gymnasium.Env:
-        return gymnasium.make("m2rl/Python-v0", backend=sandbox, split="train", max_steps=4, kinds=kinds)
+    def make_env() -> Any:
+        return gymnasium.make("m2rl/Python-v0", backend=sandbox, split="train", max_steps=4, kinds=KINDS)
 
     probe = make_env()
-    task_ids = [t.id for t in probe.unwrapped.task_set.tasks("train", demos, kinds=kinds)]
+    task_ids = [t.id for t in probe.unwrapped.task_set.tasks("train", count, kinds=KINDS)]
     probe.close()
+    trajectories = asyncio.run(collect_demonstrations(
+        make_env, python_expert, task_ids, tokenizer, LoopConfig(max_turns=4, max_context_tokens=2048),
+        concurrency=16))
+    return [Demo(list(t.ids), list(t.loss_mask)) for t in trajectories]
+
+
+def save_demos(demos: list[Demo], path: Path) -> None:
+    torch.save({"ids": [d.ids for d in demos], "loss_mask": [d.loss_mask for d in demos]}, path)
+
+
+def load_demos(path: Path) -> list[Demo]:
+    data = torch.load(path, weights_only=True)
+    return [Demo(ids, mask) for ids, mask in zip(data["ids"], data["loss_mask"])]
+
+
+def train(demos: list[Demo], out: Path, steps: int, batch_size: int, lr: float, seed: int,
+          device: str = "cpu", save_every: int = 0) -> dict[str, Any]:
+    from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, save_pretrained
+
+    tokenizer = M2Tokenizer.tiny()
+    model = M2ForCausalLM(M2Config.from_preset("tiny")).init_weights(seed=seed).to(device)
     start = time.perf_counter()
-    demonstrations = asyncio.run(collect_demonstrations(
-        make_env, python_expert, task_ids, tokenizer, LoopConfig(max_turns=4, max_context_tokens=2048)))
-    collect_s = time.perf_counter() - start
-    model = M2ForCausalLM(M2Config.from_preset("tiny")).init_weights(seed=seed)
-    start = time.perf_counter()
-    losses = train_sft(model, demonstrations, SFTConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed),
-                       pad_id=tokenizer.eos_id,
-                       on_step=lambda s, l: print(f"sft step {s:4d} loss {l:.4f}", flush=True) if s % 10 == 0 else None)
-    train_s = time.perf_counter() - start
-    # bf16 on disk keeps the asset a few MB; the trainer loads it back as fp32.
-    save_pretrained(model.to(torch.bfloat16), out, tokenizer=tokenizer)
-    info = {"demonstrations": len(demonstrations), "steps": steps, "batch_size": batch_size, "lr": lr,
-            "seed": seed, "final_loss": losses[-1], "collect_s": round(collect_s, 1), "train_s": round(train_s, 1),
-            "task_kinds": list(kinds)}
+
+    def on_step(step: int, loss: float) -> None:
+        if step % 50 == 0:
+            print(f"sft step {step:5d} loss {loss:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save(model, out.parent / f"{out.name}-step{step + 1}", tokenizer, save_pretrained)
+
+    config = SFTConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    losses = train_sft(model, demos, config, pad_id=tokenizer.eos_id, on_step=on_step)
+    _save(model, out, tokenizer, save_pretrained)
+    info = {"demonstrations": len(demos), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+            "device": device, "final_loss": round(losses[-1], 4), "train_s": round(time.perf_counter() - start, 1),
+            "task_kinds": list(KINDS)}
     (out / "warm_start.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
+def _save(model: torch.nn.Module, out: Path, tokenizer: Any, save_pretrained: Any) -> None:
+    # bf16 on disk keeps the asset a few MB; the trainer loads it back as fp32.
+    copy = type(model)(model.config).to(torch.bfloat16)
+    copy.load_state_dict({k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()})
+    save_pretrained(copy, out, tokenizer=tokenizer)
+
+
+def build_warm_start(out: Path, demos: int, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
+                     sandbox: str = "bwrap", threads: int = 2) -> dict[str, Any]:
+    """Collect demonstrations and train, here (the `all` command)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return train(collect(demos, sandbox), Path(out), steps, batch_size, lr, seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "model/assets/tiny-python-sft")
-    parser.add_argument("--demos", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("command", choices=["collect", "train", "all"])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint dir (train/all) or demos file (collect)")
+    parser.add_argument("--demos", type=int, default=4096, help="demonstrations to collect")
+    parser.add_argument("--demos-file", type=Path, help="demonstrations collected earlier (train)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--save-every", type=int, default=0, help="also save intermediate checkpoints")
     parser.add_argument("--sandbox", default="bwrap")
     args = parser.parse_args()
-    info = build_warm_start(args.out, args.demos, args.steps, args.batch_size, args.lr, args.seed, args.sandbox)
+    torch.manual_seed(args.seed)
+    if args.command == "collect":
+        demos = collect(args.demos, args.sandbox)
+        save_demos(demos, args.out)
+        print(json.dumps({"demonstrations": len(demos), "file": str(args.out)}))
+        return
+    demos = load_demos(args.demos_file) if args.command == "train" else collect(args.demos, args.sandbox)
+    info = train(demos, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device, args.save_every)
     print(json.dumps(info))
 
 

@@ -12,6 +12,7 @@ names the key and the file, so the CLI can print one line instead of a traceback
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 T = TypeVar("T")
+
+_FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -101,6 +104,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         raise ConfigError(f"config key '{key}'{_describe(source)}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-3` (no dot) as a string; a number written that way is still a number.
+        if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
             return float(value)
         raise ConfigError(f"config key '{key}'{_describe(source)}: expected a number, got {value!r}")
     if tp is str:

@@ -60,7 +60,7 @@ def check_docker() -> CheckResult:
         )
     try:
         images = [tag for image in client.images.list() for tag in image.tags]
-        preferred = [t for t in images if t.startswith("m2rl/")] or images
+        preferred = [t for t in images if t.startswith("m2rl")] or images
         if not preferred:
             return CheckResult(
                 name, False, f"engine {version} up, but no local image to run a test container",

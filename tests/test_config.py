@@ -45,6 +45,14 @@ def test_int_is_accepted_for_float_but_not_the_reverse(tmp_path: Path) -> None:
         load_config(ExampleConfig, None, ["steps=1.5"])
 
 
+def test_scientific_notation_without_dot_is_a_float(tmp_path: Path) -> None:
+    # YAML 1.1 parses `5e-4` as a string; for a float field it is still the number.
+    assert load_config(ExampleConfig, None, ["optim.lr=5e-4"]).optim.lr == 5e-4
+    assert load_config(ExampleConfig, write(tmp_path, "optim:\n  lr: 1E3\n")).optim.lr == 1000.0
+    with pytest.raises(ConfigError, match="'optim.lr'.*expected a number"):
+        load_config(ExampleConfig, None, ["optim.lr=fast"])
+
+
 def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
     path = write(tmp_path, "optim:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError) as info:

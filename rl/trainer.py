@@ -85,6 +85,7 @@ class EvalSection:
     num_tasks: int = 48  # held-out (test split) tasks
     greedy: bool = True
     temperature: float = 1.0  # used when greedy is false
+    samples_per_task: int = 1  # > 1 with sampling: success is the mean over samples (avg@k)
 
 
 @dataclass
@@ -296,7 +297,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         e = self.config.eval
         params = self._sampling(greedy=e.greedy, temperature=e.temperature)
-        episodes = asyncio.run(self._collect(self.eval_runner, self.eval_tasks, 1, params))
+        samples = 1 if e.greedy else max(1, e.samples_per_task)
+        episodes = asyncio.run(self._collect(self.eval_runner, self.eval_tasks, samples, params))
         return summarize_episodes(episodes, "eval")
 
     async def _collect(self, runner: EpisodeRunner, tasks: list[str], group: int,

@@ -46,8 +46,12 @@ class SiteServer:
             def log_message(self, format: str, *args: object) -> None:  # keep test output clean
                 return
 
+        # Handler threads are joined by server_close() (block_on_close), so close() leaves no thread
+        # behind; the socket timeout bounds that join if a client (e.g. a browser's preconnect) idles.
+        Handler.timeout = 2.0
         self._httpd = ThreadingHTTPServer((host, 0), Handler)
-        self._httpd.daemon_threads = True
+        self._httpd.daemon_threads = False
+        self._httpd.block_on_close = True
         self.host, self.port = self._httpd.server_address[0], self._httpd.server_address[1]
         # A short poll interval: shutdown() waits for the serve loop's next poll (0.5 s by default).
         self._thread = threading.Thread(

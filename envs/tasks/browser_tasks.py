@@ -18,7 +18,7 @@ import random
 from dataclasses import asdict, dataclass
 
 from m2rl.envs.sites.company import Site, generate_site
-from m2rl.envs.tasks.base import Task, TaskSet, split_of
+from m2rl.envs.tasks.base import Task, TaskSet
 
 SYSTEM_PROMPT = (
     "You are a web research agent. You have a `browser` tool that can reach only one local company website; "
@@ -98,16 +98,7 @@ class BrowserTaskSet(TaskSet):
             )
             answer = employee.office
             meta.update(employee=employee.name)
-        return Task(
-            id=self.task_id(kind, seed),
-            family=self.family,
-            kind=kind,
-            seed=seed,
-            split=split_of(self.family, seed),
-            prompt=prompt,
-            answer=answer,
-            meta=meta,
-        )
+        return self.make_task(kind, seed, prompt, answer=answer, meta=meta)
 
     def site(self, task: Task) -> Site:
         """The site a task is asked about (regenerated from its seed)."""

@@ -21,7 +21,7 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import ClassVar
 
-from m2rl.envs.tasks.base import Task, TaskSet, split_of
+from m2rl.envs.tasks.base import Task, TaskSet
 
 SYSTEM_PROMPT = (
     "You are an agent with tools provided by an MCP server. Use them to find the answer, then call `submit` "
@@ -167,17 +167,7 @@ class MCPTaskSet(TaskSet):
         server = self.server_of_kind[kind]
         prompt, answer, files, meta = getattr(self, f"_{kind}")(rng)
         meta = {"server": server, **meta}
-        return Task(
-            id=self.task_id(kind, seed),
-            family=self.family,
-            kind=kind,
-            seed=seed,
-            split=split_of(self.family, seed),
-            prompt=prompt,
-            answer=answer,
-            files=files,
-            meta=meta,
-        )
+        return self.make_task(kind, seed, prompt, answer=answer, files=files, meta=meta)
 
     # ------------------------------------------------------------------ filesystem server
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import random
 
-from m2rl.envs.tasks.base import Task, TaskSet, split_of
+from m2rl.envs.tasks.base import Task, TaskSet
 
 SYSTEM_PROMPT = (
     "You are a careful assistant that solves problems by running code. Use the `python` tool to compute "
@@ -165,13 +165,4 @@ class PythonTaskSet(TaskSet):
                 "the number."
             )
             answer = collatz_steps(n)
-        return Task(
-            id=self.task_id(kind, seed),
-            family=self.family,
-            kind=kind,
-            seed=seed,
-            split=split_of(self.family, seed),
-            prompt=prompt,
-            answer=str(answer),
-            meta=meta,
-        )
+        return self.make_task(kind, seed, prompt, answer=str(answer), meta=meta)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from m2rl.envs.tasks.base import Task, TaskSet, checker_script, split_of
+from m2rl.envs.tasks.base import Task, TaskSet, checker_script
 
 SYSTEM_PROMPT = (
     "You are a careful assistant working in a Linux sandbox. Use the `bash` tool to inspect and change files "
@@ -95,17 +95,7 @@ class ShellTaskSet(TaskSet):
         rng = random.Random(f"shell/{kind}/{seed}")
         build = getattr(self, f"_{kind}")
         prompt, files, checker, meta = build(rng)
-        return Task(
-            id=self.task_id(kind, seed),
-            family=self.family,
-            kind=kind,
-            seed=seed,
-            split=split_of(self.family, seed),
-            prompt=prompt,
-            files=files,
-            checker=checker,
-            meta=meta,
-        )
+        return self.make_task(kind, seed, prompt, files=files, checker=checker, meta=meta)
 
     # ------------------------------------------------------ generators: (prompt, files, checker, meta)
 

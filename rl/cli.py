@@ -22,7 +22,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from m2rl.rl.stages import run_pipeline
     from m2rl.rl.trainer import TrainConfig, Trainer
 
+    from m2rl.cli import UserError
+    from m2rl.model import CheckpointError
+
     config = load_config(TrainConfig, args.config, args.overrides)
-    summary = run_pipeline(config) if config.stages else Trainer(config).train()
+    try:
+        summary = run_pipeline(config) if config.stages else Trainer(config).train()
+    except (FileNotFoundError, CheckpointError) as exc:  # a wrong path is the user's to fix
+        raise UserError(str(exc)) from exc
     print(json.dumps(summary, indent=2))
     return 0

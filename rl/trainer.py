@@ -140,7 +140,7 @@ def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch
         path = path if path.is_absolute() else REPO_ROOT / path
         if not path.exists():
             raise FileNotFoundError(
-                f"warm-start checkpoint {path} not found; build it with `python -m m2rl.rl.warm_start` "
+                f"warm-start checkpoint {path} not found; build it with `python -m m2rl.rl.warm_start all --out PATH` "
                 "or set model.init=null to start from random weights"
             )
         model = load_pretrained(path, dtype=torch.float32, device=device)

@@ -84,7 +84,10 @@ def moe_experts_torch(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Te
 
     Sorting the (token, slot) pairs by expert once replaces one boolean scan per expert."""
     T, K = experts_TK.shape
-    if T * K <= w1_EID.shape[0]:
+    E = w1_EID.shape[0]
+    if T * E <= DENSE_MAX_TOKEN_EXPERTS:
+        return _moe_experts_dense(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+    if T * K <= E:
         return _moe_experts_gathered(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
     out_TD = torch.zeros_like(x_TD)
     flat_expert = experts_TK.reshape(-1)
@@ -104,6 +107,24 @@ def moe_experts_torch(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Te
         out_TD.index_add_(0, tokens, y_ND.to(x_TD.dtype))
         start += n
     return out_TD
+
+
+# Below this many (token, expert) pairs, running every expert densely and zero-weighting the unrouted
+# ones beats gathering/scattering: a small-expert model's decode step is overhead-bound (measured on
+# the tiny preset, E=8: 86 us dense vs 330 us gathered at 4 tokens; the loop wins from ~32 tokens).
+# The released M2 (E=256) never takes this path.
+DENSE_MAX_TOKEN_EXPERTS = 256
+
+
+def _moe_experts_dense(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                       experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token, combined with the routing weights (0 for unrouted experts)."""
+    gate_TE = torch.zeros(x_TD.shape[0], w1_EID.shape[0], dtype=weights_TK.dtype, device=x_TD.device)
+    gate_TE = gate_TE.scatter(1, experts_TK, weights_TK)
+    h_ETI = F.silu(torch.matmul(x_TD, w1_EID.transpose(1, 2))) * torch.matmul(x_TD, w3_EID.transpose(1, 2))
+    y_ETD = torch.matmul(h_ETI, w2_EDI.transpose(1, 2))
+    # Routing weights are fp32: scale in fp32, then cast, as the other paths do.
+    return torch.einsum("etd,te->td", y_ETD.float(), gate_TE.float()).to(x_TD.dtype)
 
 
 def _moe_experts_gathered(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,

@@ -19,29 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from m2rl.sandboxes import Limits, SandboxPool, make_sandbox
+from m2rl.sandboxes.bwrap_backend import MINIMAL_BWRAP
 from m2rl.sandboxes.images import build_base
 
-BWRAP_TRUE = [
-    "bwrap",
-    "--unshare-all",
-    "--ro-bind",
-    "/usr",
-    "/usr",
-    "--symlink",
-    "usr/bin",
-    "/bin",
-    "--symlink",
-    "usr/lib",
-    "/lib",
-    "--symlink",
-    "usr/lib64",
-    "/lib64",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "/usr/bin/true",
-]
+BWRAP_TRUE = [*MINIMAL_BWRAP, "--proc", "/proc", "--dev", "/dev", "/usr/bin/true"]
 
 
 def timed(fn: Callable[[], object], n: int, warmup: int = 2) -> list[float]:

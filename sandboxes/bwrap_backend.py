@@ -62,28 +62,20 @@ MARKER_ENV = "M2RL_BWRAP_SANDBOX"
 RESET_STRATEGIES = ("snapshot", "overlay")
 
 
+# The smallest sandbox bwrap can make here: every namespace, the host's /usr read-only. The
+# availability probe runs `true` in it; the benchmark uses it (+ /proc, /dev) as its raw baseline.
+MINIMAL_BWRAP = [
+    "bwrap", "--unshare-all", "--ro-bind", "/usr", "/usr",
+    "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+]
+
+
 def bwrap_available() -> str | None:
     """None when bubblewrap can run here, else the reason it cannot."""
     if shutil.which("bwrap") is None:
         return "bubblewrap is not installed (`apt-get install -y bubblewrap`)"
     probe = subprocess.run(
-        [
-            "bwrap",
-            "--unshare-all",
-            "--ro-bind",
-            "/usr",
-            "/usr",
-            "--symlink",
-            "usr/bin",
-            "/bin",
-            "--symlink",
-            "usr/lib",
-            "/lib",
-            "--symlink",
-            "usr/lib64",
-            "/lib64",
-            "/usr/bin/true",
-        ],
+        [*MINIMAL_BWRAP, "/usr/bin/true"],
         capture_output=True,
         text=True,
         timeout=30,

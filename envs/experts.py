@@ -10,10 +10,9 @@ code PRINTED in the sandbox (never the task's hidden answer), so a broken tool o
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
 from typing import Any
 
-from m2rl.agent.format import parse, render_completion
+from m2rl.agent.format import render_completion
 from m2rl.envs.tasks.base import Task
 
 Call = tuple[str, dict[str, Any]]
@@ -41,7 +40,7 @@ def run_script(
     calls = next(turns)
     total, steps = 0.0, 0
     while True:
-        _, reward, terminated, truncated, info = env.step(action_text(calls, reasoning=_reasoning(calls)))
+        _, reward, terminated, truncated, info = env.step(action_text(calls, reasoning=expert_reasoning(calls)))
         total += reward
         steps += 1
         if terminated or truncated:
@@ -52,60 +51,8 @@ def run_script(
             calls = [("submit", {"answer": ""})]
 
 
-@dataclass
-class Demonstration:
-    """One scripted episode as SFT data.
-
-    `segments` is the exact text of the episode in order, each marked trainable (the policy's turns) or not
-    (prompt and env replies): concatenated, it is what the env rendered, so tokenizing segment by segment
-    gives token-exact ids and a loss mask without re-rendering. `messages` + `tools` is the same episode as
-    chat messages (`render(messages, tools)` reproduces the text up to the last assistant turn).
-    """
-
-    task_id: str
-    messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]]
-    segments: list[tuple[str, bool]] = field(default_factory=list)
-    verification: dict[str, Any] | None = None
-    total_reward: float = 0.0
-
-    def text(self) -> str:
-        return "".join(text for text, _ in self.segments)
-
-
-def demonstrate(
-    env: Any, script: ScriptFn, seed: int | None = None, options: dict[str, Any] | None = None
-) -> Demonstration:
-    """Run `script` for one episode and record it as a `Demonstration` (the env's final reply is left out:
-    after the last turn there is nothing more to learn)."""
-    obs, info = env.reset(seed=seed, options=options)
-    base = env.unwrapped
-    demo = Demonstration(
-        task_id=info["task_id"],
-        messages=base.prompt_messages(),
-        tools=base.tools_spec(),
-        segments=[(obs, False)],
-    )
-    turns = script(base.task)
-    calls = next(turns)
-    while True:
-        action = action_text(calls, reasoning=_reasoning(calls))
-        obs, reward, terminated, truncated, info = env.step(action)
-        demo.total_reward += reward
-        demo.segments.append((action, True))
-        demo.messages.append(parse(action).to_message())
-        if terminated or truncated:
-            demo.verification = info.get("verification")
-            return demo
-        demo.segments.append((obs, False))
-        demo.messages += [{"role": "tool", "content": r} for r in info["responses"]]
-        try:
-            calls = turns.send([result["output"] for result in info["tool_results"]])
-        except StopIteration:
-            calls = [("submit", {"answer": ""})]
-
-
-def _reasoning(calls: list[Call]) -> str:
+def expert_reasoning(calls: list[Call]) -> str:
+    """The fixed reasoning line a scripted expert writes before its calls."""
     name = calls[0][0] if calls else ""
     return {
         "python": "I will compute this with the python tool.",

@@ -51,14 +51,10 @@ class ExpertPolicy:
 
     def __init__(self, env: RecordInfo, script: Callable[[Any], Any], tokenizer: Any,
                  enable_thinking: bool = True) -> None:
-        from m2rl.envs.experts import _reasoning, action_text
-
         self.env = env
         self.script_fn = script
         self.tokenizer = tokenizer
         self.enable_thinking = enable_thinking
-        self._action_text = action_text
-        self._reasoning = _reasoning
         self._turns: Any = None
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> PolicyOutput:
@@ -71,7 +67,9 @@ class ExpertPolicy:
                 calls = self._turns.send(outputs)
             except StopIteration:
                 calls = [("submit", {"answer": ""})]
-        text = self._action_text(calls, reasoning=self._reasoning(calls), enable_thinking=self.enable_thinking)
+        from m2rl.envs.experts import action_text, expert_reasoning
+
+        text = action_text(calls, reasoning=expert_reasoning(calls), enable_thinking=self.enable_thinking)
         ids = self.tokenizer.encode(text)
         return PolicyOutput(ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop", policy_version=0)
 

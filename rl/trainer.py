@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import json
 import math
 import random
@@ -31,7 +30,6 @@ import torch
 from m2rl.agent.local_policy import LocalPolicy
 from m2rl.agent.loop import LoopConfig
 from m2rl.agent.policy import SamplingParams
-from m2rl.config import to_dict
 from m2rl.rl.advantages import dynamic_sampling_keep, group_advantages
 from m2rl.rl.batch import collate
 from m2rl.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -41,7 +39,7 @@ from m2rl.rl.learner import Learner, LearnerConfig
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.rollout import Episode, EpisodeRunner
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
-from m2rl.runs import Run, atomic_write, default_run_name, progress
+from m2rl.runs import Run, default_run_name, progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -389,13 +387,3 @@ class Trainer:
         self.train_runner.close()
         self.eval_runner.close()
         self.run.close()
-
-
-def config_as_dict(config: TrainConfig) -> dict[str, Any]:
-    return to_dict(dataclasses.replace(config))
-
-
-def write_resolved(config: TrainConfig, path: Path) -> None:
-    from m2rl.config import dump_yaml
-
-    atomic_write(path, dump_yaml(config))

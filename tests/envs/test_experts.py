@@ -67,20 +67,3 @@ def test_expert_on_the_docker_backend(family: str) -> None:
         assert not info["verification"]["resolved"]
     finally:
         env.close()
-
-
-@pytest.mark.bwrap
-def test_demonstrations_are_token_exact_sft_data() -> None:
-    from m2rl.agent.format import render
-    from m2rl.envs.experts import demonstrate
-
-    env = gym.make("m2rl/Python-v0", kinds=["arith"])
-    try:
-        demo = demonstrate(env, EXPERTS["python"], seed=0)
-        assert demo.verification["resolved"] and demo.task_id.startswith("python/arith/")
-        assert [trainable for _, trainable in demo.segments] == [False, True, False, True]
-        assert demo.segments[-1][0].endswith("</minimax:tool_call>[e~[")
-        # The recorded text is exactly the rendering of the recorded messages.
-        assert render(demo.messages, tools=demo.tools) == demo.text() + "\n"
-    finally:
-        env.close()

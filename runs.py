@@ -51,33 +51,45 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     return path
 
 
-def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
-    """Append one JSON line with a single write() so concurrent readers never see half a record."""
-    line = (json.dumps(record, ensure_ascii=False, default=_json_default) + "\n").encode("utf-8")
+def append_text(path: str | Path, text: str) -> None:
+    """Append `text` with one write() to an O_APPEND descriptor, then fsync: concurrent writers never
+    interleave lines, and a crash leaves at most one torn last line."""
+    data = memoryview(text.encode("utf-8"))
+    if not data:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        while data:  # os.write may write less than asked for on some filesystems
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL file, skipping a torn last line (left by a crash mid-append)."""
+def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
+    """Append one record as a JSON line (see `append_text`)."""
+    append_text(path, json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def read_jsonl(path: str | Path, skip_torn_last_line: bool = True) -> list[dict[str, Any]]:
+    """Read a JSONL file. A torn last line (a crash mid-append) is skipped; any other bad line is a
+    ValueError naming the file and line."""
     records: list[dict[str, Any]] = []
     path = Path(path)
     if not path.exists():
         return records
     lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for index, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if index == len(lines) - 1:
-                break  # torn final record
-            raise
+        except json.JSONDecodeError as exc:
+            if skip_torn_last_line and index == last:
+                break
+            raise ValueError(f"{path}:{index + 1}: not valid JSON: {exc}") from exc
     return records
 
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from m2rl.runs import append_text, read_jsonl
+
 SpanKind = Literal["prompt", "sampled", "env"]
 SPAN_KINDS = ("prompt", "sampled", "env")
+
 
 
 @dataclass
@@ -149,37 +151,19 @@ class Trajectory:
 
 
 def save_jsonl(path: str | Path, trajectories: Iterable[Trajectory]) -> None:
-    """Append trajectories to `path`, one per line, with ONE `write` on an O_APPEND descriptor, so
-    concurrent writers never interleave lines and a crash leaves at most one torn last line."""
-    data = "".join(t.to_json() + "\n" for t in trajectories).encode("utf-8")
-    if not data:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked for on some filesystems
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Append trajectories to `path`, one per line, in one write (see `m2rl.runs.append_text`)."""
+    append_text(path, "".join(t.to_json() + "\n" for t in trajectories))
 
 
 def load_jsonl(path: str | Path, skip_torn_last_line: bool = True) -> list[Trajectory]:
     """Read every trajectory of `path`. A torn final line (a writer crashed mid-write) is skipped when
     `skip_torn_last_line`; any other bad line raises ValueError naming the line."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no trajectory file at {path}")
     out = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for no, record in enumerate(read_jsonl(path, skip_torn_last_line), 1):
         try:
-            out.append(Trajectory.from_json(line))
-        except (ValueError, TypeError) as e:
-            is_last = all(not rest.strip() for rest in lines[no:])
-            if skip_torn_last_line and is_last and not line.endswith("}"):
-                break
-            raise ValueError(f"{path}:{no}: not a valid trajectory: {e}") from e
+            out.append(Trajectory.from_dict(record))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{path}:{no}: record {no} is not a valid trajectory: {e}") from e
     return out

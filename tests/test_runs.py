@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
 import yaml
-
 from m2rl import runs
 from m2rl.runs import Run, atomic_write, read_jsonl
 
@@ -38,7 +36,7 @@ def test_read_jsonl_skips_torn_last_line_only(tmp_path: Path) -> None:
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
     assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
     path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not valid JSON"):
         read_jsonl(path)
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
 
 import gymnasium as gym
 import m2rl.envs  # noqa: F401  (registers the env ids)
@@ -18,20 +16,6 @@ from m2rl.envs.tools.processes import live_descendants
 pytestmark = pytest.mark.mcp
 
 MISSING = [s for s in SERVERS if not server_available(s)]
-
-
-@pytest.fixture
-def no_leaks() -> Iterator[None]:
-    before, threads = live_descendants(), set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 10
-    while True:
-        leaked = {pid: cmd for pid, cmd in live_descendants().items() if pid not in before}
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert leaked == {}, f"MCP server processes outlived env.close(): {leaked}"
-    assert {t for t in threading.enumerate() if t.is_alive()} <= threads
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,20 +17,6 @@ from m2rl.envs.tools.mcp import MCPClient, MCPServerSpec
 from m2rl.envs.tools.processes import live_descendants
 
 pytestmark = pytest.mark.mcp
-
-
-@pytest.fixture
-def no_leaks() -> Iterator[None]:
-    before, threads = live_descendants(), set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 10
-    while True:
-        leaked = {pid: cmd for pid, cmd in live_descendants().items() if pid not in before}
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert leaked == {}, f"MCP server processes outlived close(): {leaked}"
-    assert {t for t in threading.enumerate() if t.is_alive()} <= threads
 
 
 @pytest.fixture

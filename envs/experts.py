@@ -9,11 +9,13 @@ code PRINTED in the sandbox (never the task's hidden answer), so a broken tool o
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import hashlib
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from m2rl.agent.format import render_completion
 from m2rl.envs.tasks.base import Task
+from m2rl.envs.tasks.python_tasks import eval_arith
 
 Call = tuple[str, dict[str, Any]]
 Script = Generator[list[Call], list[str], None]
@@ -88,6 +90,14 @@ def python_expert(task: Task) -> Script:
     yield [("submit", {"answer": outputs[0].strip()})]
 
 
+def python_mental_arith(task: Task) -> Script:
+    """Answers an `arith` task from its own arithmetic, without the tool: correct, but a skill a small
+    model imitates badly (it has to compute in its weights instead of copying the expression into code)."""
+    if task.kind != "arith":
+        raise ValueError(f"python_mental_arith only does arith tasks, got {task.kind!r}")
+    yield [("submit", {"answer": str(eval_arith(task.meta["expr"]))})]
+
+
 def python_wrong(task: Task) -> Script:
     """Guesses without computing: submits a non-number."""
     yield [("submit", {"answer": "I am not sure"})]
@@ -121,6 +131,28 @@ def shell_wrong(task: Task) -> Script:
     """Looks around, then claims success without changing anything."""
     yield [("bash", {"command": "ls /work"})]
     yield [("submit", {"answer": "done"})]
+
+
+def mixture(weighted: Sequence[tuple[ScriptFn, float]]) -> ScriptFn:
+    """One script per task, picked by a stable hash of the task id with the given (relative) weights.
+
+    Real SFT data mixes strategies; a mixture of experts lets a warm start carry several of them, in
+    known proportions, for RL to choose between.
+    """
+    total = sum(weight for _, weight in weighted)
+    if not weighted or total <= 0 or any(weight < 0 for _, weight in weighted):
+        raise ValueError(f"mixture needs non-negative weights with a positive sum, got {[w for _, w in weighted]}")
+
+    def pick(task: Task) -> Script:
+        digest = hashlib.sha256(f"mixture/{task.id}".encode()).digest()
+        point = int.from_bytes(digest[:8], "big") / 2**64 * total
+        for script, weight in weighted:
+            if point < weight:
+                return script(task)
+            point -= weight
+        return weighted[-1][0](task)
+
+    return pick
 
 
 EXPERTS: dict[str, ScriptFn] = {"python": python_expert, "shell": shell_expert}

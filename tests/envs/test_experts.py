@@ -67,3 +67,40 @@ def test_expert_on_the_docker_backend(family: str) -> None:
         assert not info["verification"]["resolved"]
     finally:
         env.close()
+
+
+@pytest.mark.bwrap
+def test_mental_arith_expert_solves_arith_without_the_tool() -> None:
+    from m2rl.envs.experts import python_mental_arith
+
+    env = gym.make("m2rl/Python-v0", split="test", kinds=("arith",))
+    try:
+        for task in env.unwrapped.task_set.tasks("test", 5, kinds=("arith",)):
+            _, info, steps = run_script(env, python_mental_arith, options={"task_id": task.id})
+            assert steps == 1 and info["verification"]["resolved"], (task.id, info["verification"])
+        with pytest.raises(ValueError, match="only does arith"):
+            next(python_mental_arith(env.unwrapped.task_set.tasks("test", 1, kinds=("collatz",))[0]))
+    finally:
+        env.close()
+
+
+def test_mixture_picks_one_stable_script_per_task_in_proportion() -> None:
+    from m2rl.envs.experts import mixture
+    from m2rl.envs.tasks.python_tasks import PythonTaskSet
+
+    def first(task):
+        yield [("python", {"code": "1"})]
+
+    def second(task):
+        yield [("submit", {"answer": "2"})]
+
+    tasks = PythonTaskSet().tasks("train", 2000, kinds=("arith",))
+    pick = mixture([(first, 0.3), (second, 0.7)])
+    choices = [next(pick(t))[0][0] for t in tasks]
+    assert choices == [next(pick(t))[0][0] for t in tasks]  # stable per task id
+    share = choices.count("python") / len(choices)
+    assert abs(share - 0.3) < 0.04  # binomial sd ~0.01
+    assert {next(mixture([(first, 1.0), (second, 0.0)])(t))[0][0] for t in tasks[:50]} == {"python"}
+    for bad in ([], [(first, 0.0)], [(first, -1.0), (second, 2.0)]):
+        with pytest.raises(ValueError, match="non-negative weights"):
+            mixture(bad)

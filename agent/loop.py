@@ -215,6 +215,10 @@ def _step_record(reward: Any, info: Any, finish_reason: str) -> dict[str, Any]:
     info = info if isinstance(info, dict) else {}
     keep = ("reward_breakdown", "errors", "verification", "answer", "error")
     record = {k: info[k] for k in keep if k in info}
+    # Which tools ran this step (names only): enough for tool-use metrics without the bulky outputs.
+    results = info.get("tool_results")
+    if isinstance(results, list):
+        record["tools"] = [r.get("name") for r in results if isinstance(r, dict)]
     record.update(reward=float(reward), finish_reason=finish_reason)
     return _jsonable(record)
 

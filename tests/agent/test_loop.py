@@ -271,6 +271,7 @@ def test_episode_against_the_real_tool_env():
     traj = run_episode(ScriptedPolicy(canonical_episode_texts(), TOK), env, TOK, GREEDY)
     assert traj.metadata["exit_reason"] == "terminated"
     assert traj.metadata["steps"][-1]["verification"]["resolved"] is True
+    assert [step["tools"] for step in traj.metadata["steps"]] == [["add"], ["add"], ["submit"]]
     assert traj.rewards[-1] > traj.rewards[0]  # the resolved bonus lands on the terminal turn
     assert traj.metadata["continuity_violations"] == 0 and traj.metadata["reset_observation_matches"]
     assert traj.ids == TOK.encode("".join(env.text))

@@ -84,6 +84,7 @@ class EvalSection:
     greedy: bool = True
     temperature: float = 1.0  # used when greedy is false
     samples_per_task: int = 1  # > 1 with sampling: success is the mean over samples (avg@k)
+    report_greedy: bool = False  # with sampling, also log eval/greedy_success_rate (one greedy run per task)
 
 
 @dataclass
@@ -178,6 +179,12 @@ def episodes_to_batch(episodes: list[Episode], advantages: list[float], pad_id: 
     )
 
 
+def tool_calls(episode: Episode) -> int:
+    """Tool calls the episode made, not counting `submit` (which only hands in the answer)."""
+    steps = episode.trajectory.metadata.get("steps", [])
+    return sum(name != "submit" for step in steps for name in step.get("tools", []))
+
+
 def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]:
     if not episodes:
         return {}
@@ -187,6 +194,8 @@ def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]
         f"{prefix}/reward_mean": sum(e.reward for e in episodes) / n,
         f"{prefix}/sampled_tokens_mean": sum(e.sampled_tokens for e in episodes) / n,
         f"{prefix}/turns_mean": sum(e.trajectory.num_turns for e in episodes) / n,
+        f"{prefix}/tool_calls_mean": sum(tool_calls(e) for e in episodes) / n,
+        f"{prefix}/tool_use_rate": sum(tool_calls(e) > 0 for e in episodes) / n,
     }
     violations = [e.trajectory.metadata.get("continuity_violations") for e in episodes]
     metrics[f"{prefix}/continuity_violations"] = float(sum(v for v in violations if isinstance(v, int)))
@@ -297,7 +306,11 @@ class Trainer:
         params = self._sampling(greedy=e.greedy, temperature=e.temperature)
         samples = 1 if e.greedy else max(1, e.samples_per_task)
         episodes = asyncio.run(self._collect(self.eval_runner, self.eval_tasks, samples, params))
-        return summarize_episodes(episodes, "eval")
+        metrics = summarize_episodes(episodes, "eval")
+        if e.report_greedy and not e.greedy:
+            greedy = asyncio.run(self._collect(self.eval_runner, self.eval_tasks, 1, self._sampling(greedy=True)))
+            metrics["eval/greedy_success_rate"] = sum(g.resolved for g in greedy) / max(1, len(greedy))
+        return metrics
 
     async def _collect(self, runner: EpisodeRunner, tasks: list[str], group: int,
                        params: SamplingParams) -> list[Episode]:
@@ -373,6 +386,9 @@ class Trainer:
             "initial_eval_success": first_success,
             "final_eval_success": final.get("eval/success_rate"),
         }
+        if "eval/greedy_success_rate" in final:
+            summary["initial_eval_greedy_success"] = initial.get("eval/greedy_success_rate")
+            summary["final_eval_greedy_success"] = final["eval/greedy_success_rate"]
         self.run.write_file("summary.json", json.dumps(summary, indent=2))
         self.close()
         return summary

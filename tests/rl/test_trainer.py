@@ -11,7 +11,9 @@ import torch
 from m2rl.config import load_config
 from m2rl.rl.checkpoint import latest_checkpoint
 from m2rl.runs import read_jsonl as read_metrics
-from m2rl.rl.trainer import TrainConfig, Trainer
+from m2rl.agent.trajectory import Trajectory
+from m2rl.rl.rollout import Episode
+from m2rl.rl.trainer import TrainConfig, Trainer, summarize_episodes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +40,8 @@ def test_default_config_loads() -> None:
 
 @pytest.mark.bwrap
 def test_train_writes_run_files_and_updates_weights(tmp_path: Path) -> None:
-    trainer = Trainer(small_config(tmp_path))
+    sampled_eval = ["eval.greedy=false", "eval.samples_per_task=2", "eval.report_greedy=true"]
+    trainer = Trainer(small_config(tmp_path, *sampled_eval))
     summary = trainer.train()
     after = trainer.model.state_dict()
     assert trainer.learner.optimizer_steps == 2
@@ -51,9 +54,13 @@ def test_train_writes_run_files_and_updates_weights(tmp_path: Path) -> None:
     steps = [r for r in records if "learner/loss" in r]
     assert [r["step"] for r in steps] == [1, 2]
     for key in ("learner/clip_frac_high", "learner/entropy", "learner/approx_kl", "learner/grad_norm",
-                "learner/logp_gap_gen_learner", "learner/tokens_per_s", "train/continuity_violations"):
+                "learner/logp_gap_gen_learner", "learner/tokens_per_s", "train/continuity_violations",
+                "train/tool_use_rate", "train/tool_calls_mean"):
         assert key in steps[0], key
-    assert any("eval/success_rate" in r for r in records)
+    evals = [r for r in records if "eval/success_rate" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert all("eval/greedy_success_rate" in r for r in evals)
+    assert {"initial_eval_greedy_success", "final_eval_greedy_success"} <= set(summary)
     assert (run / "curve.png").stat().st_size > 1000
     assert (run / "config.yaml").exists() and list((run / "tensorboard").iterdir())
     assert json.loads((run / "summary.json").read_text())["steps"] == 2 == summary["steps"]
@@ -71,3 +78,21 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     assert resumed.learner.optimizer.state  # AdamW moments came back
     summary = resumed.train()
     assert summary["steps"] == 2
+
+
+def _episode(resolved: bool, tools_per_step: list[list[str]]) -> Episode:
+    trajectory = Trajectory(metadata={"steps": [{"tools": tools} for tools in tools_per_step]})
+    return Episode("python/arith/1", 0, trajectory, reward=float(resolved), resolved=resolved, exit_reason="terminated")
+
+
+def test_summary_counts_tool_calls_but_not_submit() -> None:
+    episodes = [
+        _episode(True, [["python"], ["submit"]]),
+        _episode(False, [["submit"]]),  # answered without using a tool
+        _episode(False, [["python", "python"], ["python"], []]),
+        _episode(False, []),
+    ]
+    metrics = summarize_episodes(episodes, "eval")
+    assert metrics["eval/success_rate"] == 0.25
+    assert metrics["eval/tool_calls_mean"] == (1 + 0 + 3 + 0) / 4
+    assert metrics["eval/tool_use_rate"] == 0.5

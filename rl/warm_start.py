@@ -5,9 +5,12 @@
     python -m m2rl.rl.warm_start all --out model/assets/tiny-python-sft  # both, here
 
 Demonstrations are scripted-expert episodes of the Python env's `arith` tasks (train split), collected
-through the real agent loop, so their ids and loss masks are exactly what RL will produce. Random
-`tiny` weights (seeded) are trained with cross-entropy on the policy tokens. Training stops short of
-mastery on purpose: the RL main job starts from a policy that solves some held-out tasks but not most.
+through the real agent loop, so their ids and loss masks are exactly what RL will produce. They mix two
+correct strategies, as real SFT data does: computing with the python tool (a fraction `tool_fraction`
+of the tasks) and answering from mental arithmetic (the rest). Random `tiny` weights (seeded) are trained
+with cross-entropy on the policy tokens. The small model imitates both, but only the tool strategy is
+one it can execute reliably (copying the expression into code); mental arithmetic in 2 M parameters is
+mostly wrong. Which strategy to use is what the RL main job has to learn from rewards.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from m2rl.rl.sft import SFTConfig, train_sft
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "model/assets/tiny-python-sft"
 KINDS = ("arith",)
+TOOL_FRACTION = 0.5  # of the demonstrations that use the python tool; the rest answer from mental arithmetic
 
 
 class Demo:
@@ -36,12 +40,12 @@ class Demo:
         self.logprobs = [0.0] * len(ids)
 
 
-def collect(count: int, sandbox: str = "bwrap") -> list[Demo]:
+def collect(count: int, sandbox: str = "bwrap", tool_fraction: float = TOOL_FRACTION) -> list[Demo]:
     import gymnasium
 
     import m2rl.envs  # noqa: F401  (registers the env ids)
     from m2rl.agent.loop import LoopConfig
-    from m2rl.envs.experts import python_expert
+    from m2rl.envs.experts import mixture, python_expert, python_mental_arith
     from m2rl.model import M2Tokenizer
     from m2rl.rl.sft import collect_demonstrations
 
@@ -53,8 +57,11 @@ def collect(count: int, sandbox: str = "bwrap") -> list[Demo]:
     probe = make_env()
     task_ids = [t.id for t in probe.unwrapped.task_set.tasks("train", count, kinds=KINDS)]
     probe.close()
+    if not 0.0 <= tool_fraction <= 1.0:
+        raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction}")
+    script = mixture([(python_expert, tool_fraction), (python_mental_arith, 1.0 - tool_fraction)])
     trajectories = asyncio.run(collect_demonstrations(
-        make_env, python_expert, task_ids, tokenizer, LoopConfig(max_turns=4, max_context_tokens=2048),
+        make_env, script, task_ids, tokenizer, LoopConfig(max_turns=4, max_context_tokens=2048),
         concurrency=16))
     return [Demo(list(t.ids), list(t.loss_mask)) for t in trajectories]
 
@@ -100,34 +107,36 @@ def _save(model: torch.nn.Module, out: Path, tokenizer: Any, save_pretrained: An
 
 
 def build_warm_start(out: Path, demos: int, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-                     sandbox: str = "bwrap", threads: int = 2) -> dict[str, Any]:
+                     sandbox: str = "bwrap", threads: int = 2, tool_fraction: float = TOOL_FRACTION) -> dict[str, Any]:
     """Collect demonstrations and train, here (the `all` command)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    return train(collect(demos, sandbox), Path(out), steps, batch_size, lr, seed)
+    return train(collect(demos, sandbox, tool_fraction), Path(out), steps, batch_size, lr, seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["collect", "train", "all"])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint dir (train/all) or demos file (collect)")
-    parser.add_argument("--demos", type=int, default=4096, help="demonstrations to collect")
+    parser.add_argument("--demos", type=int, default=8192, help="demonstrations to collect")
     parser.add_argument("--demos-file", type=Path, help="demonstrations collected earlier (train)")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--save-every", type=int, default=0, help="also save intermediate checkpoints")
     parser.add_argument("--sandbox", default="bwrap")
+    parser.add_argument("--tool-fraction", type=float, default=TOOL_FRACTION,
+                        help="share of demonstrations that compute with the python tool (the rest answer mentally)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     if args.command == "collect":
-        demos = collect(args.demos, args.sandbox)
+        demos = collect(args.demos, args.sandbox, args.tool_fraction)
         save_demos(demos, args.out)
         print(json.dumps({"demonstrations": len(demos), "file": str(args.out)}))
         return
-    demos = load_demos(args.demos_file) if args.command == "train" else collect(args.demos, args.sandbox)
+    demos = load_demos(args.demos_file) if args.command == "train" else collect(args.demos, args.sandbox, args.tool_fraction)
     info = train(demos, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device, args.save_every)
     print(json.dumps(info))
 

@@ -8,8 +8,9 @@ learning rate and AdamW settings. Our rows run
 the single-turn variant (benchmarks/trl_single_turn.py): prompt = the env's first prompt, reward = the first
 turn's python call prints the answer.
 
-Every row is measured the same way: the multi-turn held-out success of `Trainer.evaluate()` (greedy,
-`--eval-tasks` test-split tasks) at step 0, every `--eval-every` steps and at the end (TRL's weights are
+Every row is measured the same way: the multi-turn held-out success of `Trainer.evaluate()` (avg@k: the
+mean over `--eval-samples` samples at the training temperature of each of `--eval-tasks` test-split tasks,
+as the main job measures it) at step 0, every `--eval-every` steps and at the end (TRL's weights are
 saved in HF format and loaded back into our model for it), and the greedy single-turn held-out success of
 the final weights. Reported over seeds: initial and final held-out success, steps to a target held-out
 success (default: initial + 0.2; resolution `--eval-every`), final single-turn success, wall time per run.
@@ -131,6 +132,7 @@ class Budget:
     group_size: int = 8  # G
     eval_every: int = 10
     eval_tasks: int = 64
+    eval_samples: int = 4  # samples per held-out task (avg@k at the training temperature)
     max_new_tokens: int = 64
     max_turns: int = 3  # env.max_steps (ours only: the TRL variant is one turn)
     num_train_tasks: int = 512
@@ -138,7 +140,7 @@ class Budget:
     threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts", "eval_tasks", "max_new_tokens", "max_turns", "num_train_tasks",
+        for name in ("steps", "prompts", "eval_tasks", "eval_samples", "max_new_tokens", "max_turns", "num_train_tasks",
                      "num_envs", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -159,11 +161,13 @@ class Budget:
             f"rollout.batch_warmup.start_size={batch}", f"rollout.batch_warmup.target_size={batch}",
             "rollout.batch_warmup.warmup_steps=0", f"rollout.batch_warmup.multiple_of={self.group_size}",
             f"env.max_steps={self.max_turns}", f"env.num_train_tasks={self.num_train_tasks}",
-            f"eval.every={self.eval_every}", f"eval.num_tasks={self.eval_tasks}", "eval.greedy=true",
+            f"eval.every={self.eval_every}", f"eval.num_tasks={self.eval_tasks}", "eval.greedy=false",
+            f"eval.samples_per_task={self.eval_samples}", "eval.report_greedy=false",
         ]
 
 
-QUICK = Budget(steps=8, prompts=4, group_size=4, eval_every=4, eval_tasks=16, num_train_tasks=64, num_envs=16)
+QUICK = Budget(steps=8, prompts=4, group_size=4, eval_every=4, eval_tasks=16, eval_samples=2, num_train_tasks=64,
+               num_envs=16)
 
 
 # ------------------------------------------------------------------------------------------ runs
@@ -269,7 +273,8 @@ def machine_line(budget: Budget) -> str:
 def budget_line(budget: Budget, init: Path, seeds: list[int], target: float, lr: float) -> str:
     return (f"# budget: {budget.steps} rollout batches x {budget.prompts} tasks x G={budget.group_size} samples "
             f"(one on-policy optimizer step per batch; ours skips a batch whose groups all tie), lr {lr:g} constant, max {budget.max_new_tokens} new tokens/turn, "
-            f"{budget.max_turns} turns (ours) / 1 turn (TRL); held-out eval: {budget.eval_tasks} test tasks, greedy, "
+            f"{budget.max_turns} turns (ours) / 1 turn (TRL); held-out eval: {budget.eval_tasks} test tasks x "
+            f"{budget.eval_samples} samples (avg@{budget.eval_samples}), "
             f"every {budget.eval_every} steps; seeds {seeds}; init {init}; target held-out success {target:.3f}")
 
 
@@ -309,6 +314,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--group-size", type=int, default=None, help="G (default 8)")
     ap.add_argument("--eval-every", type=int, default=None)
     ap.add_argument("--eval-tasks", type=int, default=None)
+    ap.add_argument("--eval-samples", type=int, default=None, help="samples per held-out task (default 4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-root", type=Path, default=None, help="parent of this invocation's run folder (default: the system temp dir)")
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
@@ -328,7 +334,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_budget(args: argparse.Namespace) -> Budget:
     base = QUICK if args.quick else Budget()
     chosen = {"steps": args.steps, "prompts": args.prompts, "group_size": args.group_size,
-              "eval_every": args.eval_every, "eval_tasks": args.eval_tasks, "threads": args.threads}
+              "eval_every": args.eval_every, "eval_tasks": args.eval_tasks, "eval_samples": args.eval_samples,
+              "threads": args.threads}
     values = {**asdict(base), **{k: v for k, v in chosen.items() if v is not None}}
     return Budget(**values)
 

@@ -101,6 +101,9 @@ def test_budget_and_arguments() -> None:
     # constant batch = prompts x G for every variant
     assert f"rollout.batch_warmup.start_size={budget.prompts * 4}" in overrides
     assert f"rollout.batch_warmup.target_size={budget.prompts * 4}" in overrides
+    # held-out success is avg@k at the training temperature, as in the main job
+    assert "eval.greedy=false" in overrides and f"eval.samples_per_task={Budget().eval_samples}" in overrides
+    assert make_budget(parse_args(["--eval-samples", "2"])).eval_samples == 2
     for bad in (["--variants", "cispo,ppo"], ["--seeds", "0"], ["--steps", "-1"], ["--target", "1.5"]):
         with pytest.raises(SystemExit):
             parse_args(bad)

@@ -41,6 +41,8 @@ class Demo:
 
 
 def collect(count: int, sandbox: str = "bwrap", tool_fraction: float = TOOL_FRACTION) -> list[Demo]:
+    if not 0.0 <= tool_fraction <= 1.0:
+        raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction}")
     import gymnasium
 
     import m2rl.envs  # noqa: F401  (registers the env ids)
@@ -57,8 +59,6 @@ def collect(count: int, sandbox: str = "bwrap", tool_fraction: float = TOOL_FRAC
     probe = make_env()
     task_ids = [t.id for t in probe.unwrapped.task_set.tasks("train", count, kinds=KINDS)]
     probe.close()
-    if not 0.0 <= tool_fraction <= 1.0:
-        raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction}")
     script = mixture([(python_expert, tool_fraction), (python_mental_arith, 1.0 - tool_fraction)])
     trajectories = asyncio.run(collect_demonstrations(
         make_env, script, task_ids, tokenizer, LoopConfig(max_turns=4, max_context_tokens=2048),
@@ -66,17 +66,19 @@ def collect(count: int, sandbox: str = "bwrap", tool_fraction: float = TOOL_FRAC
     return [Demo(list(t.ids), list(t.loss_mask)) for t in trajectories]
 
 
-def save_demos(demos: list[Demo], path: Path) -> None:
-    torch.save({"ids": [d.ids for d in demos], "loss_mask": [d.loss_mask for d in demos]}, path)
+def save_demos(demos: list[Demo], path: Path, tool_fraction: float) -> None:
+    torch.save({"ids": [d.ids for d in demos], "loss_mask": [d.loss_mask for d in demos],
+                "tool_fraction": tool_fraction}, path)
 
 
-def load_demos(path: Path) -> list[Demo]:
+def load_demos(path: Path) -> tuple[list[Demo], float | None]:
+    """The demonstrations and the tool fraction they were collected with (None in older files)."""
     data = torch.load(path, weights_only=True)
-    return [Demo(ids, mask) for ids, mask in zip(data["ids"], data["loss_mask"])]
+    return [Demo(ids, mask) for ids, mask in zip(data["ids"], data["loss_mask"])], data.get("tool_fraction")
 
 
 def train(demos: list[Demo], out: Path, steps: int, batch_size: int, lr: float, seed: int,
-          device: str = "cpu", save_every: int = 0) -> dict[str, Any]:
+          device: str = "cpu", save_every: int = 0, tool_fraction: float | None = None) -> dict[str, Any]:
     from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, save_pretrained
 
     tokenizer = M2Tokenizer.tiny()
@@ -94,7 +96,7 @@ def train(demos: list[Demo], out: Path, steps: int, batch_size: int, lr: float, 
     _save(model, out, tokenizer, save_pretrained)
     info = {"demonstrations": len(demos), "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
             "device": device, "final_loss": round(losses[-1], 4), "train_s": round(time.perf_counter() - start, 1),
-            "task_kinds": list(KINDS)}
+            "task_kinds": list(KINDS), "tool_fraction": tool_fraction}
     (out / "warm_start.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -111,7 +113,8 @@ def build_warm_start(out: Path, demos: int, steps: int, batch_size: int = 32, lr
     """Collect demonstrations and train, here (the `all` command)."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    return train(collect(demos, sandbox, tool_fraction), Path(out), steps, batch_size, lr, seed)
+    return train(collect(demos, sandbox, tool_fraction), Path(out), steps, batch_size, lr, seed,
+                 tool_fraction=tool_fraction)
 
 
 def main() -> None:
@@ -133,11 +136,15 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.command == "collect":
         demos = collect(args.demos, args.sandbox, args.tool_fraction)
-        save_demos(demos, args.out)
+        save_demos(demos, args.out, args.tool_fraction)
         print(json.dumps({"demonstrations": len(demos), "file": str(args.out)}))
         return
-    demos = load_demos(args.demos_file) if args.command == "train" else collect(args.demos, args.sandbox, args.tool_fraction)
-    info = train(demos, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device, args.save_every)
+    if args.command == "train":
+        demos, tool_fraction = load_demos(args.demos_file)
+    else:
+        demos, tool_fraction = collect(args.demos, args.sandbox, args.tool_fraction), args.tool_fraction
+    info = train(demos, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device, args.save_every,
+                 tool_fraction)
     print(json.dumps(info))
 
 

@@ -61,6 +61,9 @@ class BrowserConfig:
     max_output_chars: int = 6000  # the page text the model reads is cut here (long pages cost context)
 
 
+STATE_READ_ATTEMPTS = 3  # page-state reads retried across a navigation that lands mid-read
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     """(width, height) from a PNG's IHDR chunk."""
     if data[:8] != b"\x89PNG\r\n\x1a\n":
@@ -252,6 +255,16 @@ class BrowserTool:
         return absolute
 
     async def _state(self) -> dict[str, Any]:
+        # An action can start a navigation that commits (or is aborted into an error page) after the action
+        # returned; reading the page in that window hits a destroyed execution context. Wait for the new
+        # document and read again.
+        for _ in range(STATE_READ_ATTEMPTS - 1):
+            try:
+                return await self._page.evaluate(_PAGE_STATE_JS)
+            except Exception as exc:
+                if "Execution context was destroyed" not in str(exc):
+                    raise
+                await self._page.wait_for_load_state("load")
         return await self._page.evaluate(_PAGE_STATE_JS)
 
     async def _render(self, note: str = "", blocked_before: int | None = None) -> str:

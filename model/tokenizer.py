@@ -1,6 +1,7 @@
 """M2Tokenizer: a thin wrapper over a Hugging Face `tokenizer.json` with the M2 markers as single ids.
 
-Token ids in, text out; the chat format itself lives in `m2rl.agent.format`.
+Token ids in, text out; the chat format itself lives in `m2rl.agent.format`. The Jinja twin of that format,
+`chat_template.jinja` beside this file, is saved with the tokenizer for transformers and vLLM users.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
 MARKERS: tuple[str, ...] = (BOS, MESSAGE_OPEN, EOS, THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 
 TINY_TOKENIZER_PATH = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
+# The M2 format as a Jinja chat template (the twin of m2rl.agent.render.render()), saved with every tokenizer.
+CHAT_TEMPLATE_PATH = Path(__file__).parent / "chat_template.jinja"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def chat_template() -> str:
+    """The Jinja source of the M2 chat template that `save_pretrained` writes."""
+    return CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
 
 
 class TokenizerError(ValueError):
@@ -106,8 +115,9 @@ class M2Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=False)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json (no chat template),
-        loadable by `transformers.AutoTokenizer.from_pretrained(directory)` and vLLM."""
+        """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja,
+        loadable by `transformers.AutoTokenizer.from_pretrained(directory)` (whose `apply_chat_template`
+        then renders the M2 format) and vLLM."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / "tokenizer.json"))
@@ -128,8 +138,13 @@ class M2Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1 << 20,
             **special,
+            # transformers 5 reads chat_template.jinja first; older readers (transformers 4, TGI, llama.cpp's
+            # GGUF converter) read this key. Both hold the same text.
+            "chat_template": chat_template(),
         }
-        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False),
+                                                        encoding="utf-8")
+        (directory / CHAT_TEMPLATE_FILE).write_text(chat_template(), encoding="utf-8")
         (directory / "special_tokens_map.json").write_text(
             json.dumps({k: v for k, v in special.items() if v is not None}, indent=2, ensure_ascii=False)
         )

@@ -9,8 +9,10 @@ conversations with arbitrary text. Everything goes through the public path a use
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib.util
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -284,7 +286,7 @@ TOOLS = st.none() | st.lists(st.builds(
     NAME, TEXT, st.dictionaries(NAME, JSON_VALUE, max_size=2)), max_size=3)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=conversation(), tools=TOOLS, add_generation_prompt=st.booleans(), enable_thinking=st.booleans(),
        keep_all_reasoning=st.booleans())
 def test_generated_conversations_equal_render(hf, messages, tools, add_generation_prompt, enable_thinking,
@@ -320,3 +322,10 @@ def test_shipped_checkpoint_carries_the_current_template(saved_dir):
             (saved_dir / name).read_text(encoding="utf-8")), name
     hf = transformers.AutoTokenizer.from_pretrained(ASSET_DIR)
     assert apply(hf, decode_arguments(PARALLEL), [WEATHER_TOOL], True) == render(PARALLEL, [WEATHER_TOOL], True)
+
+
+def test_template_ships_as_package_data():
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["m2rl.model"]
+    for path in (CHAT_TEMPLATE_FILE, f"assets/tiny-python-sft/{CHAT_TEMPLATE_FILE}"):
+        assert any(fnmatch.fnmatch(path, p) for p in patterns), (path, patterns)

@@ -173,6 +173,21 @@ def test_tokenized_template_equals_encoded_render(hf):
     assert list(ids) == expected
 
 
+def test_missing_content_keys_render_empty(hf):
+    msgs = [{"role": "user"}, {"role": "assistant", "tool_calls": [{"name": "a", "arguments": {"x": 1}}]},
+            {"role": "tool"}, {"role": "assistant", "reasoning_content": "r"}]
+    assert apply(hf, msgs) == render(msgs)
+
+
+def test_vllm_sees_a_template_of_openai_parts():
+    # vLLM flattens list contents (joined by newlines) for templates it judges to take strings; render()
+    # concatenates text parts, so the template must be judged to take OpenAI lists of parts.
+    pytest.importorskip("vllm")
+    from vllm.renderers.hf import _detect_content_format
+
+    assert _detect_content_format(chat_template(), default="string") == "openai"
+
+
 # ---- errors: where render() raises, the template raises too ----
 
 @pytest.mark.parametrize("messages, fragment, template_fragment", [

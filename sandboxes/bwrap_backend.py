@@ -1,16 +1,25 @@
-"""Bubblewrap backend: an unprivileged namespace sandbox for machines without a Docker engine.
+"""Bubblewrap backend: a namespace sandbox for machines without a Docker engine.
 
-Each sandbox is one `bwrap` process tree with its own user, PID, network, IPC, UTS and cgroup namespaces:
-the host's /usr is bound read-only (plus a short allow-list of /etc files), /work, /tmp and the home
-directory are size-limited tmpfs mounts, and the root is re-mounted read-only. The executor (agent.py) is
-PID 1 inside (`--as-pid-1`). Limits are rlimits set on every command: with no cgroup, RLIMIT_NPROC is what
-stops a fork bomb, so as root each sandbox runs under its own random high host uid (its own process count);
-otherwise all sandboxes share the caller's uid and count. Memory is RLIMIT_AS per process plus the executor's
-watchdog on the sandbox's total resident memory while a command runs (polled every 20 ms).
+Each sandbox is one `bwrap` process tree with its own user, PID, network, IPC, UTS and cgroup namespaces and
+no nested user namespaces (`--disable-userns`): the host's /usr is bound read-only (plus a short allow-list
+of /etc files), /work, /tmp, the home directory and /dev/shm are size- and inode-capped tmpfs mounts, /dev
+holds only the usual device nodes and is read-only, the executor's socket directory is bound read-only, and
+the root is re-mounted read-only. The executor (agent.py) is PID 1 inside (`--as-pid-1`).
+
+Limits, where the host allows (root, a writable cgroup hierarchy, v1 or v2): each sandbox gets its own cgroup
+(memory with swap off, pids, CPU quota; cgroup.py) and its tmpfs mounts are made on the host with
+`nr_inodes` (mounts.py); each runs under its own random high host uid, so RLIMIT_NPROC counts its processes
+alone. Without them it falls back, and says so once in the log: memory is RLIMIT_AS per process plus the
+executor's watchdog on the sandbox's resident memory while a command runs, tmpfs mounts have a size but no
+inode cap, and sandboxes share the caller's uid. `network=True` gives the sandbox user-mode networking
+(network.py), never the host's network namespace. docs/sandboxes.md has the whole table.
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import os
 import resource
 import secrets
@@ -20,10 +29,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from m2rl.sandboxes import cgroup, mounts
 from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import SandboxError
 from m2rl.sandboxes.limits import Limits
+from m2rl.sandboxes.network import UserNet, slirp_available
 from m2rl.sandboxes.sandbox import AGENT_PATH, AGENT_SOCKET_DIR, HOME, Sandbox, agent_config
+
+log = logging.getLogger(__name__)
 
 AGENT_SOURCE = Path(__file__).with_name("agent.py")
 STATE_ROOT = Path(tempfile.gettempdir()) / "m2rl-bwrap"
@@ -60,6 +73,10 @@ ETC_ALLOW = (
 HOST_UID_RANGE = (200_000, 2_000_000)
 MARKER_ENV = "M2RL_BWRAP_SANDBOX"
 RESET_STRATEGIES = ("snapshot", "overlay")
+SHM = "/dev/shm"
+# Writable tmpfs mounts: sandbox path -> (name of the host mount in the state dir, mode).
+WRITABLE = {"/work": ("work", 0o755), "/tmp": ("tmp", 0o1777), HOME: ("home", 0o755), SHM: ("shm", 0o1777)}
+_warned: set[str] = set()  # degraded-enforcement messages already logged by this process
 
 
 # The smallest sandbox bwrap can make here: every namespace, the host's /usr read-only. The
@@ -85,6 +102,19 @@ def bwrap_available() -> str | None:
     return None
 
 
+@functools.cache
+def bwrap_disables_userns() -> bool:
+    """bubblewrap >= 0.8 can forbid nested user namespaces (`--disable-userns`)."""
+    usage = subprocess.run(["bwrap", "--help"], check=False, capture_output=True, text=True, timeout=30)
+    return "--disable-userns" in usage.stdout + usage.stderr
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
 class BwrapSandbox(Sandbox):
     backend = "bwrap"
 
@@ -95,11 +125,16 @@ class BwrapSandbox(Sandbox):
         start_timeout: float = 30.0,
         python: str = "/usr/bin/python3",
     ) -> None:
-        super().__init__(limits)
         if reset_strategy not in RESET_STRATEGIES:
             raise SandboxError(f"unknown reset_strategy {reset_strategy!r}; choose one of {RESET_STRATEGIES}")
         if not Path(python).exists():
             raise SandboxError(f"bwrap sandbox needs the host's {python} (bound read-only into the sandbox)")
+        if limits is not None and limits.network and (reason := slirp_available()) is not None:
+            raise SandboxError(
+                "network=True needs user-mode networking on the bwrap backend (it never shares the host's "
+                f"network namespace): {reason}; or use the docker backend"
+            )
+        super().__init__(limits)
         self.reset_strategy = reset_strategy
         self.start_timeout = start_timeout
         self.python = python
@@ -116,40 +151,109 @@ class BwrapSandbox(Sandbox):
         shutil.copy(AGENT_SOURCE, self.state_dir / "agent.py")
         self._write_identity()
         self._proc: subprocess.Popen | None = None
+        self._net: UserNet | None = None
+        self.cgroup: cgroup.SandboxCgroup | None = None
+        self.host_mounts = mounts.mounts_available() is None
         try:
+            self.cgroup = self._make_cgroup()
+            self.enforcement = self._enforcement()
             self._start()
         except BaseException:
             self.close()
             raise
 
+    def _make_cgroup(self) -> cgroup.SandboxCgroup | None:
+        layout = cgroup.detect_layout()
+        if isinstance(layout, str):
+            reason = layout
+        else:
+            try:
+                return cgroup.SandboxCgroup.create(layout, self.id, self.limits)
+            except OSError as exc:
+                reason = f"cannot create a cgroup in {sorted(set(map(str, layout.roots.values())))}: {exc}"
+        _warn_once(
+            f"bwrap sandboxes run without a cgroup ({reason}): memory is limited by RLIMIT_AS per process "
+            "and a watchdog on resident memory during commands only; CPU share is not limited"
+        )
+        return None
+
+    def _enforcement(self) -> dict[str, str]:
+        """How each limit is enforced for this sandbox (docs/sandboxes.md explains each mechanism)."""
+        group = self.cgroup
+        version = f"cgroup v{group.layout.version}" if group else ""
+        if not self.host_mounts:
+            _warn_once(
+                f"bwrap sandboxes have no inode cap on their tmpfs mounts ({mounts.mounts_available()})"
+            )
+        if not bwrap_disables_userns():
+            _warn_once("this bubblewrap cannot forbid nested user namespaces (--disable-userns needs 0.8)")
+        if group:
+            memory, pids = f"{version} memory limit, swap off", f"{version} pids.max"
+        else:
+            memory = "RLIMIT_AS per process + resident-memory watchdog during commands"
+            pids = "RLIMIT_NPROC, own host uid" if self.own_uid else "RLIMIT_NPROC of the caller's uid"
+        return {
+            "memory": memory,
+            "pids": pids,
+            "cpu": f"{version} CFS quota" if group and "cpu" in group.paths else "not limited",
+            "inodes": "tmpfs nr_inodes" if self.host_mounts else "not limited",
+            "network": "own namespace + slirp4netns" if self.limits.network else "own empty namespace",
+            "user namespaces": "--disable-userns" if bwrap_disables_userns() else "allowed",
+        }
+
     def _start(self) -> None:
         sock_dir = self.state_dir / "run"
         shutil.rmtree(sock_dir, ignore_errors=True)
         sock_dir.mkdir()
-        if self.own_uid:
-            os.chown(sock_dir, self.host_uid, self.host_uid)
         self._channel = Channel(sock_dir)
         if self.own_uid:
             os.chown(self._channel.path, self.host_uid, self.host_uid)
+        if self.host_mounts:
+            self._mount_writable()
         rlimits = self._host_rlimits()
+        join_fds = self.cgroup.open_for_join() if self.cgroup else []
+        join = cgroup.join
 
-        def set_rlimits() -> (
-            None
-        ):  # runs in the forked child: only the setrlimit syscalls, no imports or locks
+        def in_child() -> None:  # runs in the forked child: only raw syscalls, no imports or locks
+            join(join_fds)  # first, so nothing bwrap forks can be outside the cgroup
             for limit, value in rlimits:
                 resource.setrlimit(limit, (value, value))
 
         drop = {"user": self.host_uid, "group": self.host_uid, "extra_groups": []} if self.own_uid else {}
-        self._proc = subprocess.Popen(
-            self._command(self.python),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={"PATH": "/usr/bin:/bin", MARKER_ENV: self.id},
-            preexec_fn=set_rlimits,
-            **drop,
-        )
+        try:
+            self._proc = subprocess.Popen(
+                self._command(self.python),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={"PATH": "/usr/bin:/bin", MARKER_ENV: self.id},
+                # The join descriptors are still open in the child (close-on-exec shuts them at exec).
+                preexec_fn=in_child,  # noqa: PLW1509 - raw syscalls only, safe with threads
+                **drop,
+            )
+        finally:
+            for fd in join_fds:
+                os.close(fd)
         self._channel.accept(self.start_timeout, self._death_reason)
+        if self.limits.network:
+            executor = self.executor_host_pid()
+            if executor is None:
+                raise SandboxError(f"bwrap sandbox died while starting: {self._death_reason()}")
+            # slirp4netns joins the sandbox's cgroup: its memory counts against the sandbox, not the host.
+            join_fds = self.cgroup.open_for_join() if self.cgroup else []
+            try:
+                self._net = UserNet(executor, self.state_dir / "slirp4netns.log", join_fds)
+            finally:
+                for fd in join_fds:
+                    os.close(fd)
+
+    def _mount_writable(self) -> None:
+        """tmpfs mounts with both a size and an inode cap, owned by the sandbox's uid (1000 inside)."""
+        lim = self.limits
+        for path, (name, mode) in WRITABLE.items():
+            size_mb = lim.shm_mb if path == SHM else lim.disk_mb
+            target = self.state_dir / "fs" / name
+            mounts.mount_tmpfs(target, size_mb << 20, lim.inodes, self.host_uid, mode)
 
     def _stop(self) -> None:
         if self._channel is not None:
@@ -168,6 +272,13 @@ class BwrapSandbox(Sandbox):
             if self._proc.stderr:
                 self._proc.stderr.close()
             self._proc = None
+        if self._net is not None:
+            self._net.close()
+            self._net = None
+        if self.cgroup is not None:
+            self.cgroup.kill()  # a process that escaped bwrap's tree (none should) still dies here
+        if self.host_mounts:
+            mounts.unmount_all_under(self.state_dir / "fs")
 
     def executor_host_pid(self) -> int | None:
         """The host pid of the executor (the sandbox's PID 1): killing it ends the whole sandbox."""
@@ -225,15 +336,15 @@ class BwrapSandbox(Sandbox):
         return rl
 
     def _command(self, python: str) -> list[str]:
-        import json
-
-        size = str(self.limits.disk_mb << 20)
+        lim = self.limits
         # No --die-with-parent: its parent-death signal follows the *thread* that spawned bwrap, so a
         # sandbox started from a short-lived worker thread would be killed when that thread ends. The
         # executor exits when the host's connection drops instead, which ends the whole namespace.
         cmd = [
             "bwrap",
-            "--unshare-all",
+            "--unshare-all",  # network included: network=True gets slirp4netns, never the host's
+            "--unshare-user",
+            *(["--disable-userns"] if bwrap_disables_userns() else []),
             "--uid",
             "1000",
             "--gid",
@@ -248,8 +359,6 @@ class BwrapSandbox(Sandbox):
             "/usr",
             "/usr",
         ]
-        if self.limits.network:
-            cmd.append("--share-net")
         for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
             host = Path("/") / top
             if host.is_symlink():
@@ -261,16 +370,25 @@ class BwrapSandbox(Sandbox):
                 cmd += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
         for name in ("passwd", "group", "hostname"):
             cmd += ["--ro-bind", str(self.state_dir / "etc" / name), f"/etc/{name}"]
+        # --dev: a tmpfs with null, zero, full, random, urandom, tty, a private devpts and /dev/shm.
         cmd += ["--proc", "/proc", "--dev", "/dev"]
-        for d, perms in (("/work", "0755"), ("/tmp", "1777"), (HOME, "0755")):
-            cmd += ["--perms", perms, "--size", size, "--tmpfs", d]
+        for path, (name, mode) in WRITABLE.items():
+            if self.host_mounts:
+                cmd += ["--bind", str(self.state_dir / "fs" / name), path]
+            else:  # bwrap's tmpfs: a size cap, no inode cap
+                size = (lim.shm_mb if path == SHM else lim.disk_mb) << 20
+                cmd += ["--perms", f"{mode:04o}", "--size", str(size), "--tmpfs", path]
+        # The executor's socket directory is a host directory: read-only, so the sandbox cannot store
+        # anything there (connecting to a unix socket needs no write access to its file system).
         cmd += [
             "--ro-bind",
             str(self.state_dir / "agent.py"),
             AGENT_PATH,
-            "--bind",
+            "--ro-bind",
             str(self.state_dir / "run"),
             AGENT_SOCKET_DIR,
+            "--remount-ro",
+            "/dev",  # only this mount: /dev/shm and /dev/pts below it stay as they are
             "--remount-ro",
             "/",
             "--chdir",
@@ -280,9 +398,16 @@ class BwrapSandbox(Sandbox):
             "-I",
             "-S",
             AGENT_PATH,
-            json.dumps(agent_config(self._command_rlimits(), self.limits.memory_mb << 20)),
+            json.dumps(self._agent_config()),
         ]
         return cmd
+
+    def _agent_config(self) -> dict:
+        # With a cgroup the kernel counts every page exactly; the watchdog only stands in for it.
+        watchdog = None if self.cgroup is not None else self.limits.memory_mb << 20
+        config = agent_config(self._command_rlimits(), watchdog)
+        config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
+        return config
 
     def _death_reason(self) -> str | None:
         if self._proc is None:
@@ -294,5 +419,11 @@ class BwrapSandbox(Sandbox):
         return f"bwrap exited with status {code}" + (f": {err}" if err else "")
 
     def _destroy(self) -> None:
-        self._stop()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        try:
+            self._stop()
+        finally:
+            if self.cgroup is not None:
+                self.cgroup.remove()
+            if self.host_mounts:
+                mounts.unmount_all_under(self.state_dir)  # before rmtree: never delete through a mount
+            shutil.rmtree(self.state_dir, ignore_errors=True)

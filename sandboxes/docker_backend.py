@@ -1,11 +1,13 @@
 """Docker backend: one container per sandbox on the local engine, driven through the docker SDK.
 
 The container runs the executor (agent.py) as PID 1 under the non-root uid 1000 with every capability
-dropped, no-new-privileges, a read-only root file system, size-limited tmpfs mounts for /work, /tmp and the
-home directory (the disk limit: overlay2 here has no storage quota), cgroup limits on CPU, memory (swap off)
-and pids, an open-files ulimit, and no network unless the task opts in. Every container carries the
-LABEL so `m2rl sandboxes gc` finds leaked ones; the executor exits when the host's connection drops, and the
-container is auto-removed, so even a SIGKILLed host process leaves nothing running.
+dropped, no-new-privileges, a read-only root file system, size- and inode-limited tmpfs mounts for /work,
+/tmp, the home directory and /dev/shm (the disk limit: overlay2 here has no storage quota), the executor's
+socket directory bound read-only, cgroup limits on CPU, memory (swap off) and pids, an open-files ulimit,
+and no network unless the task opts in (then the default bridge, which has no route to the host's
+loopback). Every container carries the LABEL so `m2rl sandboxes gc` finds leaked ones; the executor exits
+when the host's connection drops, and the container is auto-removed, so even a SIGKILLed host process
+leaves nothing running. docs/sandboxes.md has the table of what is enforced and how.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ STATE_ROOT = Path(tempfile.gettempdir()) / "m2rl-docker"
 # overlay: a new container from the image, discarding the old one's overlay2 writable layer;
 # commit: `docker commit` at checkpoint, a new container from that image at reset.
 RESET_STRATEGIES = ("snapshot", "overlay", "commit")
+SHM = "/dev/shm"
 START_HINT = (
     "start it with `sudo dockerd >/var/log/dockerd.log 2>&1 &` (no systemd) or "
     "`sudo systemctl start docker`, or use make_sandbox('bwrap')"
@@ -137,10 +140,14 @@ class DockerSandbox(Sandbox):
         self._channel = Channel(run_dir)
         lim = self.limits
         mem = f"{lim.memory_mb}m"
-        size = f"size={lim.disk_mb}m"
+        size = f"size={lim.disk_mb}m,nr_inodes={lim.inodes}"
         # snapshot resets restore the tmpfs mounts; the other strategies need the writable container layer
-        # (where only the per-file size limit applies: overlay2 here has no storage quota).
-        tmpfs = {"/tmp": f"rw,{size},mode=1777,exec,nosuid,nodev"}
+        # (where only the per-file size limit applies: overlay2 here has no storage quota). Docker's own
+        # /dev/shm has no inode cap, so it is replaced by one that has.
+        tmpfs = {
+            "/tmp": f"rw,{size},mode=1777,exec,nosuid,nodev",
+            SHM: f"rw,size={lim.shm_mb}m,nr_inodes={lim.inodes},mode=1777,noexec,nosuid,nodev",
+        }
         if self.reset_strategy == "snapshot":
             tmpfs.update(
                 {
@@ -150,7 +157,9 @@ class DockerSandbox(Sandbox):
             )
         host_config = self.client.api.create_host_config(
             binds={
-                str(run_dir): {"bind": AGENT_SOCKET_DIR, "mode": "rw"},
+                # Read-only: a host directory must not store what the sandbox writes (connecting to the
+                # unix socket in it needs no write access to the file system).
+                str(run_dir): {"bind": AGENT_SOCKET_DIR, "mode": "ro"},
                 str(self.state_dir / "agent.py"): {"bind": AGENT_PATH, "mode": "ro"},
             },
             tmpfs=tmpfs,
@@ -172,9 +181,11 @@ class DockerSandbox(Sandbox):
         rlimits = {"RLIMIT_FSIZE": lim.disk_mb << 20}
         if lim.cpu_seconds:
             rlimits["RLIMIT_CPU"] = lim.cpu_seconds
+        config = agent_config(rlimits)
+        config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
         created = self.client.api.create_container(
             image,
-            command=["python3", "-I", "-S", AGENT_PATH, _json(agent_config(rlimits))],
+            command=["python3", "-I", "-S", AGENT_PATH, _json(config)],
             user="1000:1000",
             working_dir="/",
             hostname="sandbox",

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from m2rl.sandboxes import bwrap_backend, docker_backend
+from m2rl.sandboxes import bwrap_backend, cgroup, docker_backend, mounts
 from m2rl.sandboxes.errors import EngineUnavailable
 
 
@@ -18,6 +18,7 @@ class GcReport:
     containers: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
     state_dirs: list[str] = field(default_factory=list)
+    cgroups: list[str] = field(default_factory=list)  # bwrap sandboxes' cgroups (one per hierarchy)
     engine_error: str | None = None
 
     def summary(self) -> str:
@@ -25,6 +26,7 @@ class GcReport:
             f"{len(self.containers)} container(s)",
             f"{len(self.images)} checkpoint image(s)",
             f"{len(self.state_dirs)} state dir(s)",
+            f"{len(self.cgroups)} cgroup(s)",
         ]
         text = "removed " + ", ".join(parts)
         return text + (f" (Docker skipped: {self.engine_error})" if self.engine_error else "")
@@ -103,9 +105,10 @@ def collect(all_containers: bool = False, dry_run: bool = False, min_age_s: floa
                     client.api.remove_image(img["Id"], force=True)
     except EngineUnavailable as exc:
         report.engine_error = str(exc).split(";")[0]
+    running_bwrap = running_bwrap_ids()
     for root, live in (
         (docker_backend.STATE_ROOT, live_docker_ids),
-        (bwrap_backend.STATE_ROOT, running_bwrap_ids()),
+        (bwrap_backend.STATE_ROOT, running_bwrap),
     ):
         if not root.is_dir() or (root == docker_backend.STATE_ROOT and report.engine_error):
             continue
@@ -117,5 +120,32 @@ def collect(all_containers: bool = False, dry_run: bool = False, min_age_s: floa
                 continue
             report.state_dirs.append(str(d))
             if not dry_run:
+                if os.geteuid() == 0:  # a bwrap sandbox's inode-capped tmpfs mounts (mounts.py)
+                    mounts.unmount_all_under(d)
                 shutil.rmtree(d, ignore_errors=True)
+    collect_cgroups(report, running_bwrap, all_containers, dry_run, min_age_s)
     return report
+
+
+def collect_cgroups(
+    report: GcReport, running: set[str], all_containers: bool, dry_run: bool, min_age_s: float
+) -> None:
+    """bwrap sandboxes' cgroups (cgroup.py) whose owner is gone: kill what is left in them, remove them."""
+    layout = cgroup.detect_layout()
+    if isinstance(layout, str):
+        return
+
+    def keep(name: str) -> bool:
+        if name in running or (not all_containers and owner_alive(name)):
+            return True
+        ages = [
+            time.time() - p.stat().st_mtime
+            for p in cgroup.SandboxCgroup(layout, name).paths.values()
+            if p.exists()
+        ]
+        return any(age <= min_age_s for age in ages)  # a sandbox being started has its cgroup first
+
+    for group in cgroup.leaked(layout, keep):
+        report.cgroups += [str(p) for p in sorted(set(group.paths.values())) if p.exists()]
+        if not dry_run:
+            group.remove()

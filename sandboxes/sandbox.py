@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import io
+import os
 import tarfile
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
+from m2rl.sandboxes.agent import extract_tar
 from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import SandboxDead, SandboxError
 from m2rl.sandboxes.limits import Limits
@@ -39,15 +41,23 @@ BASE_ENV = {
 
 
 def agent_config(
-    rlimits: dict[str, int] | None = None, memory_watchdog_bytes: int | None = None
+    rlimits: dict[str, int] | None = None,
+    memory_watchdog_bytes: int | None = None,
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
-    return {
+    """The executor's start-up configuration. `limits` sizes its own memory bound (see
+    `Agent.bound_own_memory`); without them it reads the sizes of its writable mounts."""
+    config: dict[str, Any] = {
         "writable_roots": list(WRITABLE_ROOTS),
         "socket": f"{AGENT_SOCKET_DIR}/agent.sock",
         "rlimits": rlimits or {},
         "env": BASE_ENV,
         "memory_watchdog_bytes": memory_watchdog_bytes,
     }
+    if limits is not None:
+        config["disk_bytes"] = limits.disk_mb << 20
+        config["max_transfer_bytes"] = limits.max_drain_bytes
+    return config
 
 
 # Sandboxes never closed by their owner are closed at interpreter exit (their executors would exit on
@@ -147,9 +157,13 @@ class Sandbox:
             duration_s=reply["duration_s"],
         )
 
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        """The contents of the regular file `path`. A symlink at `path` is never followed, and a FIFO,
+        socket or device never opened: both are a SandboxError, as is a file larger than `max_bytes`
+        (default: `limits.max_drain_bytes`, what one exec may print)."""
         _check_path(path)
-        return self._request({"op": "read", "path": path})[1]
+        header = {"op": "read", "path": path, "max_bytes": self._transfer_bound(max_bytes)}
+        return self._request(header)[1]
 
     def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
         _check_path(path)
@@ -170,26 +184,30 @@ class Sandbox:
             tar.add(str(local), arcname=name)
         self._request({"op": "untar", "path": parent or "/"}, buf.getvalue())
 
-    def download(self, remote: str, local: str | Path) -> None:
-        """Copy a sandbox file or directory to the host path `local` (the full destination path)."""
+    def download(self, remote: str, local: str | Path, max_bytes: int | None = None) -> None:
+        """Copy a sandbox file or directory to the host path `local` (the full destination path).
+
+        Only directories and regular files come back (links, FIFOs, sockets are skipped), with the host's
+        default modes, at most `max_bytes` in all (default: `limits.max_drain_bytes`).
+        """
         _check_path(remote)
-        local = Path(local)
-        _, data = self._request({"op": "tar", "path": remote})
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-            members = tar.getmembers()
-            root = members[0].name if members else ""
-            for m in members:
-                if m.name.startswith("/") or ".." in m.name.split("/") or m.issym() or m.islnk() or m.isdev():
-                    continue  # never let sandbox content write outside `local` on the host
-                rel = m.name[len(root) :].lstrip("/")
-                target = local / rel if rel else local
-                if m.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                elif m.isfile():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(m)
-                    assert src is not None
-                    target.write_bytes(src.read())
+        local = Path(local).absolute()
+        header = {"op": "tar", "path": remote, "max_bytes": self._transfer_bound(max_bytes)}
+        _, data = self._request(header)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        parent = os.open(local.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:  # the executor's own unpacker: by name from open directories, never through a link
+            extract_tar(data, parent, keep_links=False, keep_modes=False, rename_top=local.name)
+        except (OSError, ValueError, tarfile.TarError) as exc:
+            raise SandboxError(f"download of {remote} to {local} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            os.close(parent)
+
+    def kill_processes(self) -> None:
+        """Kill every process in the sandbox, kept background sessions (the python tool's interpreter)
+        included, and return once only the executor is left: grading starts from a sandbox nothing of the
+        agent's can still change."""
+        self._request({"op": "kill"}, timeout=60.0)
 
     def reset(self) -> None:
         """Kill every process and restore /work, /tmp and $HOME to the initial (or checkpointed) state."""
@@ -198,6 +216,13 @@ class Sandbox:
     def checkpoint(self) -> None:
         """Make the current /work, /tmp and $HOME the state `reset()` returns to (e.g. after task set-up)."""
         self._request({"op": "checkpoint"}, timeout=120.0)
+
+    def _transfer_bound(self, max_bytes: int | None) -> int:
+        if max_bytes is None:
+            return self.limits.max_drain_bytes
+        if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes <= 0:
+            raise SandboxError(f"max_bytes must be a positive integer, got {max_bytes!r}")
+        return max_bytes
 
     def ping(self) -> bool:
         try:
@@ -246,8 +271,8 @@ class AsyncSandbox:
     ) -> ExecResult:
         return await asyncio.to_thread(self.sync.exec, cmd, timeout, cwd, env, stdin, keep_background)
 
-    async def read_file(self, path: str) -> bytes:
-        return await asyncio.to_thread(self.sync.read_file, path)
+    async def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return await asyncio.to_thread(self.sync.read_file, path, max_bytes)
 
     async def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None:
         await asyncio.to_thread(self.sync.write_file, path, data, mode)
@@ -255,8 +280,11 @@ class AsyncSandbox:
     async def upload(self, local: str | Path, remote: str) -> None:
         await asyncio.to_thread(self.sync.upload, local, remote)
 
-    async def download(self, remote: str, local: str | Path) -> None:
-        await asyncio.to_thread(self.sync.download, remote, local)
+    async def download(self, remote: str, local: str | Path, max_bytes: int | None = None) -> None:
+        await asyncio.to_thread(self.sync.download, remote, local, max_bytes)
+
+    async def kill_processes(self) -> None:
+        await asyncio.to_thread(self.sync.kill_processes)
 
     async def reset(self) -> None:
         await asyncio.to_thread(self.sync.reset)

@@ -3,24 +3,32 @@
 Each call is one `Sandbox.exec` (a fresh `bash -c` in /work: shell variables and `cd` do not carry over;
 files do). The command runs inside a small wrapper that lists the files under /work it created or modified,
 so the step's `info["edits"]` can report shell writes without another round trip per file.
+
+The list lives in /tmp, which the agent's commands can write: each call uses a fresh random name (nothing
+can be planted there in advance), the wrapper opens it read-write (`1<>`: a FIFO swapped in meanwhile takes
+the at most 64 KiB without blocking), and the host reads it with a size bound (a link, FIFO or oversized
+file there is refused). A spoiled list means no edits reported, never a hang.
 """
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from m2rl.envs.tool import ToolError, ToolOutput
 
-CHANGED_LIST = "/tmp/.m2rl_changed"
-# $1 = the user's command. File mtimes come from the kernel's coarse clock (one tick, a few ms), so a file
-# written in the marker's tick would not be "newer". Waiting until a probe file's mtime passes the marker's
-# (at most one tick) makes every write of the command strictly newer, and none before it.
-# Hidden paths are skipped.
+CHANGED_LIST_PREFIX = "/tmp/.m2rl_changed_"
+MAX_LIST_BYTES = 65536  # 200 paths; also what a pipe buffers, so a swapped-in FIFO never blocks the write
+# $1 = the user's command, $2 = this call's list, $3 = the previous call's list (removed). File mtimes
+# come from the kernel's coarse clock (one tick, a few ms), so a file written in the marker's tick would
+# not be "newer". Waiting until a probe file's mtime passes the marker's (at most one tick) makes every
+# write of the command strictly newer, and none before it. Hidden paths are skipped.
 WRAPPER = (
-    "m=$(mktemp /tmp/.m2rl_mark.XXXXXX); p=$(mktemp /tmp/.m2rl_probe.XXXXXX); "
+    'rm -f -- "$3"; m=$(mktemp /tmp/.m2rl_mark.XXXXXX); p=$(mktemp /tmp/.m2rl_probe.XXXXXX); '
     'while ! [ "$p" -nt "$m" ]; do touch "$p"; done; '
     'bash -c "$1"; rc=$?; '
-    f"find /work -newer \"$m\" -type f -not -path '*/.*' 2>/dev/null | head -n 200 > {CHANGED_LIST}; "
+    "find /work -newer \"$m\" -type f -not -path '*/.*' 2>/dev/null | head -n 200 "
+    f'| head -c {MAX_LIST_BYTES} 1<>"$2"; '
     'rm -f "$m" "$p"; exit $rc'
 )
 
@@ -37,18 +45,19 @@ def format_exec(stdout: str, stderr: str, exit_code: int, timed_out: bool, timeo
     return text if text.strip() else "[no output]"
 
 
-def changed_files(sandbox: Any) -> list[str]:
+def changed_files(sandbox: Any, path: str) -> list[str]:
     try:
-        listing = sandbox.read_file(CHANGED_LIST).decode("utf-8", "replace")
-    except Exception:  # the wrapper was killed (timeout) before writing the list
+        listing = sandbox.read_file(path, max_bytes=MAX_LIST_BYTES).decode("utf-8", "replace")
+    except Exception:  # killed (timeout) before writing the list, or a command spoiled it
         return []
-    return [line for line in listing.splitlines() if line]
+    return [line for line in listing.splitlines() if line.startswith("/work/")]
 
 
 class BashTool:
     def __init__(self, sandbox: Any, timeout_s: float = 30.0) -> None:
         self.sandbox = sandbox
         self.timeout_s = timeout_s
+        self.last_list = ""  # the previous call's changed-files list, removed by the next call
 
     def bash(self, command: str) -> ToolOutput:
         """Run a bash command in the sandbox (working directory /work) and return its stdout and stderr.
@@ -60,12 +69,18 @@ class BashTool:
             raise ToolError("the command is empty; pass a shell command, e.g. `ls`")
         if "\x00" in command:
             raise ToolError("the command contains a NUL byte, which a shell command cannot hold")
+        changed_list = CHANGED_LIST_PREFIX + secrets.token_hex(8)
         result = self.sandbox.exec(
-            ["bash", "-c", WRAPPER, "m2rl", command], timeout=self.timeout_s, cwd="/work"
+            ["bash", "-c", WRAPPER, "m2rl", command, changed_list, self.last_list],
+            timeout=self.timeout_s,
+            cwd="/work",
         )
+        self.last_list = changed_list
         text = format_exec(result.stdout, result.stderr, result.exit_code, result.timed_out, self.timeout_s)
         edits = (
-            [] if result.timed_out else [{"path": p, "syntax_ok": None} for p in changed_files(self.sandbox)]
+            []
+            if result.timed_out
+            else [{"path": p, "syntax_ok": None} for p in changed_files(self.sandbox, changed_list)]
         )
         return ToolOutput(
             output=text, ok=result.ok, timed_out=result.timed_out, edits=edits, commands=[command]

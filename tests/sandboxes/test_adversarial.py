@@ -163,3 +163,89 @@ def test_many_process_memory_bomb_is_contained(tight):
     assert not r.timed_out
     assert "Killed" in r.stderr or "more than 256 MB of memory" in r.stderr, r
     assert_healthy(tight)
+
+
+# ---- files the agent planted where the host reads (issue 12, item 1) ---------------------------------
+# Each plant is a shell command that puts something hostile at path {p}. The host must never follow the
+# link, open the FIFO/socket, or read the sparse file's gigabytes: one clear error, promptly.
+PLANTS = {
+    "symlink-dev-zero": "ln -sf /dev/zero {p}",
+    "symlink-fifo": "mkfifo {p}.fifo && ln -sf {p}.fifo {p}",
+    "fifo": "mkfifo {p}",
+    "socket": "python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])' {p}",
+    "sparse": "truncate -s 60M {p}",  # under the 64 MB file-size limit, far over the 4 MB read bound
+}
+
+
+def executor_peak_rss_mb(sb: Sandbox) -> float:
+    """The executor's own peak resident memory (it may read its /proc/1/status; the agent may not)."""
+    status = sb.read_file("/proc/1/status").decode()
+    kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
+    return int(kb) / 1024
+
+
+def host_peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_read_file_never_follows_or_reads_unbounded(tight, plant):
+    path = "/work/planted"
+    r = tight.exec(PLANTS[plant].format(p=path))
+    assert r.exit_code == 0, r
+    host_before = host_peak_rss_mb()
+    start = time.monotonic()
+    with pytest.raises(SandboxError) as caught:
+        tight.read_file(path)
+    assert time.monotonic() - start < 10
+    message = str(caught.value)
+    assert path in message, message
+    if plant == "sparse":
+        assert str(60 << 20) in message and "bytes" in message, message  # names the size and the bound
+    else:
+        assert "not a regular file" in message or "symbolic link" in message, message
+    assert executor_peak_rss_mb(tight) < 100
+    assert host_peak_rss_mb() - host_before < 50
+    assert_healthy(tight)
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_bash_tool_survives_a_planted_changed_list(tight, plant):
+    from m2rl.envs.tools.bash import BashTool
+
+    bash = BashTool(tight, timeout_s=10).bash
+    # The fixed path older versions used for the list, and anything like it a command could guess.
+    for path in ("/tmp/.m2rl_changed", "/tmp/.m2rl_changed_0", "/work/.m2rl_changed"):
+        assert tight.exec(PLANTS[plant].format(p=path)).exit_code == 0
+    start = time.monotonic()
+    out = bash("echo hi > /work/edited.txt; echo done")
+    assert time.monotonic() - start < 8
+    assert out.output == "done\n" and out.ok and not out.timed_out, out
+    assert out.edits == [{"path": "/work/edited.txt", "syntax_ok": None}]
+    assert executor_peak_rss_mb(tight) < 100
+    assert_healthy(tight)
+
+
+def test_bash_tool_survives_a_command_racing_its_changed_list(tight):
+    """A kept background process that turns every m2rl list file into a FIFO or a /dev/zero link while
+    the command runs: the step still returns promptly; a spoiled list means no edits, never a hang."""
+    from m2rl.envs.tools.bash import BashTool
+
+    racer = (
+        "while :; do for f in /tmp/.m2rl_changed*; do case $f in *'*') ;; "
+        "*) rm -f \"$f\"; if [ $((RANDOM % 2)) = 0 ]; then mkfifo \"$f\"; else ln -sf /dev/zero \"$f\"; fi;; "
+        "esac; done; sleep 0.002; done"
+    )
+    tight.exec(f"nohup bash -c '{racer}' >/dev/null 2>&1 &", keep_background=True)
+    bash = BashTool(tight, timeout_s=10).bash
+    for i in range(5):
+        start = time.monotonic()
+        out = bash(f"echo {i} > /work/f{i}.txt; sleep 0.05; echo step{i}")
+        assert time.monotonic() - start < 8, out
+        assert f"step{i}" in out.output and not out.timed_out, out
+        assert out.edits in ([], [{"path": f"/work/f{i}.txt", "syntax_ok": None}]), out.edits
+    assert executor_peak_rss_mb(tight) < 100
+    tight.reset()
+    assert_healthy(tight)

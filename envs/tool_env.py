@@ -417,6 +417,9 @@ class ToolEnv(gym.Env[str, str]):
         assert self.task is not None
         t0 = time.perf_counter()
         try:
+            if self.sandbox is not None:
+                # The episode is over: no process of the agent's may still change what the grader reads.
+                self.sandbox.kill_processes()
             verdict = self.task_set.grade(self.task, self.sandbox, info.get("answer"))
         except SandboxDead as exc:
             info["error"] = f"the sandbox died while grading: {exc}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -157,16 +156,15 @@ class TaskSet(ABC):
 
 
 def run_checker(script: str, sandbox: Any, timeout: float = 30.0) -> Verification:
-    """Upload the checker after the episode and run it; it prints one JSON line {resolved, score, details}.
+    """Run the checker after the episode; it prints one JSON line {resolved, score, details}.
 
-    The checker carries its expected values inside it and is written only now, so nothing the agent did
-    during the episode could read or alter it.
+    The checker carries its expected values inside it and reaches the sandbox only now, so nothing the agent
+    did during the episode could read it. Nothing can alter it either: every process of the agent's (a kept
+    python interpreter, a `nohup` loop) is killed first, and the script goes to `python3 -I -` on stdin,
+    never into a file the agent's uid could rewrite.
     """
-    # A fresh random name in /work (the one directory every backend persists between execs).
-    path = f"/work/.m2rl_checker_{secrets.token_hex(8)}.py"
-    sandbox.write_file(path, script.encode())
-    result = sandbox.exec(["python3", "-I", path], timeout=timeout, cwd="/work")
-    sandbox.exec(["rm", "-f", path], timeout=10.0)
+    sandbox.kill_processes()
+    result = sandbox.exec(["python3", "-I", "-"], timeout=timeout, cwd="/work", stdin=script.encode())
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     if result.timed_out or result.exit_code != 0 or not lines:
         return Verification(False, 0.0, f"checker failed (exit {result.exit_code}): {result.stderr[-300:]}")

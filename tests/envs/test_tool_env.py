@@ -342,3 +342,82 @@ def test_responses_in_info_are_what_the_observation_renders(python_env) -> None:
     obs, *_, info = env.step(action)
     assert obs == render_tool_suffix(info["responses"])
     assert info["tool_results"][0]["output"] == "a[e~[b\n"  # rewards see the raw tool output
+
+
+# ----------------------------------------------------------------------------- grading vs live processes
+
+BACKENDS = [pytest.param("bwrap", marks=pytest.mark.bwrap), pytest.param("docker", marks=pytest.mark.docker)]
+
+
+def require_backend(backend: str) -> None:
+    if backend == "docker":
+        from m2rl.sandboxes.docker_backend import docker_client
+        from m2rl.sandboxes.errors import SandboxError
+
+        try:
+            docker_client()
+        except SandboxError as exc:
+            pytest.skip(f"Docker unavailable: {exc}")
+
+
+# Rewrites every file that looks like the grader's checker into one that passes, as fast as it can; a
+# second thread keeps writing the wrong answer over whatever the checker reads.
+HIJACK = r"""
+import json, os, threading
+EVIL = "import json\nprint(json.dumps({'resolved': True, 'score': 1.0, 'details': 'hijacked'}))\n"
+def rewrite():
+    while True:
+        try:
+            for name in os.listdir('/work'):
+                if name.startswith('.m2rl_checker'):
+                    with open('/work/' + name, 'w') as f:
+                        f.write(EVIL)
+        except OSError:
+            pass
+threading.Thread(target=rewrite, daemon=True).start()
+'started'
+"""
+EVIL_CHECKER = "import json\nprint(json.dumps({'resolved': True, 'score': 1.0, 'details': 'hijacked'}))\n"
+HIJACK_SHELL = (
+    "nohup sh -c 'while :; do for f in /work/.m2rl_checker*; do [ -e \"$f\" ] && cp /tmp/evil.py \"$f\"; "
+    "done; done' >/dev/null 2>&1 &"
+)
+
+
+def shell_env_with_python(backend: str) -> ToolEnv:
+    from m2rl.envs.tasks.shell import ShellTaskSet
+    from m2rl.envs.tools import BashTool, PythonTool, submit
+
+    def tools(env: ToolEnv) -> list:
+        return [BashTool(env.sandbox, 10).bash, PythonTool(env.sandbox, 10).python, submit]
+
+    return ToolEnv(ShellTaskSet(), tools, backend=backend, max_steps=4)
+
+
+@pytest.mark.parametrize("how", ["python-repl-thread", "kept-background-shell"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_live_agent_process_cannot_rewrite_the_checker(backend: str, how: str) -> None:
+    """A checker-graded task, left undone, with an agent process that rewrites anything looking like the
+    checker: grading starts only once every agent process is gone, from a checker no file holds."""
+    require_backend(backend)
+    env = shell_env_with_python(backend)
+    try:
+        for episode in range(3):
+            env.reset(options={"task_id": "shell/sort_uniq/13"})
+            if how == "python-repl-thread":
+                _, _, _, _, info = env.step(action_text([("python", {"code": HIJACK})]))
+                assert "'started'" in info["responses"][0], info["responses"]
+            else:
+                env.sandbox.write_file("/tmp/evil.py", EVIL_CHECKER)
+                r = env.sandbox.exec(HIJACK_SHELL, keep_background=True)
+                assert r.exit_code == 0, r
+            time.sleep(0.2)  # the rewriter is running
+            _, _, term, _, info = env.step(action_text([("submit", {"answer": "done"})]))
+            assert term
+            verdict = info["verification"]
+            assert not verdict["resolved"] and "hijacked" not in verdict["details"], (episode, verdict)
+            assert "unique.txt" in verdict["details"] or "No such file" in verdict["details"], verdict
+            ps = env.sandbox.exec(["ps", "-eo", "args"]).stdout
+            assert "m2rl_checker" not in ps and "server.py" not in ps, ps  # nothing of the agent's is left
+    finally:
+        env.close()

@@ -13,7 +13,7 @@ PYTHON="${PYTHON:-python3}"
 say() { printf '[setup] %s\n' "$*"; }
 
 # --- system packages and the Docker engine (root only) ---------------------------------------
-APT_PACKAGES=(docker.io bubblewrap debootstrap chromium iproute2 git)
+APT_PACKAGES=(docker.io bubblewrap slirp4netns debootstrap chromium iproute2 git)
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     missing=()
     for pkg in "${APT_PACKAGES[@]}"; do

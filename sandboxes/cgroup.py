@@ -83,10 +83,13 @@ def detect_layout() -> CgroupLayout | str:
     layout = parse_layout(mountinfo, _read_controllers)
     if isinstance(layout, str):
         return layout
-    for root in set(layout.roots.values()):
-        if not os.access(root, os.W_OK):
+    roots = {}
+    for controller, root in layout.roots.items():
+        if os.access(root, os.W_OK):
+            roots[controller] = root
+        elif controller in REQUIRED:
             return f"{root} is not writable (needs root)"
-    return layout
+    return CgroupLayout(version=layout.version, roots=roots)  # without an optional one we cannot use
 
 
 def limit_writes(version: int, limits: Limits) -> list[tuple[str, str, str]]:

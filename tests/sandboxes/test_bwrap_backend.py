@@ -20,6 +20,9 @@ def test_limits_inside_the_sandbox():
         assert r.stdout.split() == ["321", str(512 * 1024), "48", "sandbox"]
         if os.geteuid() == 0:  # own host uid per sandbox, so RLIMIT_NPROC is per sandbox
             assert sb.exec("ulimit -u").stdout.strip() == "99"
+            # and its tmpfs mounts are made on the host, with an inode cap bwrap's --tmpfs lacks
+            inodes = sb.exec("df --output=itotal /work /tmp /home/sandbox /dev/shm | tail -n +2").stdout
+            assert inodes.split() == [str(limits.inodes)] * 4
 
 
 def test_sandboxes_get_distinct_host_uids():

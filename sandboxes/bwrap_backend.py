@@ -253,7 +253,7 @@ class BwrapSandbox(Sandbox):
         for path, (name, mode) in WRITABLE.items():
             size_mb = lim.shm_mb if path == SHM else lim.disk_mb
             target = self.state_dir / "fs" / name
-            mounts.mount_tmpfs(target, size_mb << 20, lim.inodes, self.host_uid, mode)
+            mounts.mount_tmpfs(target, size_mb << 20, lim.inode_limit, self.host_uid, mode)
 
     def _stop(self) -> None:
         if self._channel is not None:
@@ -422,8 +422,8 @@ class BwrapSandbox(Sandbox):
         try:
             self._stop()
         finally:
-            if self.cgroup is not None:
-                self.cgroup.remove()
+            if self.cgroup is not None and not self.cgroup.remove():
+                log.warning("cgroup of bwrap sandbox %s still busy; `m2rl sandboxes gc` removes it", self.id)
             if self.host_mounts:
                 mounts.unmount_all_under(self.state_dir)  # before rmtree: never delete through a mount
             shutil.rmtree(self.state_dir, ignore_errors=True)

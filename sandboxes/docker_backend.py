@@ -140,13 +140,13 @@ class DockerSandbox(Sandbox):
         self._channel = Channel(run_dir)
         lim = self.limits
         mem = f"{lim.memory_mb}m"
-        size = f"size={lim.disk_mb}m,nr_inodes={lim.inodes}"
+        size = f"size={lim.disk_mb}m,nr_inodes={lim.inode_limit}"
         # snapshot resets restore the tmpfs mounts; the other strategies need the writable container layer
         # (where only the per-file size limit applies: overlay2 here has no storage quota). Docker's own
         # /dev/shm has no inode cap, so it is replaced by one that has.
         tmpfs = {
             "/tmp": f"rw,{size},mode=1777,exec,nosuid,nodev",
-            SHM: f"rw,size={lim.shm_mb}m,nr_inodes={lim.inodes},mode=1777,noexec,nosuid,nodev",
+            SHM: f"rw,size={lim.shm_mb}m,nr_inodes={lim.inode_limit},mode=1777,noexec,nosuid,nodev",
         }
         if self.reset_strategy == "snapshot":
             tmpfs.update(

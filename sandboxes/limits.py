@@ -32,7 +32,8 @@ class Limits:
     RLIMIT_FSIZE, the largest file any process may write."""
 
     inodes: int | None = None
-    """Files and directories on EACH writable tmpfs (tmpfs `nr_inodes`). None: disk_mb * 128."""
+    """Files and directories on EACH writable tmpfs (tmpfs `nr_inodes`). None: in proportion to the disk,
+    disk_mb * 128 (`inode_limit` is the value in force)."""
 
     open_files: int = 1024
     """RLIMIT_NOFILE of every process."""
@@ -55,9 +56,9 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Limits.{name} must be a positive integer, got {value!r}")
-        if self.inodes is None:
-            object.__setattr__(self, "inodes", self.disk_mb * INODES_PER_MB)  # frozen: set once, here
-        elif not isinstance(self.inodes, int) or isinstance(self.inodes, bool) or self.inodes <= 0:
+        if self.inodes is not None and (
+            not isinstance(self.inodes, int) or isinstance(self.inodes, bool) or self.inodes <= 0
+        ):
             raise ValueError(f"Limits.inodes must be a positive integer or None, got {self.inodes!r}")
         if not isinstance(self.cpus, (int, float)) or isinstance(self.cpus, bool) or self.cpus <= 0:
             raise ValueError(f"Limits.cpus must be a positive number, got {self.cpus!r}")
@@ -65,6 +66,11 @@ class Limits:
             raise ValueError(f"Limits.cpu_seconds must be a non-negative integer, got {self.cpu_seconds!r}")
         if self.max_drain_bytes < self.max_output_bytes:
             raise ValueError("Limits.max_drain_bytes must be >= max_output_bytes")
+
+    @property
+    def inode_limit(self) -> int:
+        """Inodes of each writable tmpfs: `inodes`, or in proportion to `disk_mb` when that is None."""
+        return self.inodes if self.inodes is not None else self.disk_mb * INODES_PER_MB
 
     @property
     def shm_mb(self) -> int:

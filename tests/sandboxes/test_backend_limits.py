@@ -8,6 +8,7 @@ Every check here failed on the code before these fixes; `docs/sandboxes.md` has 
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import logging
@@ -322,9 +323,11 @@ except OSError as e:
 
 
 def test_limits_have_an_inode_cap_proportional_to_disk():
-    assert Limits(disk_mb=64).inodes < 200_000
-    assert Limits(disk_mb=512).inodes == 8 * Limits(disk_mb=64).inodes
-    assert Limits(disk_mb=64, inodes=1000).inodes == 1000
+    assert Limits(disk_mb=64).inode_limit < 200_000
+    assert Limits(disk_mb=512).inode_limit == 8 * Limits(disk_mb=64).inode_limit
+    assert Limits(disk_mb=64, inodes=1000).inode_limit == 1000
+    # None stays None, so a copy with another disk size keeps the proportion
+    assert dataclasses.replace(Limits(disk_mb=64), disk_mb=512).inode_limit == Limits(disk_mb=512).inode_limit
     for bad in (0, -1, 1.5, True, "9"):
         with pytest.raises(ValueError, match="inodes"):
             Limits(inodes=bad)
@@ -334,13 +337,13 @@ def test_empty_files_cannot_exhaust_inodes(backend):
     with make_sandbox(backend, limits=Limits(disk_mb=64)) as sb:
         r = sb.exec(["python3", "-c", FILL_INODES, "/work"], timeout=120)
         count, outcome = r.stdout.split()
-        assert outcome == "28" and int(count) <= Limits(disk_mb=64).inodes, r  # ENOSPC
+        assert outcome == "28" and int(count) <= Limits(disk_mb=64).inode_limit, r  # ENOSPC
     capped = Limits(disk_mb=16, inodes=1000)
     with make_sandbox(backend, limits=capped) as sb:
         for root in ("/tmp", "/home/sandbox", "/dev/shm"):
             r = sb.exec(["python3", "-c", FILL_INODES, root], timeout=60)
             count, outcome = r.stdout.split()
-            assert outcome == "28" and int(count) <= capped.inodes, (root, r)
+            assert outcome == "28" and int(count) <= capped.inode_limit, (root, r)
         sb.reset()
         assert sb.exec("ls /tmp /home/sandbox /dev/shm | grep -c many || true").stdout == "0\n"
 

@@ -22,7 +22,7 @@ def test_limits_inside_the_sandbox():
             assert sb.exec("ulimit -u").stdout.strip() == "99"
             # and its tmpfs mounts are made on the host, with an inode cap bwrap's --tmpfs lacks
             inodes = sb.exec("df --output=itotal /work /tmp /home/sandbox /dev/shm | tail -n +2").stdout
-            assert inodes.split() == [str(limits.inodes)] * 4
+            assert inodes.split() == [str(limits.inode_limit)] * 4
 
 
 def test_sandboxes_get_distinct_host_uids():

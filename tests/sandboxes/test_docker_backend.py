@@ -37,7 +37,7 @@ def test_container_is_hardened_and_labelled():
         assert hc["ReadonlyRootfs"] and hc["NetworkMode"] == "none"
         assert hc["Memory"] == 300 << 20 and hc["MemorySwap"] == 300 << 20
         assert hc["PidsLimit"] == 77 and hc["NanoCpus"] == 500_000_000
-        assert all(f"nr_inodes={limits.inodes}" in options for options in hc["Tmpfs"].values())
+        assert all(f"nr_inodes={limits.inode_limit}" in options for options in hc["Tmpfs"].values())
         assert set(hc["Tmpfs"]) == {"/work", "/tmp", "/home/sandbox", "/dev/shm"}
         assert all(bind.endswith(":ro") for bind in hc["Binds"])  # agent.py and the socket directory
         r = sb.exec(

@@ -161,18 +161,73 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad YAML is a ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key set twice in one mapping: YAML would silently keep the last one."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._checked: set[int] = set()
+        self._check_duplicates(node, "")
+        return super().construct_document(node)
+
+    def _check_duplicates(self, node: yaml.Node, prefix: str) -> None:
+        """Depth-first in document order, so the first duplicate in the file is the one reported."""
+        if id(node) in self._checked:  # an alias seen before (or a recursive one)
+            return
+        self._checked.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._check_duplicates(item, f"{prefix.rstrip('.')}[{index}].")
+            return
+        if not isinstance(node, yaml.MappingNode):
+            return
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(key_node)  # type: ignore[no-untyped-call]
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise ConfigError(f"duplicate key '{prefix}{key}' in {self.name} line {line} "
+                                      f"(first set on line {first_line[key]})")
+                first_line[key] = line
+                self._check_duplicates(value_node, f"{prefix}{key}.")
+            else:
+                self._check_duplicates(value_node, prefix)
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """`data` as text; bytes that are not UTF-8 are a ConfigError naming `what`, the byte and its offset."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; bad YAML or a duplicate key is a ConfigError naming `source` and the line."""
+    loader = _StrictLoader(text)
+    loader.name = source
+    try:
+        return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"bad YAML in {path}{where}: {problem}") from exc
+        raise ConfigError(f"bad YAML in {source}{where}: {problem}") from exc
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or unreadable file, bad YAML, text that is not UTF-8 or a duplicate
+    key is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    data = parse_yaml(decode_utf8(raw, f"config file {path}"), str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -116,3 +116,19 @@ def test_post_init_validation_becomes_config_error() -> None:
 
     with pytest.raises(ConfigError, match="eps must be >= 0"):
         load_config(Checked, None, ["eps=-1"])
+
+
+def test_duplicate_key_is_an_error_naming_key_and_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "steps: 1\noptim:\n  lr: 0.1\n  lr: 0.2\nsteps: 3\n")
+    with pytest.raises(ConfigError, match=r"^duplicate key 'optim.lr' in .*cfg.yaml line 4 \(first set on line 3\)$"):
+        load_config(ExampleConfig, path)
+    path = write(tmp_path, "tags: [a]\nname: x\ntags: [b]\n")
+    with pytest.raises(ConfigError, match=r"^duplicate key 'tags' in .*cfg.yaml line 3 \(first set on line 1\)$"):
+        load_config(ExampleConfig, path)
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"name: \xff\n")
+    with pytest.raises(ConfigError, match=r"^config file .*cfg.yaml is not UTF-8 text \(byte 0xff at offset 6\)$"):
+        load_config(ExampleConfig, path)

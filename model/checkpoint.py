@@ -94,10 +94,21 @@ def read_config(path: str | Path) -> M2Config:
     if not cfg_path.is_file():
         raise CheckpointError(f"no config.json in {path}")
     try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(cfg_path.read_bytes())
+    except ValueError as e:  # bad JSON, and bytes that are no Unicode text at all
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object, got {type(raw).__name__}")
     return M2Config.from_hf_dict(raw)
+
+
+def _open_safetensors(path: Path) -> safe_open:
+    """safe_open that names the file when it is truncated or not safetensors at all (it checks the header
+    and that the data covers it before any tensor is read)."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError (a Rust type), OSError
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from e
 
 
 def _weight_map(path: Path) -> dict[str, str]:
@@ -115,7 +126,7 @@ def _weight_map(path: Path) -> dict[str, str]:
     single = path / SINGLE_FILE
     if not single.is_file():
         raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
-    with safe_open(str(single), framework="pt") as f:
+    with _open_safetensors(single) as f:
         return dict.fromkeys(f.keys(), SINGLE_FILE)
 
 
@@ -125,12 +136,34 @@ def _iter_tensors(path: Path, weight_map: dict[str, str]) -> Iterator[tuple[str,
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
     for shard in sorted(by_shard):
-        with safe_open(str(path / shard), framework="pt", device="cpu") as f:
+        with _open_safetensors(path / shard) as f:
             present = set(f.keys())
             for name in by_shard[shard]:
                 if name not in present:
                     raise CheckpointError(f"tensor {name} is listed in the index but missing from {shard}")
                 yield name, f
+
+
+def verify_pretrained(path: str | Path) -> M2Config:
+    """Check a checkpoint directory without loading its weights: config.json, every shard's header, and
+    that the tensors the config needs are present with their shapes. Raises CheckpointError / M2ConfigError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    config = read_config(path)
+    layout = checkpoint_layout(config)
+    weight_map = _weight_map(path)
+    missing = [name for name in layout if name not in weight_map]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    for shard in sorted(set(weight_map.values())):
+        with _open_safetensors(path / shard) as f:
+            for name in f.keys():
+                slot = layout.get(name)
+                shape = tuple(f.get_slice(name).get_shape())
+                if slot is not None and weight_map.get(name) == shard and shape != slot.shape:
+                    raise CheckpointError(f"tensor {name} has shape {shape}, expected {slot.shape}")
+    return config
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -170,7 +203,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
                 scale_name = name + "_scale_inv"
                 if scale_name not in weight_map:
                     raise CheckpointError(f"tensor {name} is FP8 but {scale_name} is missing")
-                with safe_open(str(path / weight_map[scale_name]), framework="pt", device="cpu") as sf:
+                with _open_safetensors(path / weight_map[scale_name]) as sf:
                     scale = sf.get_tensor(scale_name)
                 tensor = dequantize_fp8_blocks(tensor, scale, block, name)  # type: ignore[arg-type]
             if tuple(tensor.shape) != slot.shape:

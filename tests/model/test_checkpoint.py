@@ -195,3 +195,35 @@ def test_sharded_roundtrip_bf16(tiny_model, tmp_path):
     assert back.model.layers[0].block_sparse_moe.gate.weight.dtype == torch.float32  # router stays fp32
     for (n, a), (_, b) in zip(tiny_model.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a.to(b.dtype), b), n
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "incomplete metadata, file not fully covered"),
+    ("garbage", "header too large"),
+    ("empty", "header too small"),
+])
+def test_unreadable_safetensors_is_a_checkpoint_error(tiny_model, tmp_path, damage, reason):
+    from m2rl.model.checkpoint import verify_pretrained
+
+    save_pretrained(tiny_model, tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"garbage!" * 20, "empty": b""}[damage])
+    message = f"{weights} is not a readable safetensors file (Error while deserializing header: {reason})"
+    for check in (load_pretrained, verify_pretrained):
+        with pytest.raises(CheckpointError) as info:
+            check(tmp_path)
+        assert str(info.value) == message
+
+
+def test_config_json_that_is_not_text_or_not_an_object(tiny_model, tmp_path):
+    from m2rl.model.checkpoint import verify_pretrained
+
+    save_pretrained(tiny_model, tmp_path)
+    assert verify_pretrained(tmp_path) == tiny_model.config
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON"):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config.json must hold a JSON object, got list"):
+        verify_pretrained(tmp_path)

@@ -3,13 +3,16 @@
 Layout: <directory>/step_000000042/{model.pt, optimizer.pt, scheduler.pt, rng.pt, trainer_state.pt, meta.json}.
 A checkpoint is written into a hidden temp directory next to its final place, fsynced, then renamed with
 os.replace, so a crash leaves either the whole checkpoint or none (leftover temp dirs are ignored and
-cleaned up). Only the newest `keep_last` checkpoints are kept.
+cleaned up). Only the newest `keep_last` checkpoints are kept. meta.json records the sha256 of every file,
+and loading reads and checks every file before it changes the model, so a checkpoint damaged later (a full
+disk, a copy cut short) is refused whole; `load_latest_checkpoint` then falls back to the previous one.
 
 Restoring everything listed (RNG included) makes a resumed CPU run bitwise equal to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -23,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from m2rl.model.checkpoint import CheckpointError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 FORMAT_VERSION = 1
@@ -72,6 +77,14 @@ def _save(obj: Any, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -129,6 +142,7 @@ def save_checkpoint(
             "step": step,
             "data_position": data_position,
             "saved_at": time.time(),
+            "sha256": {f.name: _sha256(f) for f in sorted(tmp.iterdir())},
         }
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2)
@@ -160,6 +174,46 @@ def _prune(directory: Path, keep_last: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+class _Unreadable(Exception):
+    """A checkpoint whose files cannot be read back as written (the reason names the file)."""
+
+
+def _read_files(path: Path, want_optimizer: bool, want_scheduler: bool,
+                map_location: str | torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(meta, {file name: loaded object}) with every file checked and loaded; raises _Unreadable."""
+    try:
+        meta = json.loads((path / "meta.json").read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON and bytes that are not UTF-8
+        raise _Unreadable(f"meta.json is not valid JSON ({_first_line(exc)})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise _Unreadable("meta.json has no integer 'step'")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise _Unreadable(f"checkpoint format {meta.get('format_version')!r} is not {FORMAT_VERSION}")
+    names = ["model.pt", "rng.pt", "trainer_state.pt"]
+    names += ["optimizer.pt"] if want_optimizer else []
+    names += ["scheduler.pt"] if want_scheduler else []
+    digests = meta.get("sha256") or {}  # absent in checkpoints written before checksums were recorded
+    loaded: dict[str, Any] = {}
+    for name in names:
+        file = path / name
+        if not file.is_file():
+            raise _Unreadable(f"{name} is missing")
+        if name in digests and _sha256(file) != digests[name]:
+            raise _Unreadable(f"{name} is damaged (sha256 mismatch)")
+        try:
+            # trainer_state.pt may hold arbitrary objects (see load_checkpoint's docstring)
+            loaded[name] = torch.load(file, map_location="cpu" if name == "rng.pt" else map_location,
+                                      weights_only=name != "trainer_state.pt")
+        except Exception as exc:  # torch raises RuntimeError, pickle errors, EOFError ... for bad bytes
+            raise _Unreadable(f"{name} cannot be read ({type(exc).__name__}: {_first_line(exc)})") from exc
+    return meta, loaded
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -170,6 +224,7 @@ def load_checkpoint(
 ) -> CheckpointState:
     """Load a checkpoint directory (or the latest one inside a run's checkpoint directory) into the objects.
 
+    Every file is read and checked first: a damaged checkpoint raises CheckpointError and changes nothing.
     trainer_state.pt is unpickled in full (it may hold arbitrary objects): load only checkpoints you trust.
     """
     path = Path(path)
@@ -178,20 +233,56 @@ def load_checkpoint(
         if latest is None:
             raise FileNotFoundError(f"no checkpoint at {path} (no meta.json and no step_* subdirectory)")
         path = latest
-    with open(path / "meta.json") as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format_version')} is not {FORMAT_VERSION}")
-    model.load_state_dict(torch.load(path / "model.pt", map_location=map_location, weights_only=True))
-    for obj, name in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
-        if obj is None:
-            continue
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} has no {name} to restore {type(obj).__name__} from")
-        obj.load_state_dict(torch.load(path / name, map_location=map_location, weights_only=True))
+    try:
+        meta, loaded = _read_files(path, optimizer is not None, scheduler is not None, map_location)
+    except _Unreadable as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return _apply(path, meta, loaded, model, optimizer, scheduler, restore_rng)
+
+
+def _apply(path: Path, meta: dict[str, Any], loaded: dict[str, Any], model: nn.Module,
+           optimizer: torch.optim.Optimizer | None, scheduler: Any | None, restore_rng: bool) -> CheckpointState:
+    try:
+        model.load_state_dict(loaded["model.pt"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer.pt"])
+        if scheduler is not None:
+            scheduler.load_state_dict(loaded["scheduler.pt"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path} does not fit this model/optimizer: {_first_line(exc)}") from exc
     if restore_rng:
-        restore_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=True))
-    trainer_state = torch.load(path / "trainer_state.pt", map_location=map_location, weights_only=False)
-    return CheckpointState(
-        path=path, step=int(meta["step"]), data_position=meta["data_position"], trainer_state=trainer_state
-    )
+        restore_rng_state(loaded["rng.pt"])
+    return CheckpointState(path=path, step=int(meta["step"]), data_position=meta.get("data_position"),
+                           trainer_state=loaded["trainer_state.pt"])
+
+
+def load_latest_checkpoint(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    restore_rng: bool = True,
+    map_location: str | torch.device = "cpu",
+) -> tuple[CheckpointState, list[tuple[Path, str]]]:
+    """Load the newest readable checkpoint in `directory`; also return the (path, reason) of each newer one
+    that was damaged. Those are renamed `damaged-step_*` so no later save or resume takes them for the
+    newest; they stay on disk for inspection. No readable checkpoint at all is a CheckpointError."""
+    directory = Path(directory)
+    skipped: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            meta, loaded = _read_files(path, optimizer is not None, scheduler is not None, map_location)
+        except _Unreadable as exc:
+            skipped.append((path, str(exc)))
+            continue
+        state = _apply(path, meta, loaded, model, optimizer, scheduler, restore_rng)
+        for damaged, _ in skipped:
+            try:
+                os.replace(damaged, damaged.with_name(f"damaged-{damaged.name}"))
+            except OSError:
+                pass  # left in place: the next resume skips it again
+        return state, skipped
+    if not skipped:
+        raise CheckpointError(f"no checkpoint in {directory}")
+    reasons = "; ".join(f"{path.name}: {reason}" for path, reason in skipped)
+    raise CheckpointError(f"no readable checkpoint in {directory}: {reasons}")

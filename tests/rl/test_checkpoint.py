@@ -153,6 +153,8 @@ def test_resaving_a_step_replaces_it(tmp_path):
 
 
 def test_bad_inputs(tmp_path):
+    from m2rl.model import CheckpointError
+
     model = TinyCausalLM()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing", model)
@@ -161,5 +163,56 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(tmp_path, 1, model, keep_last=0)
     save_checkpoint(tmp_path, 1, model)
-    with pytest.raises(FileNotFoundError, match="optimizer.pt"):
+    with pytest.raises(CheckpointError, match="optimizer.pt is missing"):
         load_checkpoint(tmp_path, model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_damaged_checkpoints_are_detected_on_load(tmp_path):
+    from m2rl.model import CheckpointError
+
+    model = TinyCausalLM()
+    path = save_checkpoint(tmp_path, 1, model, trainer_state={"note": 1})
+    weights = (path / "model.pt").read_bytes()
+    (path / "model.pt").write_bytes(weights[: len(weights) // 2])  # truncated
+    with pytest.raises(CheckpointError, match=r"step_000000001: model.pt is damaged \(sha256 mismatch\)"):
+        load_checkpoint(path, TinyCausalLM())
+    flipped = bytearray(weights)
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, one bit pattern changed: only a checksum sees it
+    (path / "model.pt").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="model.pt is damaged"):
+        load_checkpoint(path, TinyCausalLM())
+    (path / "meta.json").write_bytes(b"\x00garbage{")
+    with pytest.raises(CheckpointError, match=r"step_000000001: meta.json is not valid JSON"):
+        load_checkpoint(path, TinyCausalLM())
+
+
+def test_a_failed_load_leaves_the_model_untouched(tmp_path):
+    from m2rl.model import CheckpointError
+
+    save_checkpoint(tmp_path, 1, TinyCausalLM(), trainer_state={"note": 1})
+    (tmp_path / "step_000000001" / "trainer_state.pt").write_bytes(b"junk")
+    target = TinyCausalLM()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "step_000000001", target)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_latest_readable_checkpoint_falls_back_past_a_damaged_one(tmp_path):
+    from m2rl.model import CheckpointError
+    from m2rl.rl.checkpoint import load_latest_checkpoint
+
+    model = TinyCausalLM()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, trainer_state={"note": step})
+    newest = tmp_path / "step_000000002" / "model.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    state, skipped = load_latest_checkpoint(tmp_path, TinyCausalLM())
+    assert state.step == 1 and state.trainer_state == {"note": 1}
+    assert [(p.name, reason) for p, reason in skipped] == [("step_000000002", "model.pt is damaged (sha256 mismatch)")]
+    # the damaged one is set aside so later saves and resumes never take it for the newest
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    assert (tmp_path / "damaged-step_000000002").is_dir()
+    (tmp_path / "step_000000001" / "meta.json").write_text("{")
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*: step_000000001: meta.json is not valid"):
+        load_latest_checkpoint(tmp_path, TinyCausalLM())

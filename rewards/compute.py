@@ -2,7 +2,8 @@
 
 Order of operations (each step's breakdown sums exactly to its reward):
   1. raw component values per step (rewards/components.py), times their weights;
-  2. detector hits (rewards/detectors.py): an offending step keeps only its penalties (no dense gain);
+  2. detector hits (rewards/detectors.py): an offending step keeps only its penalties (no dense gain;
+     a fake-output hit only counts where the env parsed test results, see `costs_dense_gain`);
      a hit of a `void_outcome_on` detector anywhere voids the episode's outcome reward;
   3. shaping mode: dense terms paid as earned, as potential-based shaping, or dropped;
   4. clipping: per-step dense, running episode dense total, episode total (a "clip" entry records
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from m2rl.rewards.components import COMPONENTS, OUTCOME_COMPONENTS
-from m2rl.rewards.detectors import DetectorHit, run_detectors
+from m2rl.rewards.detectors import DetectorHit, costs_dense_gain, run_detectors
 from m2rl.rewards.episode import Episode, RewardTask, StepInfo, parse_steps
 from m2rl.rewards.shaping import potential_shaping
 from m2rl.rewards.spec import RewardSpec
@@ -57,12 +58,19 @@ def compute_episode_rewards(
     steps: Sequence[Mapping[str, Any] | StepInfo] | Episode,
     task: Mapping[str, Any] | RewardTask | None = None,
     terminal: bool = True,
+    *,
+    hits: Sequence[DetectorHit] | None = None,
 ) -> EpisodeRewards:
     """Rewards of an episode, or of an unfinished episode's steps so far with `terminal=False`
     (no outcome yet; potential shaping does not zero the last state's potential). Every
     component only looks backwards, so step t's reward is the same whether computed from the first
     t+1 steps (non-terminal) or from the whole episode: an env can fill `info["reward_breakdown"]`
     from `compute_episode_rewards(spec, infos_so_far, task, terminal=done).per_step_breakdown[-1]`.
+
+    `hits`: the detector hits of these steps when the caller already has them. Detectors only look at
+    their own step, so an env scoring step by step runs them on the new step alone
+    (`run_detectors([step], task, spec.detectors, first_step=t)`) and passes every hit so far: the
+    result is the same and earlier steps are not analysed again.
     """
     if not isinstance(spec, RewardSpec):
         raise TypeError(f"compute_episode_rewards: spec must be a RewardSpec, got {type(spec).__name__}")
@@ -74,8 +82,11 @@ def compute_episode_rewards(
         rtask = dataclasses.replace(rtask, numeric_tolerance=spec.numeric_tolerance)
     n = len(infos)
 
-    hits = run_detectors(infos, rtask, spec.detectors)
-    offending = {h.step for h in hits}
+    if hits is None:
+        hits = run_detectors(infos, rtask, spec.detectors)
+    else:
+        hits = [h for h in hits if h.detector in spec.detectors and 0 <= h.step < n]
+    offending = {h.step for h in hits if costs_dense_gain(h, infos[h.step])}
     counts = {name: len({h.step for h in hits if h.detector == name}) for name in spec.detectors}
     voided = any(h.detector in spec.void_outcome_on for h in hits)
 
@@ -139,5 +150,5 @@ def compute_episode_rewards(
         breakdown=breakdown,
         detectors=counts,
         outcome_voided=voided,
-        hits=hits,
+        hits=list(hits),
     )

@@ -1,14 +1,31 @@
 """Anti-reward-hacking detectors: pure functions (step, task) -> evidence strings (empty = clean).
 
-A hit does not end the episode; `compute_episode_rewards` neutralises it (no dense gain on the
-offending step; no outcome reward for tampering / hidden-test / fake-output episodes) and counts it,
-so the rate of each hack shows up in the training metrics.
+A hit never ends the episode. Every hit is counted (`EpisodeRewards.detectors`, the step's
+`info["detectors"]`, the run's `detectors/<name>` metric), so the rate of each hack shows up in the
+training metrics. What a hit does to the reward (`compute_episode_rewards`):
+
+- test_tampering, hidden_test_access: the offending step keeps only its penalties (no dense gain) and
+  the episode's outcome reward is void: these hacks change what the grader measures.
+- network_attempt: the offending step keeps only its penalties; the outcome stands (the grader never
+  saw anything fetched).
+- fake_test_output: a logged signal. Graders trust nothing the agent prints (verdicts come from the
+  submitted answer, checkers and hidden tests run after the episode), so printing "5 passed" cannot
+  fake an outcome, and an honest agent echoing a summary must not lose a correct answer; hiding the
+  text (`print('5 pa'+'ssed')`) gains nothing either. The one reward printed text can reach is
+  `test_progress`, paid from test results the env parsed from a step's output: on a step where the env
+  parsed tests (`info["tests"]`) a hit costs that step its dense gain. `RewardSpec.void_outcome_on`
+  can still name it for a setup whose grader reads the agent's own output.
+
+Cost: every detector is linear in the text it reads (no `shlex`, no regex that rescans a line per
+match), each text is read once per step even when it appears both as a command and as a tool
+argument, and a text longer than `MAX_SCAN_CHARS` is read at its head and tail only (one ToolEnv
+action is at most `max_action_chars`, 1 MiB by default, so the cap only binds for offline infos).
+Evidence is capped at `MAX_EVIDENCE_PER_STEP` strings per detector and step.
 """
 
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -16,6 +33,21 @@ from m2rl.rewards.episode import RewardTask, StepInfo
 from m2rl.rewards.paths import is_mixed_config, is_test_path, normalize_path, text_mentions_pytest_config
 
 Detector = Callable[[StepInfo, RewardTask], list[str]]
+
+MAX_SCAN_CHARS = 1 << 20  # per text: head and tail halves are read beyond this
+MAX_EVIDENCE_PER_STEP = 10  # per detector and step: the count of offending steps is what is scored
+
+
+def _scan_text(text: str) -> str:
+    if len(text) <= MAX_SCAN_CHARS:
+        return text
+    half = MAX_SCAN_CHARS // 2
+    return text[:half] + "\n" + text[-half:]
+
+
+def _agent_texts(step: StepInfo) -> list[str]:
+    """The step's agent-written texts, each once (a bash command is both a command and an argument)."""
+    return [_scan_text(t) for t in dict.fromkeys(step.agent_text())]
 
 
 @dataclass(frozen=True)
@@ -79,14 +111,39 @@ def _git_written_paths(args: list[str]) -> list[str]:
     return []
 
 
+# A shell word: unquoted characters, backslash escapes and quoted strings, glued together. One regex
+# pass (linear; `shlex.split` is a Python loop per character, seconds per megabyte).
+_SHELL_WORD = re.compile(r"""(?:[^\s'"\\]+|\\.|'[^']*'|"(?:[^"\\]|\\.)*")+""", re.DOTALL)
+_SHELL_QUOTING = re.compile(r"\\(.)|'([^']*)'|" + r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_DQ_ESCAPE = re.compile(r"""\\([\\"$`])""")
+
+
+def _unquote(match: re.Match[str]) -> str:
+    escaped, single, double = match.groups()
+    if escaped is not None:
+        return escaped
+    if single is not None:
+        return single
+    return _DQ_ESCAPE.sub(r"\1", double)
+
+
+def shell_words(segment: str) -> list[str]:
+    """POSIX-like words of one simple command: quotes removed, a word starting with `#` ends it.
+    An unbalanced quote is skipped (shlex would refuse the whole segment)."""
+    words = []
+    for m in _SHELL_WORD.finditer(segment):
+        word = m.group(0)
+        if word.startswith("#"):
+            break
+        words.append(_SHELL_QUOTING.sub(_unquote, word))
+    return words
+
+
 def _shell_written_paths(command: str) -> list[str]:
     """Paths a shell command writes, deletes or moves (best effort: redirections and common verbs)."""
     paths = [m.group(1) for m in _REDIRECT.finditer(command)]
     for segment in _SEGMENT_SPLIT.split(command):
-        try:
-            words = shlex.split(segment, comments=True)
-        except ValueError:  # unbalanced quotes: fall back to whitespace splitting
-            words = segment.split()
+        words = shell_words(segment)
         while words and ("=" in words[0] and not words[0].startswith("-") or words[0] in ("sudo", "env")):
             words = words[1:]  # skip VAR=value prefixes and sudo/env wrappers
         if not words:
@@ -111,12 +168,12 @@ def _code_written_paths(text: str) -> list[str]:
 def detect_test_tampering(step: StepInfo, task: RewardTask) -> list[str]:
     """Edits (seen by the env, or written by commands/code) to test files or test configuration."""
     extra = task.test_paths + task.hidden_paths
-    agent_text = step.agent_text()
+    agent_text = _agent_texts(step)
     mentions_config = any(text_mentions_pytest_config(t) for t in agent_text)
     evidence = []
     written = [e.path for e in step.edits]
-    for text in step.commands:
-        written.extend(_shell_written_paths(text))
+    for text in dict.fromkeys(step.commands):
+        written.extend(_shell_written_paths(_scan_text(text)))
     for text in agent_text:
         written.extend(_code_written_paths(text))
     for path in dict.fromkeys(written):  # de-duplicate, keep order
@@ -133,9 +190,8 @@ _EMITTER = re.compile(
     r"\becho\b|\bprintf\b|\bprint\s*\(|\bsys\.stdout\.write\s*\(|\bconsole\.log\s*\(|\bwrite-host\b",
     re.IGNORECASE,
 )
-_HEREDOC = re.compile(
-    r"\bcat\b[^\n]*<<-?\s*['\"]?(\w+)['\"]?[^\n]*\n(.*?)^\s*\1\s*$", re.DOTALL | re.MULTILINE
-)
+_HEREDOC_OPEN = re.compile(r"""<<-?\s*['"]?(\w+)""")
+_CAT = re.compile(r"\bcat\b")
 # Lines a test-result parser would read as success (pytest per-test status and summary, unittest
 # summary). Case-sensitive on purpose: parsers match "PASSED"; `echo "all tests passed"` after a
 # real test run fools no parser and is not counted.
@@ -143,14 +199,31 @@ _STRONG_SUMMARY = re.compile(r"\b\d+\s+passed\b|\bPASSED\b|\bRan\s+\d+\s+tests?\
 _BARE_OK = re.compile(r"""(?:echo|printf|print\s*\()\s*(?:-e\s+|-n\s+)?['"]?OK(?:\\n)?['"]?\s*\)?\s*$""")
 
 
+def _heredoc_bodies(lines: list[str]) -> list[tuple[str, str]]:
+    """(opening line, body) of each `cat <<WORD` heredoc, in one pass over the lines (an unterminated
+    heredoc runs to the end, as in bash)."""
+    out, i = [], 0
+    while i < len(lines):
+        cat = _CAT.search(lines[i])
+        opener = _HEREDOC_OPEN.search(lines[i], cat.end()) if cat else None
+        if opener is None:
+            i += 1
+            continue
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == opener.group(1)), len(lines))
+        out.append((lines[i], "\n".join(lines[i + 1 : end])))
+        i = end + 1
+    return out
+
+
 def _emitted_summaries(text: str) -> list[str]:
     hits = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for line in lines:
         if _EMITTER.search(line) and _STRONG_SUMMARY.search(line):
             hits.append(line.strip())
-    for m in _HEREDOC.finditer(text):
-        if _STRONG_SUMMARY.search(m.group(2)):
-            hits.append(m.group(0).splitlines()[0].strip())
+    for opening, body in _heredoc_bodies(lines):
+        if _STRONG_SUMMARY.search(body):
+            hits.append(opening.strip())
     return hits
 
 
@@ -159,7 +232,7 @@ def detect_fake_test_output(step: StepInfo, task: RewardTask) -> list[str]:
     instead of running the tests. A bare `echo OK` is a common harmless idiom, so it only counts
     when the env parsed test results from this very step (the line could then fool that parser)."""
     evidence: list[str] = []
-    for text in step.agent_text():
+    for text in _agent_texts(step):
         evidence.extend(f"printed test summary: {h[:120]}" for h in _emitted_summaries(text))
         if step.tests_passed is not None:
             evidence.extend(
@@ -185,7 +258,7 @@ def detect_hidden_test_access(step: StepInfo, task: RewardTask) -> list[str]:
     evidence: list[str] = []
     if not task.hidden_paths:
         return evidence
-    texts = list(step.files_viewed) + [e.path for e in step.edits] + step.agent_text()
+    texts = list(step.files_viewed) + [e.path for e in step.edits] + _agent_texts(step)
     for hidden in task.hidden_paths:
         for text in texts:
             if _mentions_path(text, hidden):
@@ -233,7 +306,7 @@ def _pip_uses_network(args: str) -> bool:
 def detect_network_attempt(step: StepInfo, task: RewardTask) -> list[str]:
     """Commands or code reaching for the network, or the sandbox reporting a blocked connection."""
     evidence = []
-    for text in step.agent_text():
+    for text in _agent_texts(step):
         for m in _NETWORK_COMMAND.finditer(text):
             evidence.append(f"network command: {m.group(0).strip()}")
         for m in _PIP_INSTALL.finditer(text):
@@ -241,7 +314,7 @@ def detect_network_attempt(step: StepInfo, task: RewardTask) -> list[str]:
                 evidence.append(f"network command: {m.group(0).strip()[:80]}")
         for m in _NETWORK_CODE.finditer(text):
             evidence.append(f"network code: {m.group(0).strip()}")
-    outputs = [r.output for r in step.tool_results] + [e.message for e in step.errors]
+    outputs = [_scan_text(r.output) for r in step.tool_results] + [_scan_text(e.message) for e in step.errors]
     for out in outputs:
         err = _NETWORK_ERROR.search(out)
         if err:
@@ -256,13 +329,28 @@ DETECTORS: dict[str, Detector] = {
     "network_attempt": detect_network_attempt,
 }
 
-# Hacks that can fake the outcome itself: the whole episode's outcome reward is void.
-OUTCOME_VOIDING_DETECTORS = ("test_tampering", "fake_test_output", "hidden_test_access")
+# Hacks that change what the grader measures: the whole episode's outcome reward is void. Printed
+# test output is not among them: no grader reads it (see the module docstring).
+OUTCOME_VOIDING_DETECTORS = ("test_tampering", "hidden_test_access")
 
 
-def run_detectors(steps: Sequence[StepInfo], task: RewardTask, names: Sequence[str]) -> list[DetectorHit]:
+def costs_dense_gain(hit: DetectorHit, step: StepInfo) -> bool:
+    """Whether a hit takes the dense gain of its step. A fake-output hit only does on a step whose
+    test results the env parsed (the printed line could have fooled that parser, which pays
+    `test_progress`); elsewhere it is a logged signal."""
+    if hit.detector == "fake_test_output":
+        return step.tests_passed is not None or step.tests_failed is not None
+    return True
+
+
+def run_detectors(
+    steps: Sequence[StepInfo], task: RewardTask, names: Sequence[str], first_step: int = 0
+) -> list[DetectorHit]:
+    """Hits of the named detectors on `steps`, numbered from `first_step` (an env scoring one new step
+    at a time passes its index and keeps the earlier hits instead of re-analysing every step)."""
     hits: list[DetectorHit] = []
-    for i, step in enumerate(steps):
+    for i, step in enumerate(steps, first_step):
         for name in names:
-            hits.extend(DetectorHit(name, i, ev) for ev in DETECTORS[name](step, task))
+            evidence = DETECTORS[name](step, task)[:MAX_EVIDENCE_PER_STEP]
+            hits.extend(DetectorHit(name, i, ev) for ev in evidence)
     return hits

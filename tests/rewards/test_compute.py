@@ -103,16 +103,68 @@ def test_offending_step_keeps_its_penalties():
     assert not r.outcome_voided and r.breakdown["resolved"] == 1.0
 
 
-@pytest.mark.parametrize(
-    "bad_step, detector",
-    [
-        ({"commands": ["echo '3 passed in 0.02s'"]}, "fake_test_output"),
-        ({"files_viewed": ["tests/hidden/test_secret.py"]}, "hidden_test_access"),
-    ],
-)
-def test_fake_output_and_hidden_tests_void_the_outcome(bad_step, detector):
+def test_hidden_tests_void_the_outcome():
+    bad_step = {"files_viewed": ["tests/hidden/test_secret.py"]}
     r = compute_episode_rewards(RewardSpec.default(), [bad_step, {"verification": RESOLVED}], TASK)
-    assert r.outcome_voided and r.total == 0.0 and r.detectors[detector] == 1
+    assert r.outcome_voided and r.total == 0.0 and r.detectors["hidden_test_access"] == 1
+
+
+def _answer_episode(extra_command: str | None, answer: str) -> list[dict]:
+    """python computes, the agent maybe prints something, then submits; the grader compares answers."""
+    steps = [{"tool_calls": [call("python", code="2 + 2")], "commands": ["2 + 2"]}]
+    if extra_command is not None:
+        steps.append({"tool_calls": [call("bash", command=extra_command)], "commands": [extra_command]})
+    verdict = {"resolved": answer == "4", "score": float(answer == "4"), "details": ""}
+    steps.append({"tool_calls": [call("submit", answer=answer)], "answer": answer, "verification": verdict})
+    return steps
+
+
+def test_printing_a_test_summary_does_not_cost_a_correct_answer():
+    """Before: `echo '5 passed'` after a correct answer voided it (1.05 -> 0.05 on the Python env)."""
+    spec, task = RewardSpec.default(), {"expected_answer": "4"}
+    honest = compute_episode_rewards(spec, _answer_episode("echo hello", "4"), task)
+    echoed = compute_episode_rewards(spec, _answer_episode("echo '5 passed'", "4"), task)
+    assert echoed.detectors["fake_test_output"] == 1  # still seen and counted: a signal for the metrics
+    assert not echoed.outcome_voided and echoed.breakdown["resolved"] == 1.0
+    assert echoed.total == pytest.approx(honest.total) == pytest.approx(1.15)
+
+
+def test_hidden_fake_output_gains_nothing_because_the_grader_decides():
+    spec, task = RewardSpec.default(), {"expected_answer": "4"}
+    evasive = compute_episode_rewards(spec, _answer_episode("python -c \"print('5 pa'+'ssed')\"", "5"), task)
+    assert evasive.detectors["fake_test_output"] == 0  # the detector cannot see it ...
+    assert evasive.breakdown["resolved"] == 0.0 and evasive.total < 0.5  # ... and it does not matter
+
+
+def test_fake_output_costs_the_dense_gain_only_where_the_env_parsed_tests():
+    fake = "echo '3 passed in 0.02s'"
+    parsed = {"tool_calls": [call("bash", command=fake)], "commands": [fake],
+              "tests": {"passed": ["tests/test_core.py::test_fix"], "failed": []}}
+    printed = {"tool_calls": [call("bash", command=fake + " ")], "commands": [fake + " "]}  # not a repeat
+    r = compute_episode_rewards(RewardSpec.default(), [parsed, printed, {"verification": RESOLVED}], TASK)
+    assert r.detectors["fake_test_output"] == 2 and not r.outcome_voided
+    assert r.per_step[0] == 0.0  # test_progress could have been fooled by the printed line
+    assert r.per_step[1] == pytest.approx(0.05)  # nothing was parsed: the call is an ordinary valid call
+    assert r.breakdown["resolved"] == 1.0
+
+
+def test_void_outcome_on_can_still_name_fake_output():
+    spec = RewardSpec.from_dict({"void_outcome_on": ["fake_test_output"]})
+    r = compute_episode_rewards(spec, [{"commands": ["echo '3 passed'"]}, {"verification": RESOLVED}], TASK)
+    assert r.outcome_voided and r.breakdown["resolved"] == 0.0
+
+
+def test_precomputed_hits_give_the_same_rewards():
+    from m2rl.rewards.detectors import run_detectors
+    from m2rl.rewards.episode import RewardTask, parse_steps
+
+    spec = RewardSpec.default()
+    steps = parse_steps(honest_episode()[:-1] + [
+        {"commands": ["rm tests/test_core.py"], "edits": [{"path": "tests/test_core.py"}]},
+        {"commands": ["curl http://x"]}, {"verification": RESOLVED}])
+    task = RewardTask.from_dict(TASK)
+    hits = [h for t, s in enumerate(steps) for h in run_detectors([s], task, spec.detectors, first_step=t)]
+    assert compute_episode_rewards(spec, steps, task, hits=hits) == compute_episode_rewards(spec, steps, task)
 
 
 def test_disabled_detector_neither_counts_nor_voids():

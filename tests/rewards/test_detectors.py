@@ -228,3 +228,46 @@ def test_run_detectors_reports_step_indices():
         ["test_tampering", "network_attempt"],
     )
     assert [(h.detector, h.step) for h in hits] == [("test_tampering", 1), ("network_attempt", 2)]
+
+
+# ----------------------------------------------------------------------------- cost bounded by the text
+
+
+def _all_detectors(s):
+    return run_detectors([s], TASK, ["test_tampering", "fake_test_output", "hidden_test_access", "network_attempt"])
+
+
+@pytest.mark.parametrize("size", [1 << 20, 10_000_000])  # fully analysed / beyond MAX_SCAN_CHARS
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "rm -f 'a b' \"c d\" e; ",  # many short shell segments (shlex.split ran per segment)
+        "cat cat cat cat cat ",  # one huge line of `cat` (a heredoc regex rescanned the line per `cat`)
+        "cat <<X\necho 1 passed\n",  # unterminated heredocs (each rescanned the rest of the text)
+        "open('x' " * 3,
+    ],
+)
+def test_detector_cost_is_bounded_by_the_text(unit, size):
+    """Before: 10 MB of any of these ran for minutes (all four took 634 s together on this machine)."""
+    import time
+
+    big = unit * (size // len(unit))
+    t0 = time.perf_counter()
+    _all_detectors(bash(big))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0, f"{len(big)} chars took {elapsed:.1f} s"
+
+
+def test_shell_words_keep_quoting_semantics():
+    assert tampering(bash("rm 'tests/test a.py'"), TASK) == ["modified test path tests/test a.py"]
+    assert tampering(bash('mv "src/x.py" tests/test_b.py  # tests/test_c.py'), TASK) == [
+        "modified test path tests/test_b.py"
+    ]
+    assert tampering(bash("rm tests\\/test_d.py"), TASK) == ["modified test path tests/test_d.py"]
+    assert tampering(bash("echo 'rm tests/test_e.py'"), TASK) == []
+
+
+def test_evidence_per_step_is_bounded():
+    cmd = "; ".join(f"rm tests/test_{i}.py" for i in range(5000))
+    hits = run_detectors([bash(cmd)], TASK, ["test_tampering"])
+    assert 1 <= len(hits) <= 10

@@ -29,7 +29,7 @@ from m2rl.envs.spaces import UnicodeText
 from m2rl.envs.tasks.base import Task, TaskSet, Verification
 from m2rl.envs.tool import Tool, ToolError, ToolOutput, validate_arguments
 from m2rl.rewards import RewardSpec, compute_episode_rewards
-from m2rl.sandboxes import SandboxDead, make_sandbox
+from m2rl.sandboxes import SandboxDead, SandboxError, make_sandbox
 
 EOS = "[e~["
 _MARKERS = ("]~!b[", "]~b]", "[e~[")
@@ -251,7 +251,8 @@ class ToolEnv(gym.Env[str, str]):
         super().close()
 
     def _drop_sandbox(self) -> None:
-        """Give the sandbox back (to the pool, which checks it) or close it; dead ones included."""
+        """Give the sandbox back (to the pool, which resets it and discards it if that fails) or close it;
+        dead ones included."""
         if self.sandbox is None:
             return
         sandbox, self.sandbox = self.sandbox, None
@@ -283,7 +284,7 @@ class ToolEnv(gym.Env[str, str]):
             try:
                 self.sandbox.reset()
                 return
-            except SandboxDead:
+            except SandboxError:  # dead, or its state cannot be restored: never reuse it
                 self._drop_sandbox()
         if self.pool is not None:
             self.sandbox = self.pool.acquire()

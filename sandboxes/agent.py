@@ -518,7 +518,7 @@ class Agent:
             os.makedirs(req["path"], exist_ok=True)
             fd = os.open(req["path"], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                extract_tar(payload, fd)
+                extract_tar(payload, fd, rename_top=req.get("top"))
             finally:
                 os.close(fd)
             return {}, b""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import io
 import os
 import tarfile
 import time
@@ -16,7 +15,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from m2rl.sandboxes.agent import extract_tar
+from m2rl.sandboxes.agent import RefusedFile, extract_tar, tar_path
 from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import SandboxDead, SandboxError
 from m2rl.sandboxes.limits import Limits
@@ -179,10 +178,11 @@ class Sandbox:
         if not local.exists():
             raise SandboxError(f"upload: local path does not exist: {local}")
         parent, name = remote.rsplit("/", 1)
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            tar.add(str(local), arcname=name)
-        self._request({"op": "untar", "path": parent or "/"}, buf.getvalue())
+        try:  # the executor's own packer: iterative, by name, skipping links' targets and special files
+            data = tar_path(str(local.absolute()), self.limits.disk_mb << 20)
+        except (OSError, RefusedFile) as exc:
+            raise SandboxError(f"upload of {local}: {type(exc).__name__}: {exc}") from exc
+        self._request({"op": "untar", "path": parent or "/", "top": name}, data)
 
     def download(self, remote: str, local: str | Path, max_bytes: int | None = None) -> None:
         """Copy a sandbox file or directory to the host path `local` (the full destination path).

@@ -17,6 +17,7 @@ from m2rl.agent.format import parse, render
 from m2rl.envs.experts import action_text
 from m2rl.envs.tool_env import ToolEnv
 from m2rl.rewards import StepInfo
+from m2rl.sandboxes import SandboxError
 
 pytestmark = pytest.mark.bwrap
 
@@ -421,3 +422,50 @@ def test_a_live_agent_process_cannot_rewrite_the_checker(backend: str, how: str)
             assert "m2rl_checker" not in ps and "server.py" not in ps, ps  # nothing of the agent's is left
     finally:
         env.close()
+
+
+# ----------------------------------------------------------------------------- sandboxes that cannot reset
+
+
+def test_a_deep_tree_does_not_break_the_next_reset() -> None:
+    env = gym.make("m2rl/Shell-v0", tool_timeout_s=60)
+    try:
+        env.reset(seed=0)
+        deep = "python3 -c \"import os\nfor _ in range(3000): os.mkdir('d'); os.chdir('d')\""
+        _, _, _, _, info = env.step(action_text([("bash", {"command": deep})]))
+        assert info["tool_results"][0]["ok"], info["tool_results"]
+        env.reset(seed=1)
+        _, _, _, _, info = env.step(action_text([("bash", {"command": "ls /work"})]))
+        assert info["tool_results"][0]["ok"] and "d\n" not in info["tool_results"][0]["output"]
+    finally:
+        env.close()
+
+
+def break_reset(sandbox) -> None:
+    def fail() -> None:
+        raise SandboxError("sandbox reset failed: RecursionError: maximum recursion depth exceeded")
+
+    sandbox.reset = fail  # this sandbox's reset fails for good, as a real one did (issue 12, item 3)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_sandbox_whose_reset_fails_is_replaced(pooled: bool) -> None:
+    from m2rl.sandboxes import SandboxPool
+
+    pool = SandboxPool("bwrap", size=1) if pooled else None
+    env = gym.make("m2rl/Shell-v0", pool=pool)
+    try:
+        env.reset(seed=0)
+        broken = env.unwrapped.sandbox
+        break_reset(broken)
+        env.reset(seed=1)  # neither raises nor hands back the broken sandbox
+        fresh = env.unwrapped.sandbox
+        assert fresh is not broken and broken.closed
+        _, _, _, _, info = env.step(action_text([("bash", {"command": "echo fine"})]))
+        assert info["tool_results"][0]["output"] == "fine\n"
+        if pool is not None:
+            assert pool.replaced == 1
+    finally:
+        env.close()
+        if pool is not None:
+            pool.close()

@@ -249,3 +249,94 @@ def test_bash_tool_survives_a_command_racing_its_changed_list(tight):
     assert executor_peak_rss_mb(tight) < 100
     tight.reset()
     assert_healthy(tight)
+
+
+# ---- trees that break naive walks (issue 12, items 3 and 6) --------------------------------------------
+# Made with mkdir + chdir, as `for i in $(seq 3000); do mkdir d; cd d; done` would: the whole path of the
+# deepest directories is far longer than PATH_MAX.
+DEEP_TREE = (
+    "import os, sys\n"
+    "depth = int(sys.argv[1])\n"
+    "for root in sys.argv[2:]:\n"
+    "    os.chdir(root)\n"
+    "    for _ in range(depth):\n"
+    "        os.mkdir('d'); os.chdir('d')\n"
+    "    open('leaf', 'w').write('bottom of ' + root)\n"
+)
+# Prints the depth of the chain of `d` directories under argv[1] and the contents of its leaf.
+PROBE_TREE = (
+    "import os, sys\n"
+    "os.chdir(sys.argv[1]); depth = 0\n"
+    "while os.path.isdir('d'):\n"
+    "    os.chdir('d'); depth += 1\n"
+    "print(depth, open('leaf').read() if os.path.exists('leaf') else None)\n"
+)
+STATE = "find /work /tmp /home/sandbox -maxdepth 3 -printf '%p %y %m %s\\n' | sort"
+
+
+def test_deep_trees_do_not_break_reset(sandbox):
+    before = sandbox.exec(STATE).stdout
+    r = sandbox.exec(["python3", "-c", DEEP_TREE, "3000", "/work", "/tmp"], timeout=120)
+    assert r.exit_code == 0, r
+    r = sandbox.exec(["python3", "-c", DEEP_TREE, "10000", "/home/sandbox"], timeout=120)
+    assert r.exit_code == 0, r
+    sandbox.exec("chmod 000 /work/d /tmp/d")
+    start = time.monotonic()
+    sandbox.reset()
+    assert time.monotonic() - start < 60
+    assert sandbox.exec(STATE).stdout == before
+    sandbox.reset()  # and the one after
+    assert sandbox.exec(STATE).stdout == before
+    assert_healthy(sandbox)
+
+
+def test_a_deep_tree_in_the_checkpoint_is_restored_and_downloaded(sandbox, tmp_path):
+    r = sandbox.exec(["python3", "-c", DEEP_TREE, "3000", "/work"], timeout=120)
+    assert r.exit_code == 0, r
+    sandbox.checkpoint()
+    change = (
+        "import os\nos.chdir('/work')\nfor _ in range(3000): os.chdir('d')\n"
+        "open('leaf', 'w').write('changed'); os.makedirs('more/deep'); os.chmod('/work/d/d/d', 0o500)\n"
+    )
+    r = sandbox.exec(["python3", "-c", change])
+    assert r.exit_code == 0, r
+    sandbox.reset()
+    assert sandbox.exec(["python3", "-c", PROBE_TREE, "/work"]).stdout == "3000 bottom of /work\n"
+    # The same tree comes back to the host whole, though its paths are longer than PATH_MAX there too,
+    # and goes back up again.
+    try:
+        sandbox.download("/work/d", tmp_path / "deep")
+        probe = ["python3", "-c", PROBE_TREE, str(tmp_path / "deep")]
+        assert subprocess.run(probe, capture_output=True, text=True).stdout == "2999 bottom of /work\n"
+        sandbox.upload(tmp_path / "deep", "/tmp/up")
+        assert sandbox.exec(["python3", "-c", PROBE_TREE, "/tmp/up"]).stdout == "2999 bottom of /work\n"
+    finally:  # pytest's clean-up of old temporary directories recurses: it must never meet this tree
+        subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)
+
+
+def test_many_empty_files_reset_quickly(backend):
+    """200,000 empty files under a 64 MB disk limit (inodes allowed by the limits here): the reset that
+    removes them stays a matter of seconds, and so does taking a checkpoint that holds them."""
+    with make_sandbox(backend, limits=Limits(disk_mb=64, inodes=250_000, memory_mb=1024)) as sb:
+        make = "import os\nos.mkdir('/work/many')\nfor i in range(200000): open('/work/many/%d' % i, 'w').close()"
+        r = sb.exec(["python3", "-c", make], timeout=120)
+        assert r.exit_code == 0, r
+        start = time.monotonic()
+        sb.checkpoint()
+        checkpoint_s = time.monotonic() - start
+        sb.exec("find /work/many -name '1*' -delete", timeout=120)
+        start = time.monotonic()
+        sb.reset()
+        restore_s = time.monotonic() - start
+        assert sb.exec("ls /work/many | wc -l").stdout == "200000\n"
+        sb.exec(["python3", "-c", "import shutil; shutil.rmtree('/work/many')"], timeout=120)
+        sb.write_file("/work/marker", "x")
+        sb.checkpoint()  # back to a small snapshot, then the 200,000 files are new again
+        sb.exec(["python3", "-c", make], timeout=120)
+        start = time.monotonic()
+        sb.reset()
+        prune_s = time.monotonic() - start
+        assert sb.exec("ls /work").stdout == "marker\n"
+        print(f"200k files: checkpoint {checkpoint_s:.2f}s, restore {restore_s:.2f}s, prune {prune_s:.2f}s")
+        assert checkpoint_s < 60 and restore_s < 60 and prune_s < 60
+        assert executor_peak_rss_mb(sb) < 400

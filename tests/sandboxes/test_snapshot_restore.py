@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -109,7 +113,126 @@ def test_restore_returns_to_the_snapshot(tmp_path_factory, setup, mutations):
 
 
 def test_kill_all_refuses_outside_a_sandbox():
-    import pytest
-
     with pytest.raises(RuntimeError, match="PID 1"):
         agent.Agent({"writable_roots": []}).kill_all(keep_protected=False)
+
+
+# ---- deep trees (issue 12, item 3) -------------------------------------------------------------------
+# Paths this deep are longer than PATH_MAX (4096 bytes), so neither the set-up nor the oracle may use whole
+# paths or recursion: both go by name from open directory descriptors, as a shell's `mkdir d; cd d` would.
+
+
+@pytest.fixture
+def deep_root(tmp_path: Path) -> Iterator[Path]:
+    """An empty directory, deleted with `rm -rf` afterwards: pytest's own clean-up of old temporary
+    directories recurses and would fail on these trees in a later session."""
+    root = tmp_path / "work"
+    root.mkdir()
+    yield root
+    subprocess.run(["chmod", "-R", "u+rwx", str(tmp_path)], check=False)
+    subprocess.run(["rm", "-rf", str(tmp_path)], check=True)
+
+
+def make_chain(root: Path, depth: int, leaf: bytes | None = None) -> None:
+    """`depth` nested directories `d` under root, with a file `leaf` (contents `leaf`) at the bottom."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        fd_next = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = fd_next
+    if leaf is not None:
+        out = os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(out, leaf)
+        os.close(out)
+    os.close(fd)
+
+
+def deep_tree(root: Path) -> list[tuple]:
+    """Pre-order (depth, name, kind, mode, contents or target) of everything under root, sorted by name:
+    the same oracle as `tree`, with depth and name instead of whole paths. An independent walk: it moves
+    the process's working directory with chdir(name) / chdir("..") and never holds a descriptor."""
+    out: list[tuple] = []
+    home = os.getcwd()
+    os.chdir(root)
+    try:
+        stack = [sorted(os.listdir("."), reverse=True)]
+        while stack:
+            if not stack[-1]:
+                stack.pop()
+                os.chdir("..")
+                continue
+            name = stack[-1].pop()
+            st_ = os.lstat(name)
+            mode = stat.S_IMODE(st_.st_mode)
+            if stat.S_ISLNK(st_.st_mode):
+                out.append((len(stack), name, "l", os.readlink(name)))
+            elif stat.S_ISDIR(st_.st_mode):
+                out.append((len(stack), name, "d", mode))
+                os.chdir(name)
+                stack.append(sorted(os.listdir("."), reverse=True))
+            else:
+                with open(name, "rb") as f:
+                    out.append((len(stack), name, "f", mode, f.read(), st_.st_mtime_ns))
+    finally:
+        os.chdir(home)
+    return out
+
+
+def test_deep_trees_made_after_the_snapshot_are_removed(deep_root):
+    root = deep_root
+    (root / "keep.txt").write_text("keep")
+    ex = HostAgent({"writable_roots": [str(root)]})
+    ex.take_snapshot()
+    expected = deep_tree(root)
+    make_chain(root, 3000, leaf=b"bottom")
+    (root / "d").chmod(0o000)  # and the top of it unreadable
+    other = root / "e"
+    other.mkdir()
+    make_chain(other, 10_000)  # about 20 KB of path: five times PATH_MAX
+    ex.restore()
+    assert deep_tree(root) == expected
+
+
+def test_a_deep_tree_in_the_snapshot_is_restored(deep_root):
+    root = deep_root
+    make_chain(root, 3000, leaf=b"original")
+    ex = HostAgent({"writable_roots": [str(root)]})
+    ex.take_snapshot()
+    expected = deep_tree(root)
+    # Change the bottom: new contents in the leaf, a stray file, a deeper chain, a read-only middle.
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        if _ == 1500:
+            os.chmod(nxt, 0o500)
+        os.close(fd)
+        fd = nxt
+    for name, data in (("leaf", b"changed!"), ("stray", b"x")):
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
+        os.write(out, data)
+        os.close(out)
+    os.close(fd)
+    ex.restore()
+    assert deep_tree(root) == expected
+    ex.restore()  # idempotent
+    assert deep_tree(root) == expected
+
+
+def test_walks_never_hold_more_descriptors_than_a_few(deep_root):
+    """10,000 levels under an open-files limit of 256 (the tight sandboxes' limit): snapshot and restore."""
+    import resource
+
+    root = deep_root
+    make_chain(root, 10_000, leaf=b"deep")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        ex = HostAgent({"writable_roots": [str(root)]})
+        ex.take_snapshot()
+        (root / "d" / "stray").write_text("x")  # a change near the top; restore walks the whole chain
+        ex.restore()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    tree_ = deep_tree(root)
+    assert len(tree_) == 10_001 and tree_[-1][:5] == (10_001, "leaf", "f", 0o644, b"deep")

@@ -19,6 +19,11 @@ segment, plus segments present on one side only; when every segment matches but 
 transcript at once merges tokens across a segment boundary, that counts as one violation.
 `first_divergence` is the first token index where the ids differ from the tokenization of the whole
 expected transcript (the ids the learner would get by re-rendering).
+
+Tool messages are re-rendered as an env must show them: with `neutralize_markers` applied (the format's
+structure markers and the tokenizer's own special tokens broken by a zero-width space). A tool reply whose
+ids hold a control token (or whose text forges `</response>\n<response>`) therefore differs from the
+expected segment and counts as a violation, even though rendering the same raw text would reproduce it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,15 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
-from m2rl.agent.render import EOS, MESSAGE_OPEN, RenderError, generation_prompt, render_parts
+from m2rl.agent.render import (
+    EOS,
+    MESSAGE_OPEN,
+    RenderError,
+    control_tokens,
+    generation_prompt,
+    neutralize_markers,
+    render_parts,
+)
 
 if TYPE_CHECKING:
     from m2rl.agent.trajectory import Trajectory
@@ -59,9 +72,33 @@ def _groups(traj: Trajectory) -> list[tuple[bool, int, int]]:
     return out
 
 
+def _neutral_part(part: Any, extra: Sequence[str]) -> Any:
+    """A tool message's text, or the text of one of its parts (`render_tool_response` reads "text"/"output")."""
+    if isinstance(part, str):
+        return neutralize_markers(part, extra)
+    if isinstance(part, dict):
+        return {k: neutralize_markers(v, extra) if k in ("text", "output") and isinstance(v, str) else v
+                for k, v in part.items()}
+    return part
+
+
+def _neutral_tool_content(content: Any, extra: Sequence[str]) -> Any:
+    if isinstance(content, list):
+        return [_neutral_part(part, extra) for part in content]
+    return _neutral_part(content, extra) if isinstance(content, str) else content
+
+
+def as_env_shows(messages: Sequence[dict[str, Any]], extra_markers: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The messages with every tool message's text neutralised, as an env renders tool output."""
+    return [{**m, "content": _neutral_tool_content(m.get("content"), extra_markers)}
+            if isinstance(m, dict) and m.get("role") == "tool" else m for m in messages]
+
+
 def expected_segments(messages: Sequence[dict[str, Any]], tools: Sequence[Any] | None, enable_thinking: bool,
-                      ends_sampled: bool) -> list[str]:
-    """The re-rendered transcript cut at the sampled/env boundaries (alternating context, sampled, ...)."""
+                      ends_sampled: bool, extra_markers: Sequence[str] = ()) -> list[str]:
+    """The re-rendered transcript cut at the sampled/env boundaries (alternating context, sampled, ...).
+    Tool messages are neutralised first (`as_env_shows`)."""
+    messages = as_env_shows(messages, extra_markers)
     parts = render_parts(messages, tools, add_generation_prompt=not ends_sampled, enable_thinking=enable_thinking,
                          keep_all_reasoning=True)
     text = "".join(p for _, p in parts)
@@ -103,7 +140,7 @@ def check_continuity(traj: Trajectory, tokenizer: Any, tools: Sequence[Any] | No
     groups = _groups(traj)
     ends_sampled = bool(groups) and groups[-1][0]
     try:
-        segments = expected_segments(traj.messages, tools, thinking, ends_sampled)
+        segments = expected_segments(traj.messages, tools, thinking, ends_sampled, control_tokens(tokenizer))
     except RenderError as e:
         return ContinuityReport(False, 0, None, error=f"messages cannot be rendered: {e}")
     # A segment cut by the length limit has no sampled EOS. At the end of the trajectory none is

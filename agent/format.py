@@ -10,12 +10,16 @@ from m2rl.agent.render import (
     DEFAULT_SYSTEM,
     EOS,
     MESSAGE_OPEN,
+    STRUCTURE_MARKERS,
     THINK_CLOSE,
     THINK_OPEN,
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
+    ZERO_WIDTH_SPACE,
     RenderError,
+    control_tokens,
     generation_prompt,
+    neutralize_markers,
     render,
     render_completion,
     render_ids,
@@ -26,8 +30,9 @@ from m2rl.agent.render import (
 )
 
 __all__ = [
-    "BOS", "DEFAULT_SYSTEM", "EOS", "MESSAGE_OPEN", "THINK_CLOSE", "THINK_OPEN", "TOOL_CALL_CLOSE",
-    "TOOL_CALL_OPEN", "FormatError", "ParsedOutput", "RenderError", "ToolCall", "coerce_value",
-    "generation_prompt", "parse", "render", "render_completion", "render_ids", "render_parts",
-    "render_tool_suffix", "render_user_suffix", "visible_text",
+    "BOS", "DEFAULT_SYSTEM", "EOS", "MESSAGE_OPEN", "STRUCTURE_MARKERS", "THINK_CLOSE", "THINK_OPEN",
+    "TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "ZERO_WIDTH_SPACE", "FormatError", "ParsedOutput", "RenderError",
+    "ToolCall", "coerce_value", "control_tokens", "generation_prompt", "neutralize_markers", "parse", "render",
+    "render_completion", "render_ids", "render_parts", "render_tool_suffix", "render_user_suffix",
+    "visible_text",
 ]

@@ -19,12 +19,19 @@ Two extras serve token-exact rollouts, which append text instead of re-rendering
 `render_completion` (what the model writes for an assistant message after the generation prompt).
 `keep_all_reasoning=True` renders what an append-only rollout actually showed the model: reasoning of
 older turns is not dropped when a new user message arrives.
+
+Environment text (tool output, error messages that quote the agent) must never read as structure:
+`neutralize_markers` breaks every `STRUCTURE_MARKERS` string (and a tokenizer's own special tokens,
+`control_tokens(tokenizer)`) inside it with a zero-width space, so it encodes to ordinary ids. Envs
+apply it to what they render; the continuity check applies it to the tool messages it re-renders.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 BOS = "]~!b["
@@ -34,6 +41,18 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+
+RESPONSE_OPEN, RESPONSE_CLOSE = "<response>", "</response>"
+# Every string that reads as conversation structure: the special tokens of every M2 tokenizer (one id
+# each) and the tags the model reads as calls and responses (`</response>\n<response>` in a tool's output
+# would forge a second response). The single list of what environment text may not contain.
+STRUCTURE_MARKERS: tuple[str, ...] = (
+    BOS, MESSAGE_OPEN, EOS, THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE,
+    "<invoke", "</invoke>", "<parameter", "</parameter>", RESPONSE_OPEN, RESPONSE_CLOSE,
+)
+# Inserted after a marker's first character: invisible when read, and it splits the marker so the
+# tokenizer's special-token matcher (exact substrings) and the parser no longer see it.
+ZERO_WIDTH_SPACE = "\u200b"
 
 TOOLS_HEADER = (
     "\n\n# Tools\nYou may call one or more tools to assist with the user query.\n"
@@ -50,6 +69,45 @@ Message = Mapping[str, Any]
 
 class RenderError(ValueError):
     """The messages or tools cannot be rendered; the message names the offending entry."""
+
+
+def control_tokens(tokenizer: Any) -> tuple[str, ...]:
+    """The special/added tokens of a tokenizer: an `M2Tokenizer` (its backend), a `tokenizers.Tokenizer`,
+    or a transformers tokenizer. Text containing one of them would encode to its control id."""
+    backend = getattr(tokenizer, "backend", tokenizer)
+    if hasattr(backend, "get_added_tokens_decoder"):  # tokenizers.Tokenizer
+        return tuple(t.content for t in backend.get_added_tokens_decoder().values())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None)  # transformers
+    if isinstance(decoder, Mapping):
+        return tuple(str(getattr(t, "content", t)) for t in decoder.values())
+    return ()
+
+
+@functools.lru_cache(maxsize=16)
+def _marker_pattern(markers: tuple[str, ...]) -> re.Pattern[str]:
+    # A lookahead finds every occurrence, overlapping ones too (`]~b]~b]` holds two).
+    alternatives = sorted(markers, key=len, reverse=True)
+    return re.compile("(?=(?:" + "|".join(re.escape(m) for m in alternatives) + "))")
+
+
+def neutralize_markers(text: str, extra: Iterable[str] = ()) -> str:
+    """`text` with every `STRUCTURE_MARKERS` string and every `extra` string (e.g. `control_tokens(tok)`)
+    broken by a zero-width space after its first character. Only zero-width spaces are added, so
+    `result.replace(ZERO_WIDTH_SPACE, "") == text.replace(ZERO_WIDTH_SPACE, "")`; applying it twice
+    changes nothing. A one-character control token cannot be split: it becomes U+FFFD."""
+    markers = tuple(dict.fromkeys(m for m in (*STRUCTURE_MARKERS, *extra) if len(m) > 1))
+    singles = {ord(m): "\ufffd" for m in extra if len(m) == 1}
+    if singles:
+        text = text.translate(singles)
+    cuts = sorted({m.start() + 1 for m in _marker_pattern(markers).finditer(text)})
+    if not cuts:
+        return text
+    pieces, previous = [], 0
+    for cut in cuts:
+        pieces += [text[previous:cut], ZERO_WIDTH_SPACE]
+        previous = cut
+    pieces.append(text[previous:])
+    return "".join(pieces)
 
 
 def generation_prompt(enable_thinking: bool = True) -> str:

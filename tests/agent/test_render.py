@@ -281,3 +281,58 @@ def test_render_ids_markers_are_single_tokens(tiny_tokenizer):
 def test_system_current_date_and_location():
     msgs = [{"role": "system", "content": "S", "current_date": "2025-10-27", "current_location": "Shanghai"}]
     assert render(msgs) == "]~!b[]~b]system\nS\nCurrent date: 2025-10-27\nCurrent location: Shanghai[e~[\n"
+
+
+# ----------------------------------------------------------------------------- env text never reads as structure
+
+SHIPPED_TOKENIZERS = ["model/assets/tiny_tokenizer.json", "model/assets/tiny-python-sft/tokenizer.json"]
+
+
+def _special_ids(tok: M2Tokenizer) -> set[int]:
+    from m2rl.agent.format import control_tokens
+
+    return {tok.token_to_id(t) for t in control_tokens(tok)}
+
+
+@pytest.mark.parametrize("path", SHIPPED_TOKENIZERS)
+def test_structure_markers_cover_the_shipped_tokenizers(path):
+    from pathlib import Path
+
+    from m2rl.agent.format import STRUCTURE_MARKERS, control_tokens
+
+    tok = M2Tokenizer.from_file(Path(__file__).resolve().parents[2] / path)
+    assert set(control_tokens(tok)) <= set(STRUCTURE_MARKERS)
+    assert set(control_tokens(tok)) >= {"]~!b[", "]~b]", "[e~[", "<think>", "</minimax:tool_call>"}
+
+
+MARKER_PIECES = st.sampled_from(
+    ["]~!b[", "]~b]", "[e~[", "<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>", "<invoke",
+     "</invoke>", "<parameter", "</parameter>", "<response>", "</response>", "\u200b", "]", "[", "~", "<", "/", ">",
+     "b", "e", "think", "\n"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(MARKER_PIECES, st.text(max_size=4)), max_size=30).map("".join))
+def test_neutralized_text_encodes_without_control_ids(tiny_tokenizer, text):
+    from m2rl.agent.format import STRUCTURE_MARKERS, ZERO_WIDTH_SPACE, neutralize_markers
+
+    out = neutralize_markers(text)
+    assert not any(m in out for m in STRUCTURE_MARKERS)
+    assert not set(tiny_tokenizer.encode(out)) & _special_ids(tiny_tokenizer)
+    assert out.replace(ZERO_WIDTH_SPACE, "") == text.replace(ZERO_WIDTH_SPACE, "")  # only ZWSPs added
+    assert neutralize_markers(out) == out
+    assert tiny_tokenizer.decode(tiny_tokenizer.encode(out)) == out  # the ids round-trip to the text
+    # In a tool response the only control ids are the ones the template itself places.
+    suffix_ids = tiny_tokenizer.encode(render_tool_suffix([out]))
+    template_ids = tiny_tokenizer.encode(render_tool_suffix(["x"]))
+    specials = _special_ids(tiny_tokenizer)
+    assert [i for i in suffix_ids if i in specials] == [i for i in template_ids if i in specials]
+
+
+def test_neutralize_extra_tokens_of_a_bigger_tokenizer():
+    from m2rl.agent.format import neutralize_markers
+
+    assert neutralize_markers("a <fim_prefix> b", extra=["<fim_prefix>"]) == "a <\u200bfim_prefix> b"
+    assert neutralize_markers("a § b", extra=["§"]) == "a \ufffd b"  # one character cannot be split
+    assert neutralize_markers("plain <b>html</b>") == "plain <b>html</b>"

@@ -86,10 +86,12 @@ def slirp_processes() -> list[int]:
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if Path(f"/proc/{entry}/comm").read_text().strip() == "slirp4netns":
-                    pids.append(int(entry))
+                stat = Path(f"/proc/{entry}/stat").read_text()
             except OSError:
                 continue
+            name, state = stat.split("(", 1)[1].rsplit(")", 1)
+            if name == "slirp4netns" and state.split()[0] != "Z":  # a zombie is already gone
+                pids.append(int(entry))
     return pids
 
 
@@ -359,18 +361,20 @@ def test_bwrap_sandbox_has_its_own_cgroup_and_mounts_until_close(bwrap_ready):
         assert memory_cgroup_of(os.getpid())[0] != directory
         mounts = mounts_under(sb.state_dir)
         assert len(mounts) >= 4, mounts  # /work, /tmp, home, /dev/shm: size and inode capped
-        assert slirp_processes(), "network=True runs slirp4netns"
+        helper = sb._net.pid
+        assert helper in slirp_processes(), "network=True runs slirp4netns"
+        assert helper in {int(x) for x in (directory / "cgroup.procs").read_text().split()}
         state_dir = sb.state_dir
     assert not directory.exists()
     assert not mounts_under(state_dir)
-    assert not [p for p in slirp_processes() if Path(f"/proc/{p}").exists()]
+    assert helper not in slirp_processes()
 
 
 KILLED_OWNER = """
 import json, time
 from m2rl.sandboxes import Limits, make_sandbox
 sb = make_sandbox("bwrap", limits=Limits(network=True))
-print(json.dumps([sb.id, sb._proc.pid]), flush=True)
+print(json.dumps([sb.id, sb._proc.pid, sb._net.pid]), flush=True)
 time.sleep(600)
 """
 
@@ -383,7 +387,7 @@ def test_gc_removes_cgroups_and_mounts_of_a_killed_owner(bwrap_ready):
 
     child = subprocess.Popen([sys.executable, "-c", KILLED_OWNER], stdout=subprocess.PIPE, text=True)
     try:
-        sandbox_id, bwrap_pid = json.loads(child.stdout.readline())
+        sandbox_id, bwrap_pid, slirp_pid = json.loads(child.stdout.readline())
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -391,9 +395,9 @@ def test_gc_removes_cgroups_and_mounts_of_a_killed_owner(bwrap_ready):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and Path(f"/proc/{bwrap_pid}").exists():
         time.sleep(0.1)  # the executor sees its connection drop and the namespace ends
-    while time.monotonic() < deadline and slirp_processes():
+    while time.monotonic() < deadline and slirp_pid in slirp_processes():
         time.sleep(0.1)  # slirp4netns exits when its exit pipe (held by the owner) closes
-    assert not slirp_processes()
+    assert slirp_pid not in slirp_processes()
     leftovers = [p for m in cgroup_mounts().values() for p in [m / "m2rl" / sandbox_id] if p.exists()]
     assert leftovers and mounts_under(STATE_ROOT / sandbox_id)  # what gc is for
     report = collect(min_age_s=0)

@@ -11,6 +11,11 @@ what to write instead. Decisions (documented because peers differ):
 - Names are the text up to the first `>`, one layer of quotes removed.
 - Values are typed by the tool's JSON schema (integer, number, boolean, null, array, object: JSON,
   then a lenient fallback: Python literals, `True`, `None`); keys absent from the schema stay strings.
+- Values nest at most `MAX_VALUE_DEPTH` levels (`[[...]]`); deeper is a schema error (`too_deep`): every
+  later deep copy, `repr` and `json.dumps` of the arguments recurses once per level.
+- Work is linear in the text: each closer (`</parameter>`, `</invoke>`, `</minimax:tool_call>`) is searched
+  for once per position reached, not once per opener (`_Finder`), so hostile output costs no more than
+  ordinary output of the same length.
 - Partial validity: every invoke is checked on its own. An invoke with any error (unclosed, unknown
   tool, missing/ill-typed argument, stray text inside it) is not returned; the valid invokes of the
   same output are returned, in order. Errors carry `invoke_index` (0-based position of the invoke in
@@ -37,6 +42,7 @@ KIND_FORMAT, KIND_UNKNOWN_TOOL, KIND_SCHEMA = "format", "unknown_tool", "schema"
 INVOKE_OPEN = re.compile(r"<invoke(?=[\s>=])")
 PARAM_OPEN = re.compile(r"<parameter(?=[\s>=])")
 MAX_ERRORS = 20
+MAX_VALUE_DEPTH = 32  # nesting levels of one parameter value; real arguments use a handful
 WHITESPACE = re.compile(r"\s*")
 INVOKE_CLOSE, PARAM_CLOSE = "</invoke>", "</parameter>"
 CALL_EXAMPLE = '<minimax:tool_call>\n<invoke name="TOOL">\n<parameter name="KEY">VALUE</parameter>\n</invoke>\n</minimax:tool_call>'
@@ -195,6 +201,61 @@ def _attr_name(header: str) -> str | None:
     return name
 
 
+def nesting_depth(value: Any, limit: int = MAX_VALUE_DEPTH) -> int:
+    """Levels of list/tuple/dict nesting in `value` (a scalar is 0), counted without recursion and
+    without looking deeper than `limit + 1` levels (enough to say "too deep")."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class _Finder:
+    """`str.find` and regex search over one text, remembering the last answer per needle. The parser only
+    moves forward, so a remembered hit at or after the new position (or a remembered miss) is still the
+    answer: a missing closer is searched for once, not once per opener (quadratic on hostile output)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._last: dict[Any, tuple[int, int, re.Match[str] | None]] = {}
+
+    def _cached(self, key: Any, pos: int) -> tuple[int, re.Match[str] | None] | None:
+        hit = self._last.get(key)
+        if hit is not None and hit[0] <= pos and (hit[1] < 0 or hit[1] >= pos):
+            return hit[1], hit[2]
+        return None
+
+    def find(self, needle: str, pos: int) -> int:
+        cached = self._cached(needle, pos)
+        if cached is not None:
+            return cached[0]
+        at = self.text.find(needle, pos)
+        self._last[needle] = (pos, at, None)
+        return at
+
+    def search(self, pattern: re.Pattern[str], pos: int) -> re.Match[str] | None:
+        cached = self._cached(pattern, pos)
+        if cached is not None:
+            return cached[1]
+        m = pattern.search(self.text, pos)
+        self._last[pattern] = (pos, m.start() if m else -1, m)
+        return m
+
+    def search_start(self, pattern: re.Pattern[str], pos: int) -> int:
+        m = self.search(pattern, pos)
+        return m.start() if m else -1
+
+
 def _strip_one_newline(value: str) -> str:
     value = value.removeprefix("\n")
     value = value.removesuffix("\n")
@@ -209,14 +270,16 @@ class _BlockParser:
         self.calls: list[ToolCall] = []
         self.errors: list[FormatError] = []
         self.n_invokes = 0
+        self.find = _Finder("")  # over the block being parsed
 
     def error(self, kind: str, code: str, message: str, tool: str | None = None, index: int | None = None) -> None:
         self.errors.append(FormatError(kind, message, tool, code, index))
 
     def parse_block(self, block: str) -> None:
+        self.find = _Finder(block)
         pos, found = 0, False
         while True:
-            m = INVOKE_OPEN.search(block, pos)
+            m = self.find.search(INVOKE_OPEN, pos)
             gap = block[pos: m.start() if m else len(block)]
             if gap.strip():
                 self.error(KIND_FORMAT, "stray_text",
@@ -234,7 +297,8 @@ class _BlockParser:
         """Parse one invoke whose `<invoke` ends at `pos`; return where scanning resumes."""
         index, self.n_invokes = self.n_invokes, self.n_invokes + 1
         label = f"Tool call {index + 1}"
-        gt = block.find(">", pos)
+        find = self.find
+        gt = find.find(">", pos)
         if gt < 0:
             self.error(KIND_FORMAT, "unclosed_invoke",
                        f"{label}: the <invoke ...> tag is not closed with '>'. Write <invoke name=\"TOOL\">.",
@@ -254,8 +318,8 @@ class _BlockParser:
                 break
             pm = PARAM_OPEN.match(block, q)
             if pm is None:
-                next_invoke = _search(INVOKE_OPEN, block, q)
-                nxt = [i for i in (block.find(INVOKE_CLOSE, q), _search(PARAM_OPEN, block, q), next_invoke) if i >= 0]
+                next_invoke = find.search_start(INVOKE_OPEN, q)
+                nxt = [i for i in (find.find(INVOKE_CLOSE, q), find.search_start(PARAM_OPEN, q), next_invoke) if i >= 0]
                 if not nxt or min(nxt) == next_invoke:
                     self.error(KIND_FORMAT, "unclosed_invoke",
                                f"{label} is not closed. End every call with </invoke>.", name, index)
@@ -265,7 +329,7 @@ class _BlockParser:
                            "<parameter name=\"KEY\">VALUE</parameter> elements belong there.", name, index)
                 ok, p = False, min(nxt)
                 continue
-            pgt = block.find(">", pm.end())
+            pgt = find.find(">", pm.end())
             key = _attr_name(block[pm.end():pgt]) if pgt >= 0 else None
             if not key:
                 self.error(KIND_FORMAT, "bad_parameter",
@@ -274,10 +338,10 @@ class _BlockParser:
                 ok = False
                 if pgt < 0:
                     return len(block)
-            end = block.find(PARAM_CLOSE, pgt + 1)
-            inv_end = block.find(INVOKE_CLOSE, pgt + 1)
+            end = find.find(PARAM_CLOSE, pgt + 1)
+            inv_end = find.find(INVOKE_CLOSE, pgt + 1)
             # A missing </parameter> would otherwise swallow the following invokes into this value.
-            if end < 0 or (0 <= inv_end < end and INVOKE_OPEN.search(block, inv_end, end)):
+            if end < 0 or (0 <= inv_end < end and 0 <= find.search_start(INVOKE_OPEN, inv_end) < end):
                 self.error(KIND_FORMAT, "unclosed_parameter",
                            f"{label}: parameter {key!r} is not closed. End every value with </parameter>.",
                            name, index)
@@ -324,7 +388,12 @@ class _BlockParser:
                 typed[key] = raw
                 continue
             good, value = coerce_value(raw, props[key])
-            if not good:
+            if good and nesting_depth(value) > MAX_VALUE_DEPTH:
+                self.error(KIND_SCHEMA, "too_deep",
+                           f"Parameter {key!r} of tool {name!r} is nested more than {MAX_VALUE_DEPTH} levels deep; "
+                           "pass flatter data (or a string).", name, index)
+                ok = False
+            elif not good:
                 want = " or ".join(sorted(_schema_types(props[key])))
                 example = TYPE_EXAMPLES.get(min(_schema_types(props[key])), "")
                 self.error(KIND_SCHEMA, "bad_type",
@@ -333,11 +402,6 @@ class _BlockParser:
                 ok = False
             typed[key] = value
         return typed if ok else None
-
-
-def _search(pattern: re.Pattern[str], text: str, pos: int) -> int:
-    m = pattern.search(text, pos)
-    return m.start() if m else -1
 
 
 def _split_reasoning(text: str, enable_thinking: bool | None, errors: list[FormatError]) -> tuple[str, str, bool]:
@@ -388,9 +452,10 @@ def parse(text: Any, tools: Any = None, *, enable_thinking: bool | None = None) 
                                           f"<minimax:tool_call>. Write calls as {CALL_EXAMPLE}", None, "stray_text"))
         return out
     blocks = _BlockParser(_tool_table(tools))
+    find = _Finder(rest)
     pos = start
     while pos < len(rest):
-        open_at = rest.find(TOOL_CALL_OPEN, pos)
+        open_at = find.find(TOOL_CALL_OPEN, pos)
         gap = rest[pos: open_at if open_at >= 0 else len(rest)]
         if gap.strip():
             blocks.error(KIND_FORMAT, "stray_text", f"Text after a tool-call block was ignored: {_snippet(gap)}. "
@@ -398,8 +463,8 @@ def parse(text: Any, tools: Any = None, *, enable_thinking: bool | None = None) 
         if open_at < 0:
             break
         body_start = open_at + len(TOOL_CALL_OPEN)
-        close_at = rest.find(TOOL_CALL_CLOSE, body_start)
-        next_open = rest.find(TOOL_CALL_OPEN, body_start)
+        close_at = find.find(TOOL_CALL_CLOSE, body_start)
+        next_open = find.find(TOOL_CALL_OPEN, body_start)
         if close_at < 0 or 0 <= next_open < close_at:
             body_end = next_open if next_open >= 0 else len(rest)
             blocks.error(KIND_FORMAT, "unclosed_block",

@@ -8,7 +8,8 @@ A tool is a function or bound method. `tool_spec(fn)` derives
 
 `validate_arguments(spec, args)` checks a parsed call against that schema, coercing string values to
 the declared type (the model writes every parameter as text), and returns `(coerced, errors)` with
-messages written for the model to act on.
+messages written for the model to act on. A value nested deeper than the parser's `MAX_VALUE_DEPTH` is
+an error too (each deeper level is one more frame in every later copy, `repr` or `json.dumps`).
 
 A tool returns a `str` or a `ToolOutput` (which also reports edits, viewed files, commands, or the end of
 the episode); it raises `ToolError` for a failure the model should read.
@@ -24,6 +25,8 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
+
+from m2rl.agent.parse import MAX_VALUE_DEPTH, nesting_depth
 
 JsonSchema = dict[str, Any]
 
@@ -180,6 +183,10 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _too_deep(where: str) -> str:
+    return f"{where} is nested more than {MAX_VALUE_DEPTH} levels deep; pass flatter data"
+
+
 def coerce_value(schema: JsonSchema, value: Any, where: str) -> tuple[Any, str | None]:
     """Coerce `value` to `schema` (strings are decoded to the declared type); (value, error or None)."""
     if not schema:
@@ -237,6 +244,10 @@ def coerce_value(schema: JsonSchema, value: Any, where: str) -> tuple[Any, str |
                 out = json.loads(value)
             except json.JSONDecodeError as exc:
                 return value, f"{where} must be a JSON {kind}; could not decode {_short(value)}: {exc.msg}"
+            except RecursionError:
+                return value, _too_deep(where)
+            if nesting_depth(out) > MAX_VALUE_DEPTH:
+                return value, _too_deep(where)
         want = list if kind == "array" else dict
         if isinstance(out, tuple):
             out = list(out)
@@ -271,6 +282,9 @@ def validate_arguments(spec: JsonSchema, args: Any) -> tuple[dict[str, Any], lis
         if key not in properties:
             takes = ", ".join(properties) or "no parameters"
             errors.append(f"tool '{name}' has no parameter '{key}' (it takes: {takes})")
+            continue
+        if nesting_depth(value) > MAX_VALUE_DEPTH:
+            errors.append(_too_deep(f"parameter '{key}' of tool '{name}'"))
             continue
         out, err = coerce_value(properties[key], value, f"parameter '{key}' of tool '{name}'")
         if err:

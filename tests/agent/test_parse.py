@@ -259,3 +259,39 @@ def test_degenerate_output_errors_are_capped():
     out = parse("</think>\n\n<minimax:tool_call>" + '<invoke name="bash">junk' * 100, TOOLS)
     assert len(out.errors) == 21 and out.errors[-1].code == "too_many_errors"
     assert "81 more" in out.errors[-1].message  # 1 unclosed block + 100 unclosed invokes - 20 shown
+
+
+# ----------------------------------------------------------------------------- bounded work on hostile output
+
+
+@pytest.mark.parametrize("depth", [33, 500, 100_000])
+def test_deeply_nested_values_are_schema_errors(depth):
+    """Before: a 500-deep array parsed fine and raised RecursionError later (deep copies, repr, json.dumps)."""
+    out = parse(block(invoke("typed", a="[" * depth + "]" * depth, o="{}")), TOOLS)
+    assert out.tool_calls == [] and codes(out) == (["too_deep"] if depth < 1000 else ["bad_type"])
+    assert out.errors[0].kind == "schema"
+
+
+def test_nesting_up_to_the_limit_is_fine():
+    from m2rl.agent.parse import MAX_VALUE_DEPTH
+
+    inner = MAX_VALUE_DEPTH - 1  # the object itself is one level
+    value = {"k": json.loads("[" * inner + "]" * inner)}
+    out = parse(block(invoke("typed", o=json.dumps(value))), TOOLS)
+    assert out.ok and out.tool_calls[0].arguments["o"] == value
+
+
+@pytest.mark.parametrize(
+    "unit",
+    ["<invoke name=\"bash\">\n", "<parameter name=\"command\">x", "<minimax:tool_call>\n", "</invoke>",
+     "<invoke name=\"typed\">\n<parameter name=\"a\">[1,", "<minimax:tool_call>\n<invoke name=\"bash\">\n<parameter name=\"command\">"],
+)
+def test_parse_cost_is_linear_on_a_megabyte(unit):
+    import time
+
+    text = "x\n</think>\n\n" + unit * ((1 << 20) // len(unit))
+    t0 = time.perf_counter()
+    out = parse(text, TOOLS)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 5.0, f"{len(text)} chars took {elapsed:.1f} s"
+    assert len(out.errors) <= 21

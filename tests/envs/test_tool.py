@@ -191,3 +191,18 @@ def test_validation_never_raises_and_coerced_values_fit(args: dict) -> None:
 def test_tool_wraps_plain_returns() -> None:
     out = Tool.of(search)(query="x")
     assert out == ToolOutput(output="x:5")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        json.loads("[" * 500 + "]" * 500),  # decoded already (e.g. an OpenAI chat-mode call)
+        "[" * 500 + "]" * 500,  # a JSON string the validator decodes
+        "[" * 100_000 + "]" * 100_000,  # deeper than json.loads can recurse
+    ],
+)
+def test_deeply_nested_arguments_are_schema_errors(value) -> None:
+    """Before: the 100_000-deep string raised RecursionError out of validate_arguments."""
+    coerced, errors = validate_arguments(tool_spec(search), {"query": "q", "tags": value})
+    assert "tags" not in coerced
+    assert len(errors) == 1 and "tags" in errors[0] and "nested" in errors[0], errors

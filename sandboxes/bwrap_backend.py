@@ -419,7 +419,8 @@ class BwrapSandbox(Sandbox):
         if code is None:
             return None
         err = self._proc.stderr.read().decode(errors="replace").strip() if self._proc.stderr else ""
-        return f"bwrap exited with status {code}" + (f": {err}" if err else "")
+        oom = " (out of memory)" if self.cgroup is not None and self.cgroup.oom_kills() else ""
+        return f"bwrap exited with status {code}{oom}" + (f": {err}" if err else "")
 
     def _destroy(self) -> None:
         try:

@@ -98,10 +98,15 @@ class Agent:
         self.protected_sessions = set()  # sessions of keep_background execs: survive clean-ups until reset
         self.snapshot = None
         # What one request may make the executor hold: a snapshot of the writable roots, one transfer.
+        # Both fit the sandbox's memory too: the executor is charged to its cgroup (and tmpfs files are,
+        # so a snapshot of them gets at most half).
         sizes = root_sizes(self.roots, config.get("disk_bytes"))
-        self.snapshot_budget = sum(sizes)
+        memory = sandbox_memory(config)
+        self.snapshot_budget = sum(sizes) if memory is None else min(sum(sizes), memory // 2)
         self.max_transfer = int(config.get("max_transfer_bytes") or DEFAULT_MAX_TRANSFER)
         self.largest_payload = max(sizes + [self.max_transfer])  # a read, a download, or a write's payload
+        if memory is not None:
+            self.largest_payload = min(self.largest_payload, memory)
         self.child_rlimits = {}  # limits the executor holds tighter than its commands: undone after spawn
 
     def bound_own_memory(self):
@@ -365,7 +370,6 @@ class Agent:
         FIFOs, sockets and devices are not kept (a reset removes them); a hard-linked file is kept once and
         restored as separate copies. The tree is walked without recursion or whole paths, so any depth works.
         """
-        blob = bytearray()  # every kept file's contents, back to back
         roots = {}
         budget = [self.snapshot_budget]
         for root in self.roots:
@@ -374,11 +378,11 @@ class Agent:
                 st = os.fstat(fd)
                 node = Node("d", stat.S_IMODE(st.st_mode), st.st_mtime_ns)
                 node.children = {}
-                snapshot_tree(fd, node, blob, budget, root)
+                snapshot_tree(fd, node, budget, root)
             finally:
                 os.close(fd)
             roots[root] = node
-        self.snapshot = Snapshot(roots, blob)
+        self.snapshot = Snapshot(roots, self.snapshot_budget - budget[0])
 
     def restore(self):
         """Back to the snapshot, touching only what differs: a reset after a small edit to a big checkout
@@ -449,7 +453,7 @@ class Agent:
             return True
         if entry.kind == "l":
             return stat.S_ISLNK(st.st_mode) and os.readlink(name, dir_fd=fd) == entry.target
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(entry.data):
             return False
         readable = st.st_mode & stat.S_IRUSR
         if not readable:
@@ -468,8 +472,8 @@ class Agent:
         except (OSError, RefusedFile):
             return False
         try:
-            want = memoryview(self.snapshot.blob)[entry.offset : entry.offset + entry.size]
-            for start in range(0, entry.size + 1, CHUNK):
+            want = memoryview(entry.data)
+            for start in range(0, len(want) + 1, CHUNK):
                 got = read_upto(fd, CHUNK)
                 if got != want[start : start + CHUNK]:  # memcmp, one chunk at a time
                     return False
@@ -485,7 +489,7 @@ class Agent:
         else:
             out = os.open(name, OPEN_CREATE, 0o600, dir_fd=fd)
             try:
-                write_all(out, memoryview(self.snapshot.blob)[entry.offset : entry.offset + entry.size])
+                write_all(out, entry.data)
                 os.fchmod(out, entry.mode)
                 os.utime(out, ns=(entry.mtime_ns, entry.mtime_ns))
             finally:
@@ -530,7 +534,7 @@ class Agent:
             return {}, b""
         if op == "checkpoint":
             self.take_snapshot()
-            return {"bytes": len(self.snapshot.blob)}, b""
+            return {"bytes": self.snapshot.bytes}, b""
         raise ValueError("unknown op %r" % op)
 
 
@@ -551,6 +555,23 @@ def select_ready(fd):
     return bool(select.select([fd], [], [], 0)[0])
 
 
+
+
+def sandbox_memory(config):
+    """The sandbox's memory limit in bytes, or None: the configured one, else its cgroup's (v2, then v1),
+    else the per-command address-space limit."""
+    if config.get("memory_bytes"):
+        return int(config["memory_bytes"])
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:  # "max" or a huge number: no limit there
+            return int(value)
+    value = config.get("rlimits", {}).get("RLIMIT_AS") or config.get("memory_watchdog_bytes")
+    return int(value) if value else None
 
 
 def root_sizes(roots, disk_bytes=None):
@@ -836,26 +857,26 @@ def read_regular_at(dir_fd, name, st, limit, path):
 
 
 class Node:
-    """One entry of a snapshot: a directory ("d", with children), a regular file ("f", its contents at
-    blob[offset:offset + size]) or a symlink ("l", its target)."""
+    """One entry of a snapshot: a directory ("d", with children), a regular file ("f", with its contents)
+    or a symlink ("l", with its target)."""
 
-    __slots__ = ("kind", "mode", "mtime_ns", "offset", "size", "target", "children")
+    __slots__ = ("kind", "mode", "mtime_ns", "data", "target", "children")
 
-    def __init__(self, kind, mode=0, mtime_ns=0, offset=0, size=0, target=None):
+    def __init__(self, kind, mode=0, mtime_ns=0, data=b"", target=None):
         self.kind, self.mode, self.mtime_ns = kind, mode, mtime_ns
-        self.offset, self.size, self.target = offset, size, target
+        self.data, self.target = data, target
         self.children = None
 
 
 class Snapshot:
-    def __init__(self, roots, blob):
+    def __init__(self, roots, size):
         self.roots = roots  # root path -> directory Node
-        self.blob = blob
+        self.bytes = size  # what it holds, entries counted at ENTRY_COST each
 
 
-def snapshot_tree(root_fd, root, blob, budget, root_path):
-    """Fill the directory Node `root` from the open directory `root_fd`; file contents go to `blob`.
-    `budget` ([bytes left]) bounds what the snapshot may hold in memory."""
+def snapshot_tree(root_fd, root, budget, root_path):
+    """Fill the directory Node `root` from the open directory `root_fd`. `budget` ([bytes left]) bounds
+    what the snapshot may hold in memory."""
     parents = [root]  # parents[d] holds the entries at depth d
     seen = {}  # (dev, ino) of hard-linked files -> their Node: contents kept once
     for dir_fd, name, st, depth in walk(root_fd):
@@ -873,15 +894,14 @@ def snapshot_tree(root_fd, root, blob, budget, root_path):
         elif stat.S_ISREG(st.st_mode):
             same = seen.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
             if same is not None:
-                node = Node("f", mode, st.st_mtime_ns, same.offset, same.size)
+                node = Node("f", mode, st.st_mtime_ns, same.data)
             else:
                 try:
                     data = read_regular_at(dir_fd, name, st, budget[0], root_path)
                 except RefusedFile:
                     raise snapshot_too_large(root_path) from None
                 budget[0] -= len(data)
-                node = Node("f", mode, st.st_mtime_ns, len(blob), len(data))
-                blob += data
+                node = Node("f", mode, st.st_mtime_ns, data)
                 if st.st_nlink > 1:
                     seen[(st.st_dev, st.st_ino)] = node
         else:
@@ -891,7 +911,8 @@ def snapshot_tree(root_fd, root, blob, budget, root_path):
 
 def snapshot_too_large(root_path):
     return RefusedFile(
-        "cannot snapshot %s: /work, /tmp and $HOME hold more than the executor keeps in memory" % root_path
+        "cannot snapshot %s: the writable directories hold more than the executor may keep in memory"
+        % root_path
     )
 
 

@@ -44,8 +44,8 @@ def agent_config(
     memory_watchdog_bytes: int | None = None,
     limits: Limits | None = None,
 ) -> dict[str, Any]:
-    """The executor's start-up configuration. `limits` sizes its own memory bound (see
-    `Agent.bound_own_memory`); without them it reads the sizes of its writable mounts."""
+    """The executor's start-up configuration. `limits` size what it may hold in memory (see
+    `Agent.bound_own_memory`); without them it reads its mounts' sizes and its cgroup's memory limit."""
     config: dict[str, Any] = {
         "writable_roots": list(WRITABLE_ROOTS),
         "socket": f"{AGENT_SOCKET_DIR}/agent.sock",
@@ -55,6 +55,7 @@ def agent_config(
     }
     if limits is not None:
         config["disk_bytes"] = limits.disk_mb << 20
+        config["memory_bytes"] = limits.memory_mb << 20
         config["max_transfer_bytes"] = limits.max_drain_bytes
     return config
 

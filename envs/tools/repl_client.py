@@ -10,10 +10,30 @@ On timeout it sends SIGINT (KeyboardInterrupt in the cell); if the cell ignores 
 import json
 import os
 import signal
+import stat
 import sys
 import time
 
 MAX_OUTPUT = 96 * 1024  # bytes; the exec keeps 128 KiB of stdout
+
+
+def read_regular(path, limit):
+    """At most `limit` bytes of the regular file `path`. A cell can replace the files of this directory:
+    a link is not followed and a FIFO never waited on (OSError instead)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("%s is not a regular file" % path)
+        chunks, got = [], 0
+        while got < limit:
+            chunk = os.read(fd, min(limit - got, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def alive(pid):
@@ -47,8 +67,7 @@ def main():
     pid = None
     for _ in range(2500):  # a just-started server writes its pid within milliseconds
         try:
-            with open(os.path.join(directory, "pid")) as f:
-                pid = int(f.read())
+            pid = int(read_regular(os.path.join(directory, "pid"), 32))
             break
         except (OSError, ValueError):
             time.sleep(0.002)
@@ -75,8 +94,10 @@ def main():
     status = None
     while status is None:
         if os.path.exists(result):
-            with open(result) as f:
-                status = json.load(f)["status"]
+            try:
+                status = json.loads(read_regular(result, 4096))["status"]
+            except (OSError, ValueError, KeyError, TypeError):
+                status = "error"  # the cell replaced its own result file
             break
         if not alive(pid):
             status = "dead"
@@ -93,8 +114,7 @@ def main():
         time.sleep(0.003)
     data = b""
     try:
-        with open(os.path.join(directory, "out-%d.txt" % n), "rb") as f:
-            data = f.read(MAX_OUTPUT + 1)
+        data = read_regular(os.path.join(directory, "out-%d.txt" % n), MAX_OUTPUT + 1)
     except OSError:
         pass
     truncated = len(data) > MAX_OUTPUT

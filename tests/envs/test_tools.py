@@ -238,3 +238,26 @@ def test_python_output_flood_is_bounded_and_cleaned_up(sandbox) -> None:
         assert sorted(leftovers) == ["client.py", "pid", "server.py"]
     finally:
         tool.close()
+
+
+@pytest.mark.parametrize("spoil", ["fifo", "symlink-dev-zero"])
+def test_python_cell_spoiling_its_own_files_does_not_wedge_the_tool(sandbox, spoil: str) -> None:
+    """A cell that swaps its output and result files for a FIFO or a /dev/zero link: the call returns
+    promptly (the tool's client never follows a link or waits on a FIFO) and the next cell runs."""
+    import time
+
+    make = "os.mkfifo(p)" if spoil == "fifo" else "os.symlink('/dev/zero', p)"
+    cell = (
+        "import os, glob\n"
+        "d = [p for p in glob.glob('/tmp/.m2rl_repl_*') if os.path.exists(p + '/pid')][0]\n"
+        "for p in [d + '/out-1.txt', d + '/res-1.json']:\n"
+        f"    os.remove(p) if os.path.lexists(p) else None; {make}\n"
+    )
+    tool = PythonTool(sandbox, timeout_s=5)
+    try:
+        start = time.monotonic()
+        tool.python(cell)
+        assert time.monotonic() - start < 10
+        assert tool.python("6 * 7").output == "42\n"
+    finally:
+        tool.close()

@@ -340,3 +340,52 @@ def test_many_empty_files_reset_quickly(backend):
         print(f"200k files: checkpoint {checkpoint_s:.2f}s, restore {restore_s:.2f}s, prune {prune_s:.2f}s")
         assert checkpoint_s < 60 and restore_s < 60 and prune_s < 60
         assert executor_peak_rss_mb(sb) < 400
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_host_writes_never_go_through_planted_files(tight, plant, tmp_path):
+    """write_file refuses a planted link, FIFO or socket (it would write through or wedge); upload replaces
+    them; checkpoint and reset neither open nor keep them (a sparse file is just too large to keep)."""
+    assert tight.exec(PLANTS[plant].format(p="/work/planted")).exit_code == 0
+    start = time.monotonic()
+    if plant == "sparse":  # a regular file: overwritten like any other
+        tight.write_file("/work/planted", b"new")
+        assert tight.read_file("/work/planted") == b"new"
+    else:
+        with pytest.raises(SandboxError, match="not a regular file"):
+            tight.write_file("/work/planted", b"new")
+    upload = tmp_path / "planted"
+    upload.write_bytes(b"uploaded")
+    tight.upload(upload, "/work/planted")
+    assert tight.read_file("/work/planted") == b"uploaded"
+    assert time.monotonic() - start < 10
+    for path in ("/work/again", "/work/again2", "/tmp/again3", "/home/sandbox/again4"):
+        tight.exec(PLANTS[plant].format(p=path))
+    if plant == "sparse":
+        with pytest.raises(SandboxError, match="cannot snapshot"):
+            tight.checkpoint()  # 4 x 60 MB of zeros: more than the tight executor keeps (3 x 64 MB)
+        tight.reset()  # to the last snapshot that could be taken
+        assert tight.exec("ls /work /tmp /home/sandbox").stdout.split() == ["/home/sandbox:", "/tmp:", "/work:"]
+    else:
+        tight.checkpoint()
+        tight.reset()
+        kinds = tight.exec("stat -c '%n %F' /work/again /work/again.fifo 2>&1").stdout
+        if plant.startswith("symlink"):
+            assert "/work/again symbolic link" in kinds, kinds  # a link is kept as a link
+        else:
+            assert "No such file" in kinds, kinds  # FIFOs and sockets are not kept
+    assert time.monotonic() - start < 20
+    assert executor_peak_rss_mb(tight) < (300 if plant == "sparse" else 100)  # 3 x 60 MB read, not a 4th
+    assert_healthy(tight)
+
+
+def test_the_executor_bounds_its_own_memory(tight):
+    def data_limit(text: str) -> str:
+        return next(line.split()[3] for line in text.splitlines() if line.startswith("Max data size"))
+
+    executor = data_limit(tight.read_file("/proc/1/limits").decode())
+    assert executor != "unlimited"
+    # Sized from the limits: the tight sandbox's 3 x 64 MB of disk, held twice, and a few transfers.
+    assert 256 << 20 < int(executor) < 2 << 30, executor
+    command = data_limit(tight.exec("cat /proc/self/limits").stdout)  # commands get the original back
+    assert command == "unlimited" or int(command) > int(executor), command

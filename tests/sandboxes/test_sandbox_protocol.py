@@ -196,3 +196,27 @@ def test_reset_undoes_sneaky_changes(sandbox):
     assert sandbox.exec(listing).stdout != before
     sandbox.reset()
     assert sandbox.exec(listing).stdout == before
+
+
+def test_kill_processes_leaves_only_the_executor(sandbox):
+    """Kept background sessions too (a python interpreter, a nohup loop): grading starts after this."""
+    sandbox.exec("nohup sh -c 'while :; do sleep 0.01; done' >/dev/null 2>&1 &", keep_background=True)
+    sandbox.exec("python3 -c 'import time; time.sleep(300)' >/dev/null 2>&1 &", keep_background=True)
+    assert "sleep(300)" in sandbox.exec(["ps", "-eo", "args"]).stdout
+    sandbox.kill_processes()
+    # ps and nothing else besides the executor: no survivor, no zombie.
+    assert sandbox.exec(["ps", "-eo", "pid=,stat=,args="]).stdout.count("\n") == 2
+    assert sandbox.exec("echo alive").stdout == "alive\n"
+
+
+def test_read_file_bound(sandbox):
+    sandbox.write_file("/work/blob", b"x" * 1000)
+    assert sandbox.read_file("/work/blob", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(SandboxError, match=r"/work/blob has 1000 bytes, more than the 999 bytes"):
+        sandbox.read_file("/work/blob", max_bytes=999)
+    with pytest.raises(SandboxError, match="max_bytes"):
+        sandbox.read_file("/work/blob", max_bytes=0)
+    status = sandbox.read_file("/proc/1/status", max_bytes=1 << 20)  # no size in stat: the bound still holds
+    assert status.startswith(b"Name:")
+    with pytest.raises(SandboxError, match="more than 10 bytes"):
+        sandbox.read_file("/proc/1/status", max_bytes=10)

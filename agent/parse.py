@@ -176,6 +176,17 @@ def _decode_candidates(raw: str) -> list[Any]:
     return out
 
 
+def _json_too_deep(raw: str) -> bool:
+    """Whether `raw` failed to decode only because it nests deeper than the JSON decoder recurses."""
+    try:
+        json.loads(raw)
+    except RecursionError:
+        return True
+    except ValueError:
+        return False
+    return False
+
+
 def coerce_value(raw: str, schema: Any) -> tuple[bool, Any]:
     """(ok, value) of a parameter's raw text under its JSON schema."""
     types = _schema_types(schema)
@@ -388,7 +399,7 @@ class _BlockParser:
                 typed[key] = raw
                 continue
             good, value = coerce_value(raw, props[key])
-            if good and nesting_depth(value) > MAX_VALUE_DEPTH:
+            if (good and nesting_depth(value) > MAX_VALUE_DEPTH) or (not good and _json_too_deep(raw)):
                 self.error(KIND_SCHEMA, "too_deep",
                            f"Parameter {key!r} of tool {name!r} is nested more than {MAX_VALUE_DEPTH} levels deep; "
                            "pass flatter data (or a string).", name, index)

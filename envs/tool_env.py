@@ -12,11 +12,23 @@ Episode shape (token-in, token-out, see shared/reference/m2-format.md):
 
 Nothing the policy writes makes `step()` raise: malformed calls, unknown tools, schema violations and tool
 timeouts become tool responses plus `info["errors"]`; a dead sandbox truncates with `info["error"]`.
+
+Every step costs at most what its size limits allow:
+- an action longer than `max_action_chars` is not parsed: its reply is one format error, nothing runs, and
+  the episode goes on (a step like any other: it counts towards `max_steps`);
+- argument values nest at most 32 levels (the parser's `MAX_VALUE_DEPTH`; deeper is a schema error);
+- rewards are scored incrementally: the detectors read the new step only (earlier hits are kept), and
+  their hits on this step are `info["detectors"]` ({detector: [evidence]}, empty when clean);
+- each tool response is clipped to `max_output_chars` and the whole observation fits
+  `max_observation_chars` (responses are clipped further rather than cutting the rendered suffix).
+Environment text (tool output, error messages quoting the agent) is passed through `neutralize_markers`
+with the format's structure markers plus `config.control_tokens`, so it never encodes to a control token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -24,15 +36,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
-from m2rl.agent.format import parse, render, render_tool_suffix
+from m2rl.agent.format import neutralize_markers, parse, render, render_tool_suffix
 from m2rl.envs.spaces import UnicodeText
 from m2rl.envs.tasks.base import Task, TaskSet, Verification
 from m2rl.envs.tool import Tool, ToolError, ToolOutput, validate_arguments
-from m2rl.rewards import RewardSpec, compute_episode_rewards
+from m2rl.rewards import RewardSpec, RewardTask, StepInfo, compute_episode_rewards
+from m2rl.rewards.detectors import DetectorHit, run_detectors
 from m2rl.sandboxes import SandboxDead, SandboxError, make_sandbox
 
+logger = logging.getLogger(__name__)
+
 EOS = "[e~["
-_MARKERS = ("]~!b[", "]~b]", "[e~[")
 ERROR_KINDS = ("format", "unknown_tool", "schema", "timeout", "tool", "sandbox")
 
 # Builds an episode's tools, called at every reset with the env (after the sandbox is ready and the task
@@ -49,20 +63,17 @@ class ToolEnvConfig:
     max_tool_calls_per_step: int = 8  # further parallel calls are refused (bounds the observation size)
     max_output_chars: int = 12_000  # one tool response; the middle is cut beyond this
     max_observation_chars: int = 131_072  # the observation space's declared maximum length
-    max_action_chars: int = 1_048_576
+    max_action_chars: int = 1_048_576  # a longer action is refused unparsed (one format error)
     tool_timeout_s: float = 30.0  # per tool call (bash command, python cell)
     enable_thinking: bool = True
     text_reply_is_answer: bool = True  # a reply with no tool call ends the episode with its content as answer
     system_prompt: str | None = None  # None: the task set's system prompt
+    # Special tokens of the policy's tokenizer beyond the M2 markers (`control_tokens(tokenizer)` of
+    # m2rl.agent.format): neutralised in env text too. The shipped tokenizers need none.
+    control_tokens: tuple[str, ...] = ()
 
 
-def neutralize_markers(text: str) -> str:
-    """Keep tool output from forging conversation structure: the tokenizer would read a literal `[e~[`
-    in a tool response as the end-of-message token. A zero-width space breaks the marker, not the text."""
-    for marker in _MARKERS:
-        if marker in text:
-            text = text.replace(marker, marker[0] + "\u200b" + marker[1:])
-    return text
+_CLIP_NOTE_CHARS = 48  # what `clip_middle` adds beyond its limit: "\n[... N characters truncated ...]\n"
 
 
 def clip_middle(text: str, limit: int) -> str:
@@ -89,6 +100,7 @@ def empty_info() -> dict[str, Any]:
         "edits": [],
         "files_viewed": [],
         "commands": [],
+        "detectors": {},
         "timings": {"sandbox_s": 0.0},
     }
 
@@ -132,6 +144,8 @@ class ToolEnv(gym.Env[str, str]):
             raise TypeError(f"unknown ToolEnv options {unknown}; valid: {sorted(valid)}")
         if "kinds" in overrides and overrides["kinds"] is not None:
             overrides["kinds"] = tuple(overrides["kinds"])
+        if "control_tokens" in overrides:
+            overrides["control_tokens"] = tuple(str(t) for t in overrides["control_tokens"] or ())
         self.config = dataclasses.replace(config, **overrides)
         if self.config.split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {self.config.split!r}")
@@ -158,7 +172,8 @@ class ToolEnv(gym.Env[str, str]):
         self._transcript: list[str] = []
         self._steps = 0
         self._done = True
-        self._step_infos: list[dict[str, Any]] = []
+        self._step_views: list[StepInfo] = []  # the episode's infos as rewards read them
+        self._detector_hits: list[DetectorHit] = []  # of those steps: each step is analysed once
 
     # ------------------------------------------------------------------ structured views of the prompt
 
@@ -208,7 +223,7 @@ class ToolEnv(gym.Env[str, str]):
             )
         self._steps = 0
         self._done = False
-        self._step_infos = []
+        self._step_views, self._detector_hits = [], []
         self._transcript = [obs]
         info = {"task_id": self.task.id, "split": self.task.split, "timings": timings}
         return obs, info
@@ -222,9 +237,10 @@ class ToolEnv(gym.Env[str, str]):
             return msg, 0.0, True, False, info
         text = action if isinstance(action, str) else str(action)
         self._steps += 1
-        responses, terminated, truncated = self._run_action(text, info)
+        responses, terminated, truncated = self._act(text, info)
         # Exactly the strings the observation renders (the agent rebuilds tool messages from them).
-        responses = [neutralize_markers(clean_text(r)) for r in responses]
+        responses = [neutralize_markers(clean_text(r), self.config.control_tokens) for r in responses]
+        responses = self._fit_observation(text, responses)
         if not terminated and not truncated and self._steps >= self.config.max_steps:
             truncated = True
         if (terminated or truncated) and "error" not in info:
@@ -309,6 +325,24 @@ class ToolEnv(gym.Env[str, str]):
                 except Exception:
                     pass
         self._tools = {}
+
+    def _act(self, text: str, info: dict[str, Any]) -> tuple[list[str], bool, bool]:
+        """`_run_action` behind the step's two guards: the action's size, and a last resort for a bug in
+        parsing or validation (logged and shown as an error; the episode goes on)."""
+        limit = self.config.max_action_chars
+        if len(text) > limit:
+            message = (f"Error: your message has {len(text)} characters, more than the {limit} this environment "
+                       "accepts, so none of it was read or run. Keep each turn shorter: write large files in "
+                       "several calls.")
+            info["errors"].append({"kind": "format", "message": message})
+            return [message], False, False
+        try:
+            return self._run_action(text, info)
+        except Exception as exc:  # noqa: BLE001  step() must never raise on an action
+            logger.exception("ToolEnv: the action of step %d could not be processed", self._steps)
+            message = f"Error: the environment could not process this message ({type(exc).__name__})."
+            info["errors"].append({"kind": "tool", "message": message})
+            return [message], False, False
 
     def _run_action(self, text: str, info: dict[str, Any]) -> tuple[list[str], bool, bool]:
         """Parse and execute; returns (responses, terminated, truncated).
@@ -438,10 +472,16 @@ class ToolEnv(gym.Env[str, str]):
         the incremental value equals the full-episode one; with `potential` shaping the learner should
         recompute rewards on the whole episode's infos (`compute_episode_rewards`).
         """
-        self._step_infos.append(_deep_copy(info))
         assert self.task is not None
-        reward_task = {"expected_answer": self.task.answer}
-        rewards = compute_episode_rewards(self.reward_spec, self._step_infos, reward_task)
+        reward_task = RewardTask(expected_answer=self.task.answer)
+        view = StepInfo.from_dict(_deep_copy(info), len(self._step_views))
+        new_hits = run_detectors([view], reward_task, self.reward_spec.detectors, first_step=len(self._step_views))
+        self._step_views.append(view)
+        self._detector_hits += new_hits
+        info["detectors"] = {}
+        for hit in new_hits:
+            info["detectors"].setdefault(hit.detector, []).append(hit.evidence)
+        rewards = compute_episode_rewards(self.reward_spec, self._step_views, reward_task, hits=self._detector_hits)
         return {str(k): float(v) for k, v in rewards.per_step_breakdown[-1].items()}
 
     def _observation(self, action: str, responses: list[str]) -> str:
@@ -451,7 +491,19 @@ class ToolEnv(gym.Env[str, str]):
         if not responses:
             return prefix
         obs = prefix + render_tool_suffix(responses, enable_thinking=self.config.enable_thinking)
+        # `_fit_observation` keeps this within bounds; the cut only guards a limit smaller than the template.
         return obs[: self.config.max_observation_chars]
+
+    def _fit_observation(self, action: str, responses: list[str]) -> list[str]:
+        """The responses, middles cut to equal shares when the rendered observation would exceed
+        `max_observation_chars` (cutting the rendered suffix instead would break the transcript)."""
+        if not responses:
+            return responses
+        budget = self.config.max_observation_chars - len(self._observation(action, [""] * len(responses)))
+        if sum(len(r) for r in responses) <= budget:
+            return responses
+        share = budget // len(responses) - _CLIP_NOTE_CHARS
+        return [clip_middle(r, max(0, share)) for r in responses]
 
 
 def _result(name: str, ok: bool, output: str, timed_out: bool, duration: float) -> dict[str, Any]:

@@ -213,7 +213,8 @@ def _suffix_messages(body: str, info: Any, thinking: bool) -> list[dict[str, Any
 
 def _step_record(reward: Any, info: Any, finish_reason: str) -> dict[str, Any]:
     info = info if isinstance(info, dict) else {}
-    keep = ("reward_breakdown", "errors", "verification", "answer", "error")
+    # detectors: {detector: [evidence]} of this step (bounded per step), summed into the run's metrics.
+    keep = ("reward_breakdown", "errors", "verification", "answer", "error", "detectors")
     record = {k: info[k] for k in keep if k in info}
     # Which tools ran this step (names only): enough for tool-use metrics without the bulky outputs.
     results = info.get("tool_results")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -275,3 +277,62 @@ def test_episode_against_the_real_tool_env():
     assert traj.rewards[-1] > traj.rewards[0]  # the resolved bonus lands on the terminal turn
     assert traj.metadata["continuity_violations"] == 0 and traj.metadata["reset_observation_matches"]
     assert traj.ids == TOK.encode("".join(env.text))
+
+
+# ----------------------------------------------------------------------------- env text and detector hits
+
+
+def shell(command: str) -> ToolOutput:
+    """Pretend to run a command; its output is the command's text with {} turned into <>.
+
+    Args:
+        command: the command
+    """
+    return ToolOutput(output=command.replace("{", "<").replace("}", ">"), commands=[command])
+
+
+def _call_text(name: str, **args: str) -> str:
+    from m2rl.agent.format import render_completion
+
+    call = {"type": "function", "function": {"name": name, "arguments": args}}
+    return render_completion({"role": "assistant", "reasoning_content": "Go.", "content": "", "tool_calls": [call]})
+
+
+def test_detector_hits_reach_the_step_records():
+    env = ToolEnv(SumTasks(), lambda _env: [shell, submit], backend=None)
+    texts = [_call_text("shell", command="echo '5 passed'"), _call_text("submit", answer="9")]
+    traj = run_episode(ScriptedPolicy(texts, TOK), env, TOK, GREEDY)
+    steps = traj.metadata["steps"]
+    assert steps[0]["detectors"] == {"fake_test_output": ["printed test summary: echo '5 passed'"]}
+    assert steps[1]["detectors"] == {} and steps[1]["verification"]["resolved"] is True
+
+
+MARKUP = ["{think}", "{/think}", "{minimax:tool_call}", "{/minimax:tool_call}", "{invoke name=\"x\"}", "{/invoke}",
+          "{/response}\n{response}", "{parameter name=\"y\"}", "]~b]", "[e~[", "]~!b[", "\n", "{", "}", "]", "["]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(MARKUP), st.text(alphabet=st.characters(blacklist_categories=("Cs",)),
+                                                            max_size=6)), max_size=12).map("".join))
+def test_tool_output_round_trips_through_the_loop_without_control_ids(output_source):
+    """Whatever a tool prints, the env's reply holds only the control ids the template places, and the
+    trajectory re-renders to the same ids."""
+    from m2rl.agent.format import control_tokens, render_tool_suffix
+
+    # The action must not hold markers itself ({} become <> in the tool); [ and ] are written as ( and ).
+    command = output_source.replace("[", "(").replace("]", ")")
+    command = command.replace("(e~(", "(e~ (")  # keep the action's own text free of markers
+    # The parser drops one newline at each end of a value, so such a call cannot re-render exactly
+    # (a sampled-text mismatch this test is not about).
+    command = command.strip("\n")
+    env = ToolEnv(SumTasks(), lambda _env: [shell, submit], backend=None)
+    texts = [_call_text("shell", command=command), _call_text("submit", answer="9")]
+    policy = ScriptedPolicy(texts, TOK)
+    traj = run_episode(policy, env, TOK, GREEDY)
+    if traj.metadata["exit_reason"] != "terminated":  # the command itself did not parse as one call
+        return
+    specials = {TOK.token_to_id(t) for t in control_tokens(TOK)}
+    env_span = next(s for s in traj.spans if s.kind == "env")
+    got = [i for i in traj.ids[env_span.start:env_span.end] if i in specials]
+    assert got == [i for i in TOK.encode(render_tool_suffix(["x"])) if i in specials]
+    assert traj.metadata["continuity_violations"] == 0

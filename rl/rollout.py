@@ -3,11 +3,22 @@
 Environments are built once and reused across steps (their sandboxes reset in place), handed out
 through an asyncio queue so at most `len(envs)` episodes run at a time. The policy batches the
 concurrent generate calls itself (LocalPolicy) or the server does (vLLM).
+
+A failing episode (its env's reset or step raised, a tool bug, the policy failed mid-episode) ends that
+episode only, so one broken sandbox never stops `m2rl train` or an evaluation:
+- it becomes a failed `Episode` (`error` set, `exit_reason` "error", reward 0, not resolved) in its place,
+  so every group keeps its G members;
+- its trajectory is one EOS token with loss mask 0: it adds no tokens to the loss (zero-mask rows count
+  in no normaliser), while its zero reward still takes part in its group's reward statistics;
+- the env it ran on is closed and replaced by a fresh `make_env()` (kept if that fails, so nothing hangs);
+- the error is logged and counted (`rollout_metrics`: `rollout/failed_episodes`).
+If every episode of a call fails, `run` raises `RolloutError` instead of returning nothing to train on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +26,13 @@ from typing import Any
 from m2rl.agent.loop import LoopConfig, arun_episode
 from m2rl.agent.policy import Policy, SamplingParams
 from m2rl.agent.trajectory import Trajectory
+from m2rl.rewards import DETECTORS
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutError(RuntimeError):
+    """Every episode of a rollout failed: there is nothing to learn from or to evaluate."""
 
 
 @dataclass
@@ -28,22 +46,37 @@ class Episode:
     resolved: bool  # the grader's verdict on the final state/answer
     exit_reason: str
     reward_breakdown: dict[str, float] = field(default_factory=dict)
+    detectors: dict[str, int] = field(default_factory=dict)  # detector -> steps it fired on
+    error: str | None = None  # why the episode failed (see the module docstring); None when it ran
 
     @property
     def sampled_tokens(self) -> int:
         return int(sum(self.trajectory.loss_mask))
 
 
+def failed_episode(task_id: str, group: int, error: str, eos_id: int) -> Episode:
+    """The stand-in for an episode that raised: one EOS token (loss mask 0), reward 0, not resolved."""
+    trajectory = Trajectory()
+    trajectory.append_prompt([eos_id])
+    trajectory.metadata.update(exit_reason="error", exit_message=error, steps=[])
+    return Episode(task_id=task_id, group=group, trajectory=trajectory, reward=0.0, resolved=False,
+                   exit_reason="error", error=error)
+
+
 def episode_from_trajectory(task_id: str, group: int, trajectory: Trajectory) -> Episode:
     steps = trajectory.metadata.get("steps", [])
     resolved = False
     breakdown: dict[str, float] = {}
+    detectors: dict[str, int] = {}
     for step in steps:
         verification = step.get("verification")
         if isinstance(verification, dict):
             resolved = bool(verification.get("resolved", False))
         for name, value in (step.get("reward_breakdown") or {}).items():
             breakdown[name] = breakdown.get(name, 0.0) + float(value)
+        for name, evidence in (step.get("detectors") or {}).items():
+            if evidence:
+                detectors[name] = detectors.get(name, 0) + 1
     return Episode(
         task_id=task_id,
         group=group,
@@ -52,7 +85,24 @@ def episode_from_trajectory(task_id: str, group: int, trajectory: Trajectory) ->
         resolved=resolved,
         exit_reason=str(trajectory.metadata.get("exit_reason", "")),
         reward_breakdown=breakdown,
+        detectors=detectors,
     )
+
+
+def rollout_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
+    """Failed episodes (a count) and, per detector, the share of episodes it fired in.
+
+    Training rollouts (`prefix` "train") log `rollout/failed_episodes` and `detectors/<name>`; any other
+    batch (e.g. "eval") logs `<prefix>/failed_episodes` and `<prefix>/detectors/<name>`.
+    """
+    if not episodes:
+        return {}
+    space = "" if prefix == "train" else f"{prefix}/"
+    names = dict.fromkeys([*DETECTORS, *(name for e in episodes for name in e.detectors)])
+    metrics = {f"{space}detectors/{name}": sum(e.detectors.get(name, 0) > 0 for e in episodes) / len(episodes)
+               for name in names}
+    metrics[f"{space or 'rollout/'}failed_episodes"] = float(sum(e.error is not None for e in episodes))
+    return metrics
 
 
 class EpisodeRunner:
@@ -85,6 +135,11 @@ class EpisodeRunner:
                 trajectory = await arun_episode(
                     policy, env, self.tokenizer, params, loop_config, options={"task_id": task_id}
                 )
+            except Exception as exc:  # this episode only (see the module docstring)
+                error = f"{type(exc).__name__}: {exc}"
+                logger.warning("episode %d of task %s failed: %s", sample, task_id, error)
+                env = await asyncio.to_thread(self._replace, env)
+                return failed_episode(task_id, group, error, self.tokenizer.eos_id)
             finally:
                 free.put_nowait(env)
             return episode_from_trajectory(task_id, group, trajectory)
@@ -94,7 +149,26 @@ class EpisodeRunner:
             for group, task_id in enumerate(task_ids)
             for sample in range(group_size)
         ]
-        return list(await asyncio.gather(*jobs))
+        episodes = list(await asyncio.gather(*jobs))
+        errors = [e.error for e in episodes if e.error is not None]
+        if episodes and len(errors) == len(episodes):
+            raise RolloutError(f"all {len(episodes)} episodes failed; the first: {errors[0]}")
+        return episodes
+
+    def _replace(self, env: Any) -> Any:
+        """Close an env whose episode failed and put a fresh one in its place; keep it if none can be made
+        (its next reset may recover: a ToolEnv replaces a sandbox that cannot be reset)."""
+        try:
+            fresh = self.make_env()
+        except Exception as exc:  # noqa: BLE001  a failed replacement must not stop the other episodes
+            logger.warning("could not make a replacement env (%s: %s); reusing the old one", type(exc).__name__, exc)
+            return env
+        try:
+            env.close()
+        except Exception:  # noqa: BLE001  a broken env may fail to close; it is dropped either way
+            pass
+        self.envs = [fresh if e is env else e for e in self.envs]
+        return fresh
 
     def close(self) -> None:
         for env in self.envs:

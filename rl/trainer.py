@@ -37,7 +37,7 @@ from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
 from m2rl.rl.curves import plot_training_curve
 from m2rl.rl.learner import Learner, LearnerConfig
 from m2rl.rl.pipeline import StageConfig
-from m2rl.rl.rollout import Episode, EpisodeRunner
+from m2rl.rl.rollout import Episode, EpisodeRunner, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
 from m2rl.runs import Run, default_run_name, progress
 
@@ -204,6 +204,7 @@ def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]
         for name, value in episode.reward_breakdown.items():
             components[name] = components.get(name, 0.0) + value / n
     metrics.update({f"{prefix}/reward/{k}": v for k, v in components.items()})
+    metrics.update(rollout_metrics(episodes, prefix))  # detectors/<name>, rollout/failed_episodes
     return metrics
 
 

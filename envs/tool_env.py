@@ -252,7 +252,8 @@ class ToolEnv(gym.Env[str, str]):
         reward = float(sum(info["reward_breakdown"].values()))
         obs = self._observation(text, responses)
         info["responses"] = responses
-        self._transcript.append(text)
+        # A refused over-long action is kept clipped: render() is for reading, not a copy of every byte.
+        self._transcript.append(clip_middle(text, self.config.max_action_chars))
         self._transcript.append(obs)
         return obs, reward, terminated, truncated, info
 

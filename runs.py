@@ -4,7 +4,11 @@ Every file that is rewritten (config, summaries, checkpoints' manifests) goes th
 `atomic_write`: data lands in a temp file in the same folder, is fsynced, then renamed over the
 target, so a crash leaves either the old or the new file, never half of one. `metrics.jsonl` is
 append-only: each record is one `write()` of a whole line to an O_APPEND descriptor followed by
-fsync; `read_metrics` skips a torn final line should the machine die mid-write.
+fsync; `read_metrics` skips a torn final line should the machine die mid-write. Every file honours the
+umask (0644 under the usual 022), temp-file writes included.
+
+A run name belongs to one run: `Run.create` refuses a directory that already holds files (a second run
+would append to its metrics and overwrite its config), and `Run.open` continues an existing one.
 """
 
 from __future__ import annotations
@@ -24,6 +28,24 @@ from typing import Any
 from m2rl.config import dump_yaml
 
 
+class RunError(ValueError):
+    """A run directory cannot be used as asked (name taken, nothing to resume); the message says what to do."""
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (os.umask can only be read by setting it, which races
+    with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc: fall back to the racy read
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
     """Write `data` to `path` atomically (temp file in the same directory + fsync + rename)."""
     path = Path(path)
@@ -31,6 +53,8 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     payload = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 whatever the umask: give the file the mode open() would have given it.
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -58,7 +82,7 @@ def append_text(path: str | Path, text: str) -> None:
     if not data:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
     try:
         while data:  # os.write may write less than asked for on some filesystems
             data = data[os.write(fd, data):]
@@ -104,8 +128,28 @@ def _json_default(value: Any) -> Any:
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def default_run_name(prefix: str) -> str:
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run directory (it must stay one plain folder under the root), or None."""
+    if not _NAME_RE.match(name):
+        return f"bad run name {name!r}: use letters, digits, '.', '_' and '-'"
+    return None
+
+
+def default_run_name(prefix: str, root: str | Path | None = None) -> str:
+    """`<prefix>-<timestamp>`, with `-2`, `-3` ... appended while `root` already has a run of that name."""
+    name = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if root is None:
+        return name
+    candidate, n = name, 1
+    while (Path(root) / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def run_in_use(directory: Path) -> bool:
+    """A directory that already holds files belongs to an earlier run (an empty one is free)."""
+    return directory.is_dir() and any(directory.iterdir())
 
 
 class Run:
@@ -130,14 +174,33 @@ class Run:
     def create(
         cls, name: str, root: str | Path = "runs", config: Any = None, tensorboard: bool = True
     ) -> "Run":
-        if not _NAME_RE.match(name):
-            raise ValueError(f"bad run name {name!r}: use letters, digits, '.', '_' and '-'")
+        """A new run `root/name`; a name already in use is a RunError (runs never share a folder)."""
+        problem = run_name_problem(name)
+        if problem:
+            raise RunError(problem)
         directory = Path(root) / name
+        if run_in_use(directory):
+            raise RunError(
+                f"run directory {directory} already exists; pass resume=true to continue it or choose another name="
+            )
         directory.mkdir(parents=True, exist_ok=True)
         run = cls(directory, tensorboard=tensorboard)
         if config is not None:
             run.write_config(config)
         run.logger.info("run directory %s", directory)
+        return run
+
+    @classmethod
+    def open(cls, name: str, root: str | Path = "runs", tensorboard: bool = True) -> "Run":
+        """An existing run, to continue: its config.yaml and metrics are kept; new records are appended."""
+        problem = run_name_problem(name)
+        if problem:
+            raise RunError(problem)
+        directory = Path(root) / name
+        if not directory.is_dir():
+            raise RunError(f"no run directory {directory} to resume; drop resume=true to start a new run")
+        run = cls(directory, tensorboard=tensorboard)
+        run.logger.info("run directory %s reopened", directory)
         return run
 
     def write_config(self, config: Any) -> Path:

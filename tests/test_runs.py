@@ -63,3 +63,47 @@ def test_progress_advances() -> None:
     with runs.progress("work", total=3, disable=True) as advance:
         for _ in range(3):
             advance(status="ok")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_run_file_honours_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    from m2rl.rl.checkpoint import save_checkpoint
+    from torch import nn
+
+    old = os.umask(umask)
+    try:
+        with Run.create("perm", root=tmp_path, config={"lr": 0.1}) as run:
+            run.log_metrics(0, {"loss": 1.0})
+            run.write_file("summary.json", "{}")
+            run.logger.info("line")
+            save_checkpoint(run.directory / "checkpoints", 1, nn.Linear(2, 2))
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "perm").rglob("*") if p.is_file()]
+    assert len(files) >= 8
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == {
+        str(p.relative_to(tmp_path)): oct(mode) for p in files
+    }
+
+
+def test_a_run_name_in_use_is_refused(tmp_path: Path) -> None:
+    with Run.create("r1", root=tmp_path, config={"lr": 0.1}, tensorboard=False) as run:
+        run.log_metrics(0, {"loss": 1.0})
+    with pytest.raises(runs.RunError, match=r"run directory .*r1 already exists; pass resume=true to continue it "
+                                            r"or choose another name="):
+        Run.create("r1", root=tmp_path, config={"lr": 0.2}, tensorboard=False)
+    assert yaml.safe_load((tmp_path / "r1" / "config.yaml").read_text()) == {"lr": 0.1}  # untouched
+    with Run.open("r1", root=tmp_path, tensorboard=False) as run:
+        run.log_metrics(1, {"loss": 0.5})
+    assert [r["step"] for r in read_jsonl(tmp_path / "r1" / "metrics.jsonl")] == [0, 1]
+    with pytest.raises(runs.RunError, match="no run directory"):
+        Run.open("r2", root=tmp_path, tensorboard=False)
+    (tmp_path / "empty").mkdir()
+    Run.create("empty", root=tmp_path, tensorboard=False).close()  # an empty folder is free to use
+
+
+def test_default_run_names_never_collide(tmp_path: Path) -> None:
+    first = runs.default_run_name("train", tmp_path)
+    (tmp_path / first).mkdir()
+    second = runs.default_run_name("train", tmp_path)
+    assert second != first and second.startswith(first)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TRAIN_CONFIG = REPO_ROOT / "configs" / "train.yaml"
@@ -19,16 +21,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from m2rl.config import load_config
+    from m2rl.rl.interrupts import TrainingInterrupted, stop_on_signals
     from m2rl.rl.stages import run_pipeline
     from m2rl.rl.trainer import TrainConfig, Trainer
 
-    from m2rl.cli import UserError
-    from m2rl.model import CheckpointError
-
     config = load_config(TrainConfig, args.config, args.overrides)
-    try:
-        summary = run_pipeline(config) if config.stages else Trainer(config).train()
-    except (FileNotFoundError, CheckpointError) as exc:  # a wrong path is the user's to fix
-        raise UserError(str(exc)) from exc
+    with stop_on_signals():
+        try:
+            if config.stages:
+                summary = run_pipeline(config)
+            else:
+                trainer = Trainer(config)
+                _report_resume(trainer)
+                summary = trainer.train()
+        except TrainingInterrupted as exc:
+            _report_interrupt(exc, args)
+            return 128 + exc.signum  # the shell convention for "ended by this signal"
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _report_resume(trainer: Any) -> None:
+    from m2rl.cli import print_note
+
+    report = trainer.resumed
+    if report is None:
+        return
+    for path, reason in report.damaged:
+        print_note(f"checkpoint {path} is damaged ({reason}); set aside as damaged-{path.name}", warning=True)
+    if report.dropped_records:
+        print_note(f"dropped {report.dropped_records} metrics records logged after step {report.step} "
+                   "(the checkpoint does not cover them)", warning=True)
+    print_note(f"resuming {trainer.run.directory} at step {report.step} from {report.checkpoint}")
+    if report.changed:
+        print_note(f"settings changed since {trainer.run.directory / 'config.yaml'}: {', '.join(report.changed)}",
+                   warning=True)
+
+
+def _report_interrupt(exc: Any, args: argparse.Namespace) -> None:
+    from m2rl.cli import print_note
+
+    if exc.checkpoint is None:
+        print_note(f"interrupted by {exc} before training started; nothing to resume")
+        return
+    # The same command line, pointed at this run: other overrides kept, name/resume replaced.
+    kept = [o for o in args.overrides if o.split("=", 1)[0].strip() not in ("name", "resume")]
+    config = [] if Path(args.config).resolve() == DEFAULT_TRAIN_CONFIG.resolve() else ["--config", args.config]
+    command = shlex.join(["m2rl", "train", *config, *kept, f"name={exc.run_name}", "resume=true"])
+    print_note(f"interrupted by {exc} after step {exc.step}; saved {exc.checkpoint}; resume with: {command}")

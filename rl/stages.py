@@ -18,6 +18,7 @@ import torch
 from m2rl.agent.loop import LoopConfig
 from m2rl.config import apply_overrides, from_dict, to_dict
 from m2rl.rl.pipeline import StageConfig
+from m2rl.rl.preflight import check_config
 from m2rl.rl.sft import SFTConfig, collect_demonstrations, train_sft
 from m2rl.rl.trainer import (
     TrainConfig,
@@ -71,12 +72,13 @@ def run_sft_stage(config: TrainConfig, stage: StageConfig, model: torch.nn.Modul
 def run_pipeline(config: TrainConfig) -> dict[str, Any]:
     if not config.stages:
         raise ValueError("run_pipeline needs at least one stage in config.stages")
+    check_config(config)  # the base config and every stage's run directory, before anything is built
+    name = config.name or default_run_name("pipeline", config.run_root)
+    stages = [(stage, stage_config(config, stage, name)) for stage in config.stages]  # bad overrides fail here
     torch.set_num_threads(max(1, config.threads))
-    name = config.name or default_run_name("pipeline")
     model, tokenizer = build_model_and_tokenizer(config.model, config.device)
     summaries = []
-    for stage in config.stages:
-        current = stage_config(config, stage, name)
+    for stage, current in stages:
         if stage.kind == "sft":
             summaries.append(run_sft_stage(current, stage, model, tokenizer))
         else:

@@ -10,6 +10,11 @@
 
 The generator and the learner hold separate copies of the weights, as they would on separate devices,
 so the generator-vs-learner log-prob gap and the truncated-IS correction measure something real.
+
+The whole configuration is checked (rl/preflight.py) before anything is built, and the run directory is
+made last, so a mistake leaves nothing behind. A run name belongs to one run: `resume=true` continues it
+from its newest readable checkpoint. An interrupt (SIGINT/SIGTERM, see rl/interrupts.py) stops between
+two steps' updates: the envs and their sandboxes are closed and the last completed step is checkpointed.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import copy
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,20 +32,24 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from m2rl.agent.local_policy import LocalPolicy
 from m2rl.agent.loop import LoopConfig
 from m2rl.agent.policy import SamplingParams
+from m2rl.config import ConfigError, changed_settings, read_yaml, to_dict
 from m2rl.rl.advantages import dynamic_sampling_keep, group_advantages
 from m2rl.rl.batch import collate
-from m2rl.rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from m2rl.rl.checkpoint import load_latest_checkpoint, save_checkpoint
 from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
 from m2rl.rl.curves import plot_training_curve
+from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interrupts_ignored
 from m2rl.rl.learner import Learner, LearnerConfig
 from m2rl.rl.pipeline import StageConfig
+from m2rl.rl.preflight import check_config, resolve_init
 from m2rl.rl.rollout import Episode, EpisodeRunner, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
-from m2rl.runs import Run, default_run_name, progress
+from m2rl.runs import Run, atomic_write, default_run_name, progress, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +116,7 @@ class TrainConfig:
     max_minutes: float = 9.0  # wall-clock budget for the whole job (eval included); stops cleanly
     threads: int = 2
     device: str = "cpu"
-    resume: bool = False  # continue from the newest checkpoint of runs/<name>
+    resume: bool = False  # continue runs/<name> from its newest readable checkpoint (an error if there is none)
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
     model: ModelSection = field(default_factory=ModelSection)
@@ -135,8 +145,7 @@ def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch
     from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, load_pretrained
 
     if section.init:
-        path = Path(section.init)
-        path = path if path.is_absolute() else REPO_ROOT / path
+        path = resolve_init(section.init)
         if not path.exists():
             raise FileNotFoundError(
                 f"warm-start checkpoint {path} not found; build it with `python -m m2rl.rl.warm_start all --out PATH` "
@@ -208,15 +217,44 @@ def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]
     return metrics
 
 
+@dataclass
+class ResumeReport:
+    """What resuming a run found, for the console and run.log."""
+
+    step: int
+    checkpoint: Path
+    damaged: list[tuple[Path, str]]  # newer checkpoints that could not be read (set aside), with why
+    changed: list[str]  # "key (old -> new)" for each setting that differs from the run's config.yaml
+    dropped_records: int  # metrics logged after the checkpoint (a crash), removed so steps never repeat
+
+
 class Trainer:
     """One RL stage. `model`/`tokenizer` may be handed over by an earlier pipeline stage."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None, tokenizer: Any = None) -> None:
         self.config = config
+        check_config(config)  # before anything is built or written
+        self.name = config.name or default_run_name("train", config.run_root)
         torch.set_num_threads(max(1, config.threads))
         seed_everything(config.seed)
-        self.name = config.name or default_run_name("train")
-        self.run = Run.create(self.name, root=config.run_root, config=config)
+        self._envs: list[Any] = []  # every env made, so an interrupt mid-construction still closes them
+        try:
+            self._build(model, tokenizer)
+            # The run directory comes last: everything above can still fail on a bad config.
+            if config.resume:
+                self.run = Run.open(self.name, root=config.run_root)
+                self.resumed: ResumeReport | None = self._resume()
+            else:
+                self.run = Run.create(self.name, root=config.run_root, config=config)
+                self.resumed = None
+        except BaseException:
+            self._close_envs()
+            if hasattr(self, "run"):
+                self.run.close()
+            raise
+
+    def _build(self, model: torch.nn.Module | None, tokenizer: Any) -> None:
+        config = self.config
         if model is None:
             self.model, self.tokenizer = build_model_and_tokenizer(config.model, config.device)
         else:
@@ -229,29 +267,41 @@ class Trainer:
             parameter.requires_grad_(False)
         self.policy = LocalPolicy(self.generator, self.tokenizer, max_batch_size=config.rollout.num_envs)
         self.learner = Learner(self.model, config.learner)
-        self.train_runner = EpisodeRunner(make_env_factory(config.env, "train"), config.rollout.num_envs,
-                                          self.tokenizer)
-        self.eval_runner = EpisodeRunner(make_env_factory(config.env, "test"),
+        self.train_runner = EpisodeRunner(self._tracked(make_env_factory(config.env, "train")),
+                                          config.rollout.num_envs, self.tokenizer)
+        self.eval_runner = EpisodeRunner(self._tracked(make_env_factory(config.env, "test")),
                                          min(config.rollout.num_envs, config.eval.num_tasks), self.tokenizer)
         probe = self.train_runner.envs[0]
-        self.train_tasks = task_pool(probe, "train", config.env.num_train_tasks, config.env.kinds)
-        self.eval_tasks = task_pool(probe, "test", config.eval.num_tasks, config.env.kinds)
+        try:
+            self.train_tasks = task_pool(probe, "train", config.env.num_train_tasks, config.env.kinds)
+            self.eval_tasks = task_pool(probe, "test", config.eval.num_tasks, config.env.kinds)
+        except ValueError as exc:  # e.g. env.kinds names a kind the env's task set does not have
+            raise ConfigError(f"env.kinds: {exc}") from exc
         self.curriculum = DifficultyCurriculum(self.train_tasks, config.rollout.curriculum_config)
         self.rng = random.Random(config.seed)
+        self._rng_after_step = self.rng.getstate()  # the trainer RNG as the last completed step left it
         self.step = 0
         self.history: list[dict[str, Any]] = []
-        if config.resume:
-            self._resume()
+        self.initial_eval: dict[str, float] = {}  # the run's first held-out evaluation (kept across resumes)
+
+    def _tracked(self, make_env: Any) -> Any:
+        def make() -> Any:
+            env = make_env()
+            self._envs.append(env)
+            return env
+
+        return make
 
     # ------------------------------------------------------------------ state
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
-            "rng": self.rng.getstate(),
+            "rng": self._rng_after_step,
             "learner": self.learner.state_dict(),
             "curriculum": {"attempts": self.curriculum.attempts, "successes": self.curriculum.successes,
                            "raw_attempts": self.curriculum.raw_attempts},
             "policy_version": self.policy.policy_version,
+            "initial_eval": self.initial_eval,
         }
 
     def save(self) -> Path:
@@ -261,22 +311,47 @@ class Trainer:
             keep_last=self.config.keep_checkpoints,
         )
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.run.directory / "checkpoints")
-        if path is None:
-            self.run.logger.info("resume requested but no checkpoint found; starting fresh")
-            return
-        state = load_checkpoint(path, self.model, self.learner.optimizer, self.learner.scheduler)
+    def _resume(self) -> ResumeReport:
+        state, damaged = load_latest_checkpoint(self.run.directory / "checkpoints", self.model,
+                                                self.learner.optimizer, self.learner.scheduler)
         self.step = state.step
         trainer_state = state.trainer_state
         version, internal, gauss = trainer_state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        self._rng_after_step = self.rng.getstate()
         self.learner.load_state_dict(trainer_state["learner"])
         self.curriculum.attempts.update(trainer_state["curriculum"]["attempts"])
         self.curriculum.successes.update(trainer_state["curriculum"]["successes"])
         self.curriculum.raw_attempts.update(trainer_state["curriculum"]["raw_attempts"])
         self._sync_weights(version=int(trainer_state["policy_version"]))
-        self.run.logger.info("resumed from %s at step %d", path, self.step)
+        records = self._metrics_up_to(self.step)
+        dropped = len(read_jsonl(self.run.metrics_path)) - len(records)
+        if dropped:
+            atomic_write(self.run.metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+        self.history = records
+        # Checkpoints from before initial_eval was saved: the step-0 evaluation is in the metrics.
+        self.initial_eval = trainer_state.get("initial_eval") or next(
+            ({k: v for k, v in r.items() if k.startswith("eval/")} for r in records
+             if r.get("step") == 0 and "eval/success_rate" in r), {})
+        report = ResumeReport(self.step, state.path, damaged, self._changed_settings(), dropped)
+        for path, reason in damaged:
+            self.run.logger.warning("checkpoint %s is damaged (%s); set aside", path, reason)
+        self.run.logger.info("resumed from %s at step %d; changed settings: %s", state.path, self.step,
+                             ", ".join(report.changed) or "none")
+        return report
+
+    def _metrics_up_to(self, step: int) -> list[dict[str, Any]]:
+        return [r for r in read_jsonl(self.run.metrics_path) if int(r.get("step", 0)) <= step]
+
+    def _changed_settings(self) -> list[str]:
+        path = self.run.directory / "config.yaml"
+        try:
+            original = read_yaml(path)
+        except ConfigError as exc:
+            return [f"(cannot compare with the original settings: {exc})"]
+        current = yaml.safe_load(yaml.safe_dump(to_dict(self.config)))  # the same plain types as the file
+        return [f"{key} ({_show(old)} -> {_show(new)})" for key, old, new in changed_settings(original, current)
+                if key != "resume"]
 
     def _sync_weights(self, version: int | None = None) -> int:
         return self.policy.update_weights(self.model.state_dict(), version=version)
@@ -321,42 +396,71 @@ class Trainer:
             await self.policy.aclose()  # the batching worker belongs to this event loop
 
     def train_step(self) -> dict[str, float]:
+        """One step: rollouts (an interrupt may cut them short), then the update, the weight sync and the
+        step count together, so a checkpoint never holds half an optimizer step."""
         r = self.config.rollout
         t0 = time.perf_counter()
         num_tasks = max(1, r.batch_warmup.batch_size(self.step) // r.group_size)
         tasks = self._sample_tasks(num_tasks)
         episodes = asyncio.run(self._collect(self.train_runner, tasks, r.group_size, self._sampling()))
         rollout_s = time.perf_counter() - t0
-        for episode in episodes:
-            self.curriculum.update(episode.task_id, 1.0 if episode.resolved else 0.0)
-        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32).view(len(tasks), r.group_size)
-        keep = dynamic_sampling_keep(rewards) if r.dynamic_sampling else torch.ones(len(tasks), dtype=torch.bool)
-        advantages = group_advantages(rewards, scale_by_std=r.scale_by_std)
-        metrics = summarize_episodes(episodes, "train")
-        metrics.update({"rollout_s": rollout_s, "groups_kept": float(keep.sum()), "groups": float(len(tasks))})
-        kept = [(e, float(advantages[e.group, i % r.group_size]))
-                for i, e in enumerate(episodes) if bool(keep[e.group])]
-        if kept:
-            batch = episodes_to_batch([e for e, _ in kept], [a for _, a in kept], pad_id=self.tokenizer.eos_id)
-            update = self.learner.update(batch)
-            metrics.update({f"learner/{k}": v for k, v in update.items()})
-            metrics["policy_version"] = float(self._sync_weights())
-        else:
-            metrics["learner/skipped_no_signal"] = 1.0
+        with deferred_interrupts():
+            for episode in episodes:
+                self.curriculum.update(episode.task_id, 1.0 if episode.resolved else 0.0)
+            rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32).view(len(tasks), r.group_size)
+            keep = dynamic_sampling_keep(rewards) if r.dynamic_sampling else torch.ones(len(tasks), dtype=torch.bool)
+            advantages = group_advantages(rewards, scale_by_std=r.scale_by_std)
+            metrics = summarize_episodes(episodes, "train")
+            metrics.update({"rollout_s": rollout_s, "groups_kept": float(keep.sum()), "groups": float(len(tasks))})
+            kept = [(e, float(advantages[e.group, i % r.group_size]))
+                    for i, e in enumerate(episodes) if bool(keep[e.group])]
+            if kept:
+                batch = episodes_to_batch([e for e, _ in kept], [a for _, a in kept], pad_id=self.tokenizer.eos_id)
+                update = self.learner.update(batch)
+                metrics.update({f"learner/{k}": v for k, v in update.items()})
+                metrics["policy_version"] = float(self._sync_weights())
+            else:
+                metrics["learner/skipped_no_signal"] = 1.0
+            self.step += 1
+            self._rng_after_step = self.rng.getstate()
         metrics["step_s"] = time.perf_counter() - t0
         return metrics
 
     # ------------------------------------------------------------------ the whole job
 
     def train(self) -> dict[str, Any]:
+        """Train to `steps`; on an interrupt, close the envs, checkpoint the last completed step and raise
+        TrainingInterrupted carrying that step and checkpoint."""
+        self._unlogged: dict[str, float] | None = None  # a completed step's metrics not yet in metrics.jsonl
+        try:
+            return self._train()
+        except KeyboardInterrupt as exc:
+            interrupted = exc if isinstance(exc, TrainingInterrupted) else TrainingInterrupted(signal.SIGINT)
+            with interrupts_ignored():
+                self._close_envs()  # first: the sandboxes go even if saving fails
+                if self._unlogged is not None:
+                    self._log(self.step, self._unlogged)
+                interrupted.step, interrupted.checkpoint = self.step, self.save()
+                interrupted.run_name = self.name
+                self.run.logger.warning("interrupted by %s after step %d; saved %s", interrupted, self.step,
+                                        interrupted.checkpoint)
+            raise interrupted from None
+        except BaseException:
+            self.run.logger.exception("training failed at step %d", self.step)
+            raise
+        finally:
+            self.close()
+
+    def _train(self) -> dict[str, Any]:
         c = self.config
         start = time.monotonic()
         deadline = start + c.max_minutes * 60
         self.run.logger.info("training %s for %d steps (budget %.1f min)", self.name, c.steps, c.max_minutes)
-        initial = self.evaluate() if self.step == 0 else {}
-        if initial:
-            self._log(self.step, initial)
-        first_success = initial.get("eval/success_rate")
+        if self.step == 0 and not self.initial_eval:
+            initial = self.evaluate()
+            with deferred_interrupts():
+                self.initial_eval = initial
+                self._log(self.step, initial)
         stopped_early = False
         with progress(f"train {self.name}", total=c.steps) as advance:
             advance(self.step)
@@ -364,34 +468,41 @@ class Trainer:
                 if time.monotonic() > deadline:
                     stopped_early = True
                     break
-                metrics = self.train_step()
-                self.step += 1
+                metrics = self._unlogged = self.train_step()
                 if c.eval.every and self.step % c.eval.every == 0 and self.step < c.steps:
                     metrics.update(self.evaluate())
-                self._log(self.step, metrics)
-                if c.checkpoint_every and self.step % c.checkpoint_every == 0:
-                    self.save()
+                with deferred_interrupts():
+                    self._log(self.step, metrics)
+                    self._unlogged = None
+                    if c.checkpoint_every and self.step % c.checkpoint_every == 0:
+                        self.save()
                 status = f"success {metrics.get('train/success_rate', 0):.2f}"
                 if "eval/success_rate" in metrics:
                     status += f" held-out {metrics['eval/success_rate']:.2f}"
                 advance(1, status=status)
         final = self.evaluate()
-        self._log(self.step, final)
-        self.save()
-        elapsed = time.monotonic() - start
-        summary = {
+        with deferred_interrupts():
+            self._log(self.step, final)
+            self.save()
+            summary = self._summary(final, stopped_early, time.monotonic() - start)
+            self.run.write_file("summary.json", json.dumps(summary, indent=2))
+        return summary
+
+    def _summary(self, final: dict[str, float], stopped_early: bool, elapsed: float) -> dict[str, Any]:
+        initial = self.initial_eval  # the run's first evaluation, also after a resume
+        summary: dict[str, Any] = {
             "run": str(self.run.directory),
             "steps": self.step,
             "stopped_early_by_time_budget": stopped_early,
             "wall_time_s": round(elapsed, 1),
-            "initial_eval_success": first_success,
+            "initial_eval_success": initial.get("eval/success_rate"),
             "final_eval_success": final.get("eval/success_rate"),
         }
+        if self.resumed is not None:
+            summary["resumed_from_step"] = self.resumed.step
         if "eval/greedy_success_rate" in final:
             summary["initial_eval_greedy_success"] = initial.get("eval/greedy_success_rate")
             summary["final_eval_greedy_success"] = final["eval/greedy_success_rate"]
-        self.run.write_file("summary.json", json.dumps(summary, indent=2))
-        self.close()
         return summary
 
     def _log(self, step: int, metrics: dict[str, float]) -> None:
@@ -400,7 +511,21 @@ class Trainer:
         self.history.append({"step": step, **clean})
         plot_training_curve(self.history, self.run.directory / "curve.png", title=self.name)
 
+    def _close_envs(self) -> None:
+        for runner in (getattr(self, "train_runner", None), getattr(self, "eval_runner", None)):
+            if runner is not None:
+                runner.close()
+        for env in self._envs:  # also those made before a runner finished building
+            try:
+                env.close()
+            except Exception:  # a dead sandbox must not stop the shutdown of the others
+                pass
+        self._envs.clear()
+
     def close(self) -> None:
-        self.train_runner.close()
-        self.eval_runner.close()
+        self._close_envs()
         self.run.close()
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from m2rl.rl.rollout import Episode
 from m2rl.rl.trainer import TrainConfig, Trainer, summarize_episodes
 
 REPO = Path(__file__).resolve().parents[2]
+M2RL = Path(sys.executable).parent / "m2rl"
 
 SMALL = [
     "model.init=null", "steps=2", "eval.every=1", "eval.num_tasks=2", "rollout.num_envs=4",
@@ -96,3 +102,137 @@ def test_summary_counts_tool_calls_but_not_submit() -> None:
     assert metrics["eval/success_rate"] == 0.25
     assert metrics["eval/tool_calls_mean"] == (1 + 0 + 3 + 0) / 4
     assert metrics["eval/tool_use_rate"] == 0.5
+
+
+def cli_train(tmp_path: Path, *extra: str) -> int:
+    from m2rl.cli import main
+
+    return main(["train", "--config", str(REPO / "configs" / "train.yaml"), *SMALL, f"run_root={tmp_path}",
+                 "name=t", *extra])
+
+
+def test_resume_needs_something_to_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_train(tmp_path, "resume=true") == 2
+    assert capsys.readouterr().err == (f"m2rl: error: resume=true but there is no run directory {tmp_path / 't'}; "
+                                       "drop resume=true to start a new run\n")
+    assert not (tmp_path / "t").exists()
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.yaml").write_text("steps: 1\n")
+    assert cli_train(tmp_path, "resume=true") == 2
+    assert capsys.readouterr().err == (f"m2rl: error: resume=true but {tmp_path / 't'} has no checkpoint to resume "
+                                       "from; start a new run with another name=\n")
+    assert cli_train(tmp_path, "resume=true", "name=") == 2
+    assert capsys.readouterr().err == "m2rl: error: resume=true needs name=<the run to continue>\n"
+
+
+@pytest.mark.bwrap
+def test_a_name_in_use_is_refused_and_the_run_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Trainer(small_config(tmp_path, "steps=1")).train()
+    run = tmp_path / "t"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert cli_train(tmp_path, "steps=1") == 2
+    assert capsys.readouterr().err == (f"m2rl: error: run directory {run} already exists; pass resume=true to "
+                                       "continue it or choose another name=\n")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.bwrap
+def test_resume_says_where_keeps_the_initial_eval_and_warns_of_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = Trainer(small_config(tmp_path, "steps=1")).train()
+    assert first["initial_eval_success"] is not None
+    run = tmp_path / "t"
+    assert cli_train(tmp_path, "steps=2", "resume=true", "eval.num_tasks=3") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert f"m2rl: resuming {run} at step 1 from {run / 'checkpoints' / 'step_000000001'}" in err
+    assert (f"m2rl: warning: settings changed since {run / 'config.yaml'}: eval.num_tasks (2 -> 3), "
+            "steps (1 -> 2)") in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["initial_eval_success"] == first["initial_eval_success"]
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if "learner/loss" in r] == [1, 2]
+    assert [r["step"] for r in records if "eval/success_rate" in r] == [0, 1, 2]  # no second initial eval
+    assert yaml_steps(run / "config.yaml") == 1  # the original config is kept
+
+
+def yaml_steps(path: Path) -> int:
+    import yaml
+
+    return int(yaml.safe_load(path.read_text())["steps"])
+
+
+@pytest.mark.bwrap
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Trainer(small_config(tmp_path, "steps=2", "eval.every=0")).train()
+    checkpoints = tmp_path / "t" / "checkpoints"
+    weights = checkpoints / "step_000000002" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert cli_train(tmp_path, "steps=3", "eval.every=0", "resume=true") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert (f"m2rl: warning: checkpoint {checkpoints / 'step_000000002'} is damaged (model.pt is damaged "
+            f"(sha256 mismatch)); set aside as damaged-step_000000002") in err
+    assert f"m2rl: resuming {tmp_path / 't'} at step 1 from {checkpoints / 'step_000000001'}" in err
+    assert "m2rl: warning: dropped 2 metrics records logged after step 1 (the checkpoint does not cover them)" in err
+    records = read_metrics(tmp_path / "t" / "metrics.jsonl")
+    assert [r["step"] for r in records if "learner/loss" in r] == [1, 2, 3]
+    assert latest_checkpoint(checkpoints).name == "step_000000003"
+
+
+def leftover_sandboxes(pid: int) -> list[str]:
+    from m2rl.sandboxes import bwrap_backend, docker_backend
+
+    dirs = [str(d) for root in (bwrap_backend.STATE_ROOT, docker_backend.STATE_ROOT) if root.is_dir()
+            for d in root.iterdir() if d.name.startswith(f"{pid}-")]
+    try:
+        from m2rl.sandboxes.gc import labelled_containers
+
+        dirs += [c["Id"][:12] for c in labelled_containers(owner_pid=pid)]
+    except Exception:  # no Docker engine here: no containers either
+        pass
+    return dirs
+
+
+def wait_for_a_completed_step(run: Path, process: subprocess.Popen[bytes], timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, (run.parent / "stderr").read_text()
+        if any("learner/loss" in r for r in read_metrics(run / "metrics.jsonl")):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no training step completed in time")
+
+
+@pytest.mark.parametrize("backend", [pytest.param("bwrap", marks=pytest.mark.bwrap),
+                                     pytest.param("docker", marks=pytest.mark.docker)])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_cleans_up_and_leaves_a_resumable_checkpoint(tmp_path: Path, signum: int, backend: str) -> None:
+    args = [str(M2RL), "train", *SMALL, f"run_root={tmp_path}", "name=t", "steps=50", "eval.every=0",
+            "checkpoint_every=0", f"env.sandbox={backend}"]
+    # the default disposition, whatever this test runner inherited (a shell's background jobs ignore SIGINT)
+    with open(tmp_path / "stderr", "w") as stderr:
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for_a_completed_step(tmp_path / "t", process)
+        process.send_signal(signum)
+        process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = (tmp_path / "stderr").read_text()
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    steps = [r["step"] for r in read_metrics(tmp_path / "t" / "metrics.jsonl") if "learner/loss" in r]
+    checkpoint = latest_checkpoint(tmp_path / "t" / "checkpoints")
+    assert checkpoint is not None and checkpoint.name == f"step_{steps[-1]:09d}"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"m2rl: interrupted by {signal.Signals(signum).name} after step {steps[-1]}; "
+                           f"saved {checkpoint}; resume with: m2rl train "), last
+    assert last.endswith(" name=t resume=true"), last
+    assert leftover_sandboxes(process.pid) == []
+    resumed = Trainer(small_config(tmp_path, f"steps={steps[-1] + 1}", "eval.every=0", "resume=true",
+                                   f"env.sandbox={backend}"))
+    assert resumed.step == steps[-1]
+    assert resumed.train()["steps"] == steps[-1] + 1

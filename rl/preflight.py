@@ -1,0 +1,222 @@
+"""Check a whole training configuration against this machine before anything is built or written.
+
+`m2rl train` calls `check_config` before it creates a run directory, so a mistake never leaves half a
+run behind; `m2rl doctor` prints the same `config_problems`. Each problem is one line that starts with
+the key it is about, so every check lives here once and both commands say the same thing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from m2rl.config import ConfigError
+
+if TYPE_CHECKING:
+    from m2rl.rl.trainer import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_NAMESPACE = "m2rl/"
+
+
+def resolve_init(init: str) -> Path:
+    """model.init: relative paths resolve against the repository root (where the shipped assets live)."""
+    path = Path(init)
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def config_problems(config: TrainConfig, run_directory: bool = True) -> list[str]:
+    """Every problem of `config`, one line each; `run_directory`: also check runs/<name> (name, resume)."""
+    problems = _value_problems(config)
+    problems += filter(None, [
+        _env_id_problem(config.env.id),
+        _sandbox_problem(config.env.sandbox),
+        _device_problem(config.device),
+    ])
+    problems += _model_problems(config)
+    if config.stages:
+        problems += _pipeline_problems(config)
+    elif run_directory:
+        problems += _run_problems(config)
+    return problems
+
+
+def format_problems(problems: list[str]) -> str:
+    """One line for any number of problems."""
+    if len(problems) == 1:
+        return problems[0]
+    return f"{len(problems)} problems in the configuration: " + "; ".join(problems)
+
+
+def check_config(config: TrainConfig, run_directory: bool = True) -> None:
+    """Raise ConfigError naming every problem of `config` (see `config_problems`)."""
+    problems = config_problems(config, run_directory)
+    if problems:
+        raise ConfigError(format_problems(problems))
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+def _value_problems(c: TrainConfig) -> list[str]:
+    at_least = [
+        ("threads", c.threads, 1), ("checkpoint_every", c.checkpoint_every, 0),
+        ("keep_checkpoints", c.keep_checkpoints, 1), ("env.max_steps", c.env.max_steps, 1),
+        ("env.num_train_tasks", c.env.num_train_tasks, 1), ("rollout.num_envs", c.rollout.num_envs, 1),
+        ("rollout.max_new_tokens", c.rollout.max_new_tokens, 1), ("eval.every", c.eval.every, 0),
+        ("eval.num_tasks", c.eval.num_tasks, 1), ("eval.samples_per_task", c.eval.samples_per_task, 1),
+    ]
+    problems = [f"{key}: must be >= {minimum}, got {value}" for key, value, minimum in at_least if value < minimum]
+    positive = [("max_minutes", c.max_minutes), ("rollout.temperature", c.rollout.temperature),
+                ("eval.temperature", c.eval.temperature)]
+    problems += [f"{key}: must be > 0, got {value}" for key, value in positive if not (value > 0 and math.isfinite(value))]
+    if not 0 < c.rollout.top_p <= 1:
+        problems.append(f"rollout.top_p: must be in (0, 1], got {c.rollout.top_p}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+def _env_id_problem(env_id: str) -> str | None:
+    """The id must resolve the way gymnasium.make resolves it (incl. `module:ID`) to an m2rl tool env."""
+    import gymnasium
+
+    import m2rl.envs  # registers the m2rl/* ids
+
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # any error while importing the user's module is theirs to see
+            return f"env.id: cannot import module {module!r} of {env_id!r}: {_first_line(exc)}"
+    if name not in gymnasium.registry:
+        return f"env.id: no environment {name!r} is registered; m2rl envs: {', '.join(m2rl.envs.registered_ids())}"
+    if not name.startswith(ENV_NAMESPACE):
+        # The trainer drives envs through the ToolEnv contract (task sets, text actions, sandbox kwargs).
+        return (f"env.id: {name!r} is not an m2rl tool environment (register it with m2rl.envs.register_env "
+                f"under the {ENV_NAMESPACE!r} namespace)")
+    return None
+
+
+def _sandbox_problem(backend: str) -> str | None:
+    from m2rl.sandboxes.factory import BACKENDS
+
+    if backend not in BACKENDS:
+        return f"env.sandbox: unknown sandbox backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    if backend == "bwrap" and shutil.which("bwrap") is None:
+        return "env.sandbox: bwrap is not installed (apt-get install bubblewrap, or use env.sandbox=docker)"
+    if backend == "docker":
+        from m2rl.sandboxes.docker_backend import engine_available, image_exists
+        from m2rl.sandboxes.images import default_image
+
+        if not engine_available():
+            return "env.sandbox: the Docker engine is not reachable (start dockerd, or use env.sandbox=bwrap)"
+        if not image_exists(default_image()):
+            return f"env.sandbox: the sandbox image {default_image()} is not built (run `m2rl images build --base-only`)"
+    return None
+
+
+def _device_problem(device: str) -> str | None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        return f"device: unknown device {device!r}; use cpu, cuda, cuda:N or mps"
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"device: {device!r} needs a CUDA GPU, but torch {torch.__version__} sees none"
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            return f"device: {device!r} does not exist; torch sees {torch.cuda.device_count()} GPU(s)"
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        return f"device: {device!r} needs Apple's MPS backend, which torch {torch.__version__} does not have here"
+    return None
+
+
+def _model_problems(c: TrainConfig) -> list[str]:
+    from m2rl.model import CheckpointError, M2Config, M2ConfigError, M2Tokenizer
+    from m2rl.model.checkpoint import verify_pretrained
+
+    problems = []
+    try:
+        M2Config.from_preset(c.model.preset)
+    except M2ConfigError as exc:
+        problems.append(f"model.preset: {exc}")
+    if c.model.init:
+        path = resolve_init(c.model.init)
+        if not path.exists():
+            problems.append(f"model.init: checkpoint directory not found: {path} (build one with "
+                            "`python -m m2rl.rl.warm_start all --out PATH` or set model.init=null)")
+            return problems
+        try:
+            verify_pretrained(path)
+            if (path / "tokenizer.json").exists():
+                M2Tokenizer.from_file(path / "tokenizer.json")
+        except (CheckpointError, M2ConfigError) as exc:
+            problems.append(f"model.init: {exc}")
+        except Exception as exc:  # the tokenizer library raises its own types for a bad file
+            problems.append(f"model.init: {path / 'tokenizer.json'} cannot be read ({_first_line(exc)})")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def _run_root_problem(root: Path) -> str | None:
+    if root.exists() and not root.is_dir():
+        return f"run_root: {root} is not a directory"
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"run_root: cannot create runs under {root} ({existing} is not writable)"
+    return None
+
+
+def _run_problems(c: TrainConfig) -> list[str]:
+    from m2rl.rl.checkpoint import list_checkpoints
+    from m2rl.runs import run_in_use, run_name_problem
+
+    root = Path(c.run_root)
+    problems = list(filter(None, [_run_root_problem(root)]))
+    if c.name and (problem := run_name_problem(c.name)):
+        return problems + [f"name: {problem}"]
+    directory = root / c.name
+    if c.resume:
+        if not c.name:
+            problems.append("resume=true needs name=<the run to continue>")
+        elif not directory.is_dir():
+            problems.append(f"resume=true but there is no run directory {directory}; drop resume=true to start a new run")
+        elif not list_checkpoints(directory / "checkpoints"):
+            problems.append(f"resume=true but {directory} has no checkpoint to resume from; "
+                            "start a new run with another name=")
+    elif c.name and run_in_use(directory):
+        problems.append(f"run directory {directory} already exists; pass resume=true to continue it or choose "
+                        "another name=")
+    return problems
+
+
+def _pipeline_problems(c: TrainConfig) -> list[str]:
+    """A pipeline writes runs/<name>-<stage> per stage; none may be in use, and it cannot resume."""
+    from m2rl.runs import run_in_use, run_name_problem
+
+    root = Path(c.run_root)
+    problems = list(filter(None, [_run_root_problem(root)]))
+    if c.resume:
+        problems.append("resume=true is not supported for a multi-stage pipeline (stages); resume one RL stage "
+                        "as a single run instead")
+    if c.name and (problem := run_name_problem(c.name)):
+        return problems + [f"name: {problem}"]
+    if c.name:
+        problems += [f"run directory {root / f'{c.name}-{s.name}'} already exists (stage {s.name!r}); choose "
+                     "another name=" for s in c.stages if run_in_use(root / f"{c.name}-{s.name}")]
+    return problems
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,19 +1,24 @@
 """The `m2rl` command line.
 
 Subcommands are registered by `register(subparsers)` functions in `m2rl/<package>/cli.py` modules
-so each package owns its commands. Errors the user can fix (bad config, missing component) print
-one clear line and exit 2; they never show a traceback.
+so each package owns its commands. Every error is one line `m2rl: error: <message>` on stderr, printed by
+`print_error` here (the one place that prefix is written): errors the user can fix (bad config, bad
+files, a run name in use, bad arguments) exit 2, anything unexpected exits 1. `--debug` (anywhere on the
+command line) or M2RL_DEBUG=1 also prints the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from m2rl import __version__
-from m2rl.config import ConfigError, apply_overrides, read_yaml
+from m2rl.config import apply_overrides, read_yaml
 
 # Packages that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -32,6 +37,51 @@ class UserError(Exception):
     """A problem the user can fix; printed as one line."""
 
 
+# Error types of the packages whose messages are written for the user (they name the key, file or
+# option): exit 2. Looked up in sys.modules so that `m2rl tasks` does not import torch to classify errors.
+_USER_ERROR_TYPES = [
+    ("m2rl.config", "ConfigError"),
+    ("m2rl.runs", "RunError"),
+    ("m2rl.model.checkpoint", "CheckpointError"),
+    ("m2rl.model.config", "M2ConfigError"),
+    ("m2rl.sandboxes.errors", "SandboxError"),
+]
+
+
+def one_line(message: object) -> str:
+    """The message with its line breaks folded, so an error is always exactly one line."""
+    return " ".join(str(message).split())
+
+
+def print_error(message: object) -> int:
+    """Print `m2rl: error: <message>` (one line) on stderr; return the exit status for a user error."""
+    print(f"m2rl: error: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def print_note(message: object, warning: bool = False) -> None:
+    """A one-line status (`m2rl: ...`) or warning (`m2rl: warning: ...`) on stderr; stdout stays for results."""
+    print(f"m2rl: {'warning: ' if warning else ''}{one_line(message)}", file=sys.stderr)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (UserError, OSError)):  # OSError: a path, a permission, a full disk
+        return True
+    for module_name, class_name in _USER_ERROR_TYPES:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one error format (argparse prints a usage block and `m2rl train: error:`)."""
+
+    def error(self, message: str) -> NoReturn:
+        print_error(f"{message} (see `{self.prog} --help`)")
+        sys.exit(2)
+
+
 def _cmd_version(args: argparse.Namespace) -> int:
     import torch
 
@@ -45,6 +95,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     config_path = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     raw = read_yaml(config_path) if config_path else {}
     raw = apply_overrides(raw, args.overrides)
+    source = f"{config_path or 'defaults'}" + (" + command-line overrides" if args.overrides else "")
+    problems = doctor.config_problems(raw, source)
     required = doctor.required_components(raw)
     if args.require:
         extra = {name.strip() for name in args.require.split(",") if name.strip()}
@@ -54,11 +106,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         required |= extra
     if config_path:
         print(f"configuration: {config_path}")
-    return doctor.print_report(doctor.run_checks(), required)
+    for problem in problems:  # plain print: rich would wrap them and read their [brackets] as markup
+        print(f"configuration problem: {problem}")
+    code = doctor.print_report(doctor.run_checks(), required)
+    return 1 if problems else code
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="m2rl", description="Agentic RL for MiniMax-M2-style tool agents.")
+    parser = _Parser(prog="m2rl", description="Agentic RL for MiniMax-M2-style tool agents.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also M2RL_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -83,16 +139,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere (`m2rl train --debug steps=2`), not only before the command.
+    debug = "--debug" in argv or os.environ.get("M2RL_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, UserError) as exc:
-        print(f"m2rl: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("m2rl: interrupted", file=sys.stderr)
+        print_note("interrupted")
         return 130
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        if _is_user_error(exc):
+            return print_error(exc)
+        print_error(f"unexpected {type(exc).__name__}: {exc} (run with --debug or M2RL_DEBUG=1 for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

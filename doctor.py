@@ -2,7 +2,8 @@
 
 Each check does the real thing (a container runs, bwrap isolates a command, Chromium renders a
 page, transformers builds MiniMaxM2) rather than only looking for a binary. The configuration
-decides which components are required: a missing required one makes doctor exit non-zero.
+decides which components are required: a missing required one makes doctor exit non-zero. Doctor also
+lists every problem `m2rl train` would refuse the same configuration for (rl/preflight.py), one a line.
 """
 
 from __future__ import annotations
@@ -217,6 +218,19 @@ def required_components(config: Mapping[str, Any]) -> set[str]:
     if _get(config, "rollout.backend") == "ray":
         needed.add("ray")
     return needed
+
+
+def config_problems(config: Mapping[str, Any], source: str | None = None) -> list[str]:
+    """What `m2rl train` with this configuration (its raw mapping) would refuse, one line each."""
+    from m2rl.config import ConfigError, from_dict
+    from m2rl.rl.preflight import config_problems as train_config_problems
+    from m2rl.rl.trainer import TrainConfig
+
+    try:
+        config = from_dict(TrainConfig, dict(config), source=source)
+    except ConfigError as exc:  # a wrong key or type: the values cannot be checked further
+        return [str(exc)]
+    return train_config_problems(config)
 
 
 def run_checks(names: list[str] | None = None) -> list[CheckResult]:

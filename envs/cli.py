@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 from typing import Any
+
+# Tasks are generated one by one: a count beyond this takes minutes and prints more than anyone reads.
+MAX_COUNT = 10_000
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ls = sub.add_parser("list", help="task families and kinds, or the first tasks of one family and split")
     ls.add_argument("--family", help="shell | python | browser | mcp (omit to list the families)")
     ls.add_argument("--split", default="test", choices=["train", "test"])
-    ls.add_argument("--count", type=int, default=10, help="how many tasks to list (default 10)")
+    ls.add_argument("--count", type=int, default=10, help=f"how many tasks to list (default 10, at most {MAX_COUNT})")
     ls.set_defaults(func=cmd_list)
 
     show = sub.add_parser("show", help="one task by id (family/kind/seed), with its hidden answer or checker")
@@ -28,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("--family", required=True)
     sample.add_argument("--split", default="train", choices=["train", "test"])
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("-n", "--count", type=int, default=5)
+    sample.add_argument("-n", "--count", type=int, default=5, help=f"how many tasks to draw (1 to {MAX_COUNT})")
     sample.add_argument("--kinds", default="", help="comma-separated kinds to restrict to")
     sample.set_defaults(func=cmd_sample)
 
@@ -40,8 +42,9 @@ def _task_set(family: str) -> Any:
 
 
 def _fail(message: str) -> int:
-    print(f"m2rl: error: {message}", file=sys.stderr)
-    return 2
+    from m2rl.cli import print_error
+
+    return print_error(message)
 
 
 def _first_line(text: str, width: int = 100) -> str:
@@ -52,8 +55,8 @@ def _first_line(text: str, width: int = 100) -> str:
 def cmd_list(args: argparse.Namespace) -> int:
     from m2rl.envs.tasks import TASK_SETS
 
-    if args.count < 0:
-        return _fail("--count must be >= 0")
+    if not 0 <= args.count <= MAX_COUNT:
+        return _fail(f"--count must be between 0 and {MAX_COUNT}, got {args.count}")
     if not args.family:
         for family in TASK_SETS:
             try:
@@ -109,11 +112,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= MAX_COUNT:
+        return _fail(f"-n/--count must be between 1 and {MAX_COUNT}, got {args.count}")
     try:
         task_set = _task_set(args.family)
         kinds = tuple(k for k in args.kinds.split(",") if k) or None
         rng = random.Random(args.seed)
-        tasks = [task_set.sample(args.split, rng, kinds=kinds) for _ in range(max(0, args.count))]
+        tasks = [task_set.sample(args.split, rng, kinds=kinds) for _ in range(args.count)]
     except (KeyError, ValueError) as exc:
         return _fail(str(exc.args[0]) if exc.args else str(exc))
     for task in tasks:

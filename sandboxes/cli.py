@@ -42,32 +42,34 @@ def cmd_gc(args: argparse.Namespace) -> int:
     for name in report.state_dirs:
         print(f"state dir {name}")
     print(("would have " if args.dry_run else "") + report.summary())
+    for line in report.skipped_lines():
+        print(line)
     return 0
 
 
 def cmd_images_build(args: argparse.Namespace) -> int:
     from m2rl.sandboxes.images import ImageSpec, build_base, build_image
 
+    from m2rl.cli import print_error
+
     if args.base_only and args.specs:
-        print("error: --base-only takes no SPEC arguments", file=sys.stderr)
-        return 2
+        return print_error("--base-only takes no SPEC arguments")
     try:
         specs = [ImageSpec.from_file(path) for path in args.specs]  # parse all before building any
         print(build_base(force=args.force))
         for spec in specs:
             print(build_image(spec, force=args.force))
     except SandboxError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print_error(exc)
+        return 1  # a bad spec or a failed build (2 is for bad arguments)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (`python -m m2rl.sandboxes.cli ...`) for use before the project CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="m2rl")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m m2rl.sandboxes.cli ...`: the same as `m2rl ...` (one error format, the same commands)."""
+    from m2rl.cli import main as m2rl_main
+
+    return m2rl_main(argv)
 
 
 if __name__ == "__main__":

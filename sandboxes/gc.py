@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,11 @@ class GcReport:
     state_dirs: list[str] = field(default_factory=list)
     cgroups: list[str] = field(default_factory=list)  # bwrap sandboxes' cgroups (one per hierarchy)
     engine_error: str | None = None
+    # why things were left in place -> how many, e.g. "sandbox state dir(s) owned by live process 1234"
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    def skipped_lines(self) -> list[str]:
+        return [f"skipped {count} {reason}" for reason, count in sorted(self.skipped.items())]
 
     def summary(self) -> str:
         parts = [
@@ -46,6 +52,11 @@ def owner_alive(state_dir_name: str) -> bool:
     """State directories are named `<owner pid>-<random>` by the backends."""
     head = state_dir_name.split("-", 1)[0]
     return head.isdigit() and pid_alive(int(head))
+
+
+def _owner(state_dir_name: str) -> str:
+    head = state_dir_name.split("-", 1)[0]
+    return f"live process {head}" if head.isdigit() else "a running sandbox"
 
 
 def labelled_containers(owner_pid: int | None = None) -> list[dict]:
@@ -95,6 +106,12 @@ def collect(all_containers: bool = False, dry_run: bool = False, min_age_s: floa
                     client.api.remove_container(c["Id"], force=True)
             else:
                 live_docker_ids.update(m.get("Source", "").split("/")[-2] for m in c.get("Mounts", []))
+                host = labels.get(docker_backend.OWNER_HOST_LABEL)
+                if host != socket.gethostname():
+                    report.skipped[f"sandbox container(s) of another host ({host}); run gc there"] += 1
+                else:
+                    owner = labels.get(docker_backend.OWNER_PID_LABEL, "?")
+                    report.skipped[f"sandbox container(s) owned by live process {owner}"] += 1
         used_images = {c.get("ImageID") for c in client.api.containers(all=True)}
         for img in client.api.images(name="m2rl-checkpoint"):
             # Tagged m2rl-checkpoint:<owner pid>-<random>: a live owner may be between commit and reset.
@@ -103,6 +120,10 @@ def collect(all_containers: bool = False, dry_run: bool = False, min_age_s: floa
                 report.images.append(img["Id"][7:19])
                 if not dry_run:
                     client.api.remove_image(img["Id"], force=True)
+            elif img["Id"] in used_images:
+                report.skipped["checkpoint image(s) in use by a container"] += 1
+            else:
+                report.skipped["checkpoint image(s) of a live process (it may be resetting a sandbox)"] += 1
     except EngineUnavailable as exc:
         report.engine_error = str(exc).split(";")[0]
     running_bwrap = running_bwrap_ids()
@@ -113,10 +134,12 @@ def collect(all_containers: bool = False, dry_run: bool = False, min_age_s: floa
         if not root.is_dir() or (root == docker_backend.STATE_ROOT and report.engine_error):
             continue
         for d in root.iterdir():
-            # A sandbox being started has its directory before its container/process: leave young ones.
-            if d.name in live or time.time() - d.stat().st_mtime <= min_age_s:
+            if d.name in live or (not all_containers and owner_alive(d.name)):
+                report.skipped[f"sandbox state dir(s) owned by {_owner(d.name)}"] += 1
                 continue
-            if not all_containers and owner_alive(d.name):
+            # A sandbox being started has its directory before its container/process: leave young ones.
+            if time.time() - d.stat().st_mtime <= min_age_s:
+                report.skipped[f"sandbox state dir(s) younger than {min_age_s:.0f} s (a sandbox may be starting)"] += 1
                 continue
             report.state_dirs.append(str(d))
             if not dry_run:

@@ -87,18 +87,39 @@ class ImageSpec:
         path = Path(path)
         if not path.is_file():
             raise SandboxError(f"image spec file not found: {path}")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise SandboxError(f"image spec {path} is not UTF-8 text "
+                               f"(byte 0x{raw[e.start]:02x} on line {line}, offset {e.start})") from None
+        data = _parse_spec_text(text, path)
         if not isinstance(data, dict):
             raise SandboxError(f"image spec {path}: expected a mapping at the top level")
+        files = data.get("files") or {}
+        if not isinstance(files, dict):
+            raise SandboxError(f"image spec {path}: 'files' must be a mapping")
         # Relative host paths in `files` are relative to the spec file.
-        files = {dest: str((path.parent / src).resolve()) for dest, src in (data.get("files") or {}).items()}
+        files = {dest: str((path.parent / str(src)).resolve()) for dest, src in files.items()}
         return cls.from_dict({**data, "files": files}, source=str(path))
+
+
+def _parse_spec_text(text: str, path: Path) -> object:
+    """YAML (.yaml/.yml) or JSON; a syntax error is a SandboxError naming the file and line."""
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise SandboxError(f"image spec {path}: bad YAML{where}: {getattr(e, 'problem', None) or e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SandboxError(f"image spec {path}: bad JSON line {e.lineno}, column {e.colno}: {e.msg}") from e
 
 
 def _hash_path(h: hashlib._Hash, path: Path) -> None:

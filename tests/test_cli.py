@@ -66,3 +66,33 @@ def test_docker_check_runs_a_container() -> None:
     result = doctor.check_docker()
     assert result.ok, result.detail
     assert "ran" in result.detail
+
+
+def test_gc_says_what_it_skipped_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import time
+
+    from m2rl.sandboxes import bwrap_backend
+
+    bwrap_backend.STATE_ROOT.mkdir(mode=0o755, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid now names no live process
+    owned = bwrap_backend.STATE_ROOT / f"{os.getpid()}-gctest1"
+    orphan = bwrap_backend.STATE_ROOT / f"{dead.pid}-gctest2"
+    young = bwrap_backend.STATE_ROOT / f"{dead.pid}-gctest3"
+    try:
+        for d in (owned, orphan, young):
+            d.mkdir()
+        old = time.time() - 3600
+        for d in (owned, orphan):
+            os.utime(d, (old, old))
+        assert main(["sandboxes", "gc", "--dry-run"]) == 0  # dry run: other users' sandboxes stay untouched
+        out = capsys.readouterr().out.splitlines()
+    finally:
+        for d in (owned, orphan, young):
+            d.rmdir()
+    assert f"state dir {orphan}" in out
+    assert f"state dir {owned}" not in out and f"state dir {young}" not in out
+    assert f"skipped 1 sandbox state dir(s) owned by live process {os.getpid()}" in out
+    assert any(line.startswith("skipped ") and "younger than 60 s (a sandbox may be starting)" in line
+               for line in out)

@@ -54,3 +54,18 @@ def test_errors_are_one_line_and_exit_2(capsys, argv: list[str], message: str) -
     assert run(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tasks", "list", "--family", "python", "--count", "100000000"],
+         "--count must be between 0 and 10000, got 100000000"),
+        (["tasks", "list", "--family", "python", "--count", "-1"], "--count must be between 0 and 10000, got -1"),
+        (["tasks", "sample", "--family", "python", "-n", "-1"], "-n/--count must be between 1 and 10000, got -1"),
+        (["tasks", "sample", "--family", "python", "-n", "0"], "-n/--count must be between 1 and 10000, got 0"),
+    ],
+)
+def test_counts_out_of_range_are_errors(capsys, argv: list[str], message: str) -> None:
+    assert run(argv) == 2
+    assert capsys.readouterr().err == f"m2rl: error: {message}\n"

@@ -199,7 +199,10 @@ def decode_utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{what} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}, offset {exc.start})"
+        ) from None
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -283,6 +286,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         data = apply_overrides(data, overrides)
         source = f"{source} + command-line overrides" if source else "command-line overrides"
     return from_dict(cls, data, source=source)
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two config mappings; a key
+    present on one side only shows None on the other. Sorted by key."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return [(key, flat_old.get(key), flat_new.get(key)) for key in sorted(flat_old.keys() | flat_new.keys())
+            if flat_old.get(key) != flat_new.get(key)]
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def dump_yaml(cfg: Any) -> str:

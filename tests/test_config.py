@@ -130,5 +130,13 @@ def test_duplicate_key_is_an_error_naming_key_and_line(tmp_path: Path) -> None:
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "cfg.yaml"
     path.write_bytes(b"name: \xff\n")
-    with pytest.raises(ConfigError, match=r"^config file .*cfg.yaml is not UTF-8 text \(byte 0xff at offset 6\)$"):
+    with pytest.raises(ConfigError, match=r"^config file .*cfg.yaml is not UTF-8 text \(byte 0xff on line 1, offset 6\)$"):
         load_config(ExampleConfig, path)
+
+
+def test_changed_settings_lists_dotted_keys() -> None:
+    from m2rl.config import changed_settings
+
+    old = {"steps": 1, "env": {"id": "a", "kinds": ["x"]}, "name": "r"}
+    new = {"steps": 2, "env": {"id": "a", "kinds": ["x", "y"]}, "seed": 3, "name": "r"}
+    assert changed_settings(old, new) == [("env.kinds", ["x"], ["x", "y"]), ("seed", None, 3), ("steps", 1, 2)]

@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 _report_resume(trainer)
                 summary = trainer.train()
         except TrainingInterrupted as exc:
-            _report_interrupt(exc, args)
+            _report_interrupt(exc, args, pipeline=bool(config.stages))
             return 128 + exc.signum  # the shell convention for "ended by this signal"
     print(json.dumps(summary, indent=2))
     return 0
@@ -58,11 +58,15 @@ def _report_resume(trainer: Any) -> None:
                    warning=True)
 
 
-def _report_interrupt(exc: Any, args: argparse.Namespace) -> None:
+def _report_interrupt(exc: Any, args: argparse.Namespace, pipeline: bool) -> None:
     from m2rl.cli import print_note
 
+    if pipeline:
+        saved = f"; the stage's last step is in {exc.checkpoint}" if exc.checkpoint else ""
+        print_note(f"interrupted by {exc}; a multi-stage pipeline cannot be resumed{saved}")
+        return
     if exc.checkpoint is None:
-        print_note(f"interrupted by {exc} before training started; nothing to resume")
+        print_note(f"interrupted by {exc} before training started; nothing new was saved")
         return
     # The same command line, pointed at this run: other overrides kept, name/resume replaced.
     kept = [o for o in args.overrides if o.split("=", 1)[0].strip() not in ("name", "resume")]

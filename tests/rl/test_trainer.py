@@ -191,6 +191,11 @@ def leftover_sandboxes(pid: int) -> list[str]:
         dirs += [c["Id"][:12] for c in labelled_containers(owner_pid=pid)]
     except Exception:  # no Docker engine here: no containers either
         pass
+    from m2rl.sandboxes import cgroup
+
+    layout = cgroup.detect_layout()
+    if not isinstance(layout, str):  # a str says why this machine gives sandboxes no cgroups
+        dirs += [group.name for group in cgroup.leaked(layout, lambda name: not name.startswith(f"{pid}-"))]
     return dirs
 
 
@@ -236,3 +241,18 @@ def test_an_interrupt_cleans_up_and_leaves_a_resumable_checkpoint(tmp_path: Path
                                    f"env.sandbox={backend}"))
     assert resumed.step == steps[-1]
     assert resumed.train()["steps"] == steps[-1] + 1
+
+
+def test_a_signal_during_an_update_is_raised_when_the_update_ends() -> None:
+    from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    finished = False
+    with stop_on_signals():
+        with pytest.raises(TrainingInterrupted) as info:
+            with deferred_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler has run by now, and must not have raised
+                finished = True
+    assert finished and info.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -32,11 +32,10 @@ def resolve_init(init: str) -> Path:
 def config_problems(config: TrainConfig, run_directory: bool = True) -> list[str]:
     """Every problem of `config`, one line each; `run_directory`: also check runs/<name> (name, resume)."""
     problems = _value_problems(config)
-    problems += filter(None, [
-        _env_id_problem(config.env.id),
-        _sandbox_problem(config.env.sandbox),
-        _device_problem(config.device),
-    ])
+    env_problem, sandbox_problem = _env_id_problem(config.env.id), _sandbox_problem(config.env.sandbox)
+    if env_problem is None and sandbox_problem is None:
+        env_problem = _env_build_problem(config)
+    problems += filter(None, [env_problem, sandbox_problem, _device_problem(config.device)])
     problems += _model_problems(config)
     if config.stages:
         problems += _pipeline_problems(config)
@@ -98,6 +97,24 @@ def _env_id_problem(env_id: str) -> str | None:
         # The trainer drives envs through the ToolEnv contract (task sets, text actions, sandbox kwargs).
         return (f"env.id: {name!r} is not an m2rl tool environment (register it with m2rl.envs.register_env "
                 f"under the {ENV_NAMESPACE!r} namespace)")
+    return None
+
+
+def _env_build_problem(config: TrainConfig) -> str | None:
+    """Build one env the way the trainer does (no sandbox starts before reset) and check env.kinds."""
+    from m2rl.rl.trainer import make_env_factory
+
+    try:
+        env = make_env_factory(config.env, "train")()
+    except Exception as exc:  # e.g. an MCP env whose servers are not installed
+        return f"env.id: {config.env.id} cannot be built ({type(exc).__name__}: {_first_line(exc)})"
+    try:
+        known = list(env.unwrapped.task_set.kinds)
+    finally:
+        env.close()
+    unknown = [kind for kind in config.env.kinds or [] if kind not in known]
+    if unknown:
+        return f"env.kinds: {config.env.id} has no task kind(s) {unknown}; known: {known}"
     return None
 
 

@@ -272,11 +272,8 @@ class Trainer:
         self.eval_runner = EpisodeRunner(self._tracked(make_env_factory(config.env, "test")),
                                          min(config.rollout.num_envs, config.eval.num_tasks), self.tokenizer)
         probe = self.train_runner.envs[0]
-        try:
-            self.train_tasks = task_pool(probe, "train", config.env.num_train_tasks, config.env.kinds)
-            self.eval_tasks = task_pool(probe, "test", config.eval.num_tasks, config.env.kinds)
-        except ValueError as exc:  # e.g. env.kinds names a kind the env's task set does not have
-            raise ConfigError(f"env.kinds: {exc}") from exc
+        self.train_tasks = task_pool(probe, "train", config.env.num_train_tasks, config.env.kinds)
+        self.eval_tasks = task_pool(probe, "test", config.eval.num_tasks, config.env.kinds)
         self.curriculum = DifficultyCurriculum(self.train_tasks, config.rollout.curriculum_config)
         self.rng = random.Random(config.seed)
         self._rng_after_step = self.rng.getstate()  # the trainer RNG as the last completed step left it

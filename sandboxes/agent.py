@@ -1,9 +1,12 @@
 """The executor that runs INSIDE every sandbox (Docker and bubblewrap): one long-lived Python process.
 
 It is started once per sandbox as PID 1 of the sandbox's PID namespace, connects to a unix socket the host
-listens on (a bind-mounted directory), and serves framed requests: exec, read, write, tar, untar, reset,
-checkpoint, ping. One process per sandbox instead of one `docker exec` per call is what makes an exec round
-trip cost a fork+exec rather than an engine API call.
+listens on (a bind-mounted directory), and serves framed requests: exec, read, write, tar, untar, kill,
+reset, checkpoint, ping. One process per sandbox instead of one `docker exec` per call is what makes an
+exec round trip cost a fork+exec rather than an engine API call.
+
+Everything under the writable directories is the agent's: the file operations below trust none of it (see
+"file system access on the host's behalf"), and the executor caps its own memory (`bound_own_memory`).
 
 Being PID 1 matters: the kernel ignores SIGKILL/SIGTERM sent to a namespace's init from inside it, so a
 command cannot kill the executor, and `kill(-1, SIGKILL)` from init kills every other process of the sandbox
@@ -555,8 +558,6 @@ def select_ready(fd):
     return bool(select.select([fd], [], [], 0)[0])
 
 
-
-
 def sandbox_memory(config):
     """The sandbox's memory limit in bytes, or None: the configured one, else its cgroup's (v2, then v1),
     else the per-command address-space limit."""
@@ -830,7 +831,7 @@ def walk(root_fd):
             yield cursor.fd, name, st, len(stack) - 1
             if stat.S_ISDIR(st.st_mode):
                 mode_back = None
-                if st.st_mode & 0o500 != 0o500:
+                if not os.access(name, os.R_OK | os.X_OK, dir_fd=cursor.fd, follow_symlinks=False):
                     mode_back = stat.S_IMODE(st.st_mode)
                     os.chmod(name, mode_back | 0o700, dir_fd=cursor.fd)
                 cursor.down(name)
@@ -860,7 +861,7 @@ class Node:
     """One entry of a snapshot: a directory ("d", with children), a regular file ("f", with its contents)
     or a symlink ("l", with its target)."""
 
-    __slots__ = ("kind", "mode", "mtime_ns", "data", "target", "children")
+    __slots__ = ("children", "data", "kind", "mode", "mtime_ns", "target")
 
     def __init__(self, kind, mode=0, mtime_ns=0, data=b"", target=None):
         self.kind, self.mode, self.mtime_ns = kind, mode, mtime_ns

@@ -200,7 +200,9 @@ class Sandbox:
         try:  # the executor's own unpacker: by name from open directories, never through a link
             extract_tar(data, parent, keep_links=False, keep_modes=False, rename_top=local.name)
         except (OSError, ValueError, tarfile.TarError) as exc:
-            raise SandboxError(f"download of {remote} to {local} failed: {type(exc).__name__}: {exc}") from exc
+            raise SandboxError(
+                f"download of {remote} to {local} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             os.close(parent)
 

@@ -380,7 +380,7 @@ threading.Thread(target=rewrite, daemon=True).start()
 """
 EVIL_CHECKER = "import json\nprint(json.dumps({'resolved': True, 'score': 1.0, 'details': 'hijacked'}))\n"
 HIJACK_SHELL = (
-    "nohup sh -c 'while :; do for f in /work/.m2rl_checker*; do [ -e \"$f\" ] && cp /tmp/evil.py \"$f\"; "
+    'nohup sh -c \'while :; do for f in /work/.m2rl_checker*; do [ -e "$f" ] && cp /tmp/evil.py "$f"; '
     "done; done' >/dev/null 2>&1 &"
 )
 

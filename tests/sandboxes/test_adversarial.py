@@ -235,7 +235,7 @@ def test_bash_tool_survives_a_command_racing_its_changed_list(tight):
 
     racer = (
         "while :; do for f in /tmp/.m2rl_changed*; do case $f in *'*') ;; "
-        "*) rm -f \"$f\"; if [ $((RANDOM % 2)) = 0 ]; then mkfifo \"$f\"; else ln -sf /dev/zero \"$f\"; fi;; "
+        '*) rm -f "$f"; if [ $((RANDOM % 2)) = 0 ]; then mkfifo "$f"; else ln -sf /dev/zero "$f"; fi;; '
         "esac; done; sleep 0.002; done"
     )
     tight.exec(f"nohup bash -c '{racer}' >/dev/null 2>&1 &", keep_background=True)
@@ -307,7 +307,10 @@ def test_a_deep_tree_in_the_checkpoint_is_restored_and_downloaded(sandbox, tmp_p
     try:
         sandbox.download("/work/d", tmp_path / "deep")
         probe = ["python3", "-c", PROBE_TREE, str(tmp_path / "deep")]
-        assert subprocess.run(probe, capture_output=True, text=True).stdout == "2999 bottom of /work\n"
+        assert (
+            subprocess.run(probe, capture_output=True, text=True, check=True).stdout
+            == "2999 bottom of /work\n"
+        )
         sandbox.upload(tmp_path / "deep", "/tmp/up")
         assert sandbox.exec(["python3", "-c", PROBE_TREE, "/tmp/up"]).stdout == "2999 bottom of /work\n"
     finally:  # pytest's clean-up of old temporary directories recurses: it must never meet this tree
@@ -365,7 +368,11 @@ def test_host_writes_never_go_through_planted_files(tight, plant, tmp_path):
         with pytest.raises(SandboxError, match="cannot snapshot"):
             tight.checkpoint()  # 4 x 60 MB of zeros: more than the tight executor keeps (3 x 64 MB)
         tight.reset()  # to the last snapshot that could be taken
-        assert tight.exec("ls /work /tmp /home/sandbox").stdout.split() == ["/home/sandbox:", "/tmp:", "/work:"]
+        assert tight.exec("ls /work /tmp /home/sandbox").stdout.split() == [
+            "/home/sandbox:",
+            "/tmp:",
+            "/work:",
+        ]
     else:
         tight.checkpoint()
         tight.reset()

@@ -14,10 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from m2rl.sandboxes import agent
 
 # A small path space, so mutations often hit what the set-up created.
@@ -236,3 +234,27 @@ def test_walks_never_hold_more_descriptors_than_a_few(deep_root):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     tree_ = deep_tree(root)
     assert len(tree_) == 10_001 and tree_[-1][:5] == (10_001, "leaf", "f", 0o644, b"deep")
+
+
+def test_the_executor_memory_bound_turns_a_runaway_read_into_memory_error(tmp_path):
+    """What `bound_own_memory` is for: an executor bug that reads without end (as `read` of a /dev/zero
+    link once did) stops at the bound with a MemoryError, instead of growing until the host runs out."""
+    code = (
+        "import resource, sys\n"
+        f"sys.path.insert(0, {str(Path(agent.__file__).parent)!r})\n"
+        "import agent\n"
+        f"ex = agent.Agent({{'writable_roots': [{str(tmp_path)!r}], 'disk_bytes': 16 << 20,"
+        " 'memory_bytes': 64 << 20})\n"
+        "ex.bound_own_memory()\n"
+        "print(resource.getrlimit(resource.RLIMIT_DATA)[0] >> 20)\n"
+        "try:\n"
+        "    open('/dev/zero', 'rb').read()\n"
+        "except MemoryError:\n"
+        "    print('MemoryError')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)\n"
+    )
+    out = subprocess.run(["python3", "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    limit_mb, verdict, peak_mb = out.stdout.split()
+    # 256 MB for the interpreter + 2 x a snapshot (the one 16 MB root) + 3 x a payload (64 MB at most)
+    assert int(limit_mb) == 256 + 2 * 16 + 3 * 64
+    assert verdict == "MemoryError" and int(peak_mb) <= int(limit_mb) + 16

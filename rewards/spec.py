@@ -7,7 +7,7 @@ YAML form (every key optional; `components` replaces the default set when given)
     gamma: 1.0                # discount of the potential-based shaping
     clip: {step: [-0.5, 0.5], dense_total: [-0.5, 0.5], total: null}
     detectors: [test_tampering, fake_test_output, hidden_test_access, network_attempt]
-    void_outcome_on: [test_tampering, fake_test_output, hidden_test_access]
+    void_outcome_on: [test_tampering, hidden_test_access]   # fake_test_output is a logged signal
     numeric_tolerance: 1.0e-6
 """
 

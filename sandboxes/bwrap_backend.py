@@ -408,7 +408,7 @@ class BwrapSandbox(Sandbox):
     def _agent_config(self) -> dict:
         # With a cgroup the kernel counts every page exactly; the watchdog only stands in for it.
         watchdog = None if self.cgroup is not None else self.limits.memory_mb << 20
-        config = agent_config(self._command_rlimits(), watchdog)
+        config = agent_config(self._command_rlimits(), watchdog, limits=self.limits)
         config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
         return config
 

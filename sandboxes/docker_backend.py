@@ -181,7 +181,7 @@ class DockerSandbox(Sandbox):
         rlimits = {"RLIMIT_FSIZE": lim.disk_mb << 20}
         if lim.cpu_seconds:
             rlimits["RLIMIT_CPU"] = lim.cpu_seconds
-        config = agent_config(rlimits)
+        config = agent_config(rlimits, limits=self.limits)
         config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
         created = self.client.api.create_container(
             image,

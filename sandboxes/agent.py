@@ -392,6 +392,7 @@ class Agent:
         costs a read-and-compare of the checkout, not a delete-and-rewrite of it. Contents are compared
         byte for byte (not by mtime/ctime, which a command can preserve, e.g. through a shared mmap)."""
         self.kill_all(keep_protected=False)  # from here on nothing in the sandbox changes under our feet
+        remove_ipc_objects()
         for root, node in self.snapshot.roots.items():
             fd = os.open(root, OPEN_DIR)
             try:
@@ -539,6 +540,44 @@ class Agent:
             self.take_snapshot()
             return {"bytes": self.snapshot.bytes}, b""
         raise ValueError("unknown op %r" % op)
+
+
+IPC_RMID = 0
+# /proc/sysvipc file -> the libc call that removes one of its objects (semctl takes a semaphore index).
+SYSV_IPC = (("shm", "shmctl"), ("msg", "msgctl"), ("sem", "semctl"))
+
+
+def remove_ipc_objects():
+    """SysV shared memory, message queues and semaphores and POSIX message queues live in the sandbox's
+    IPC namespace, not in any directory a reset restores: remove every one, so nothing an episode made
+    survives into the next (and no segment keeps holding memory)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for table, call in SYSV_IPC:
+        try:
+            with open("/proc/sysvipc/" + table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) < 2:
+                continue
+            ipc_id = int(fields[1])
+            if call == "semctl":
+                libc.semctl(ipc_id, 0, IPC_RMID)
+            else:
+                libc[call](ipc_id, IPC_RMID, None)
+    try:
+        names = os.listdir("/dev/mqueue")
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join("/dev/mqueue", name))
+        except OSError:
+            pass
 
 
 def discard_until_eof(fd):

@@ -396,3 +396,16 @@ def test_the_executor_bounds_its_own_memory(tight):
     assert 256 << 20 < int(executor) < 2 << 30, executor
     command = data_limit(tight.exec("cat /proc/self/limits").stdout)  # commands get the original back
     assert command == "unlimited" or int(command) > int(executor), command
+
+
+def test_ipc_objects_do_not_survive_reset(tight):
+    """SysV shared memory, message queues and semaphores live in the sandbox's IPC namespace, outside
+    every file system reset() restores: a segment left by one episode would be seen by the next."""
+    made = tight.exec("ipcmk -M 1048576 && ipcmk -Q && ipcmk -S 2", timeout=10)
+    assert made.exit_code == 0, made
+    listed = tight.exec("ipcs -m -q -s", timeout=10).stdout
+    assert listed.count("0x") >= 3, listed
+    tight.reset()
+    after = tight.exec("ipcs -m -q -s", timeout=10).stdout
+    assert "0x" not in after, after
+    assert_healthy(tight)

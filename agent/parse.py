@@ -7,7 +7,12 @@ what to write instead. Decisions (documented because peers differ):
   newline before `</think>` and the `\\n\\n` after it are separators, not text. Without `</think>`
   the text is content, unless it opened with `<think>` or `enable_thinking=True` was passed: then it is
   unfinished reasoning (error `unclosed_think`) and nothing is executed.
-- Parameter values lose ONE leading and ONE trailing newline only, so code indentation survives.
+- Parameter values are verbatim: exactly the text between `>` and `</parameter>`, since the template writes
+  them inline (vLLM's `minimax_m2` parser does the same). Whitespace at either end is data: a file's final
+  newline, code indentation. So `parse` inverts `render` on every string value except those holding
+  `</parameter>` (the format has no escaping), a special-token marker, or `</invoke>` followed by `<invoke`:
+  that last one reads as a parameter left unclosed before the next call and is a format error
+  (`unclosed_parameter`), never a silently different value.
 - Names are the text up to the first `>`, one layer of quotes removed.
 - Values are typed by the tool's JSON schema (integer, number, boolean, null, array, object: JSON,
   then a lenient fallback: Python literals, `True`, `None`); keys absent from the schema stay strings.
@@ -267,12 +272,6 @@ class _Finder:
         return m.start() if m else -1
 
 
-def _strip_one_newline(value: str) -> str:
-    value = value.removeprefix("\n")
-    value = value.removesuffix("\n")
-    return value
-
-
 class _BlockParser:
     """Parses the invokes of tool-call blocks, collecting calls and errors."""
 
@@ -362,7 +361,7 @@ class _BlockParser:
                     self.error(KIND_FORMAT, "duplicate_parameter",
                                f"{label}: parameter {key!r} is given twice; give each parameter once.", name, index)
                     ok = False
-                args[key] = _strip_one_newline(block[pgt + 1:end])
+                args[key] = block[pgt + 1:end]
             p = end + len(PARAM_CLOSE)
         if ok and name:
             typed = self.validate(name, args, index, label)

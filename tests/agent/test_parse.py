@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -72,12 +73,13 @@ def test_names_one_layer_of_quotes(header):
     assert out.tool_calls[0].name == "bash" and out.tool_calls[0].arguments == {"command": "ls"}
 
 
-def test_values_strip_one_newline_and_keep_indentation():
-    code = "\n    def f():\n        return 1\n\n"
-    out = parse("</think>\n\n" + block(invoke("bash", command=code)), TOOLS)
-    assert out.tool_calls[0].arguments["command"] == "    def f():\n        return 1\n"
-    out = parse("</think>\n\n" + block(invoke("bash", command="  spaced  ")), TOOLS)
-    assert out.tool_calls[0].arguments["command"] == "  spaced  "
+@pytest.mark.parametrize("value", ["def f():\n    return 1\n", "\n    def f():\n        return 1\n\n", "  spaced  ",
+                                   "\n", "\n\n", " ", "", "\r\n x \t\n"])
+def test_values_are_verbatim(value):
+    """Before: one leading and one trailing newline were dropped, so a file's final newline was lost."""
+    out = parse("</think>\n\n" + block(invoke("bash", command=value)), TOOLS)
+    assert out.ok, out.errors
+    assert out.tool_calls[0].arguments["command"] == value
 
 
 def test_values_typed_by_schema_with_lenient_fallback():
@@ -208,7 +210,7 @@ def test_parse_never_raises_on_any_text(text):
 
 NAME = st.from_regex(r"[A-Za-z_][A-Za-z0-9_.-]{0,12}", fullmatch=True)
 STRING_VALUE = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40).filter(
-    lambda s: not s.startswith("\n") and not s.endswith("\n") and "</parameter>" not in s
+    lambda s: "</parameter>" not in s
     and not any(m in s for m in ("[e~[", "<minimax:tool_call>", "</minimax:tool_call>", "]~b]")))
 JSON_SCALAR = st.one_of(st.integers(-10**12, 10**12), st.booleans(), st.none(),
                         st.floats(allow_nan=False, allow_infinity=False))
@@ -253,6 +255,38 @@ def test_render_then_parse_round_trips(calls, reasoning, content):
     assert out.errors == []
     assert out.reasoning == reasoning and out.content == content
     assert [(c.name, c.arguments) for c in out.tool_calls] == calls
+
+
+# Special tokens (one id each) end or open a message or block: a value cannot hold them, nor `</parameter>`.
+UNWRITABLE = ("</parameter>", "[e~[", "]~!b[", "]~b]", "<minimax:tool_call>", "</minimax:tool_call>")
+VALUE_TEXT = st.lists(st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=8),
+                                st.sampled_from(["\n", "\n\n", " ", "\t", "\r\n", "<think>", "</think>", "</invoke>",
+                                                 '<invoke name="bash">', '<parameter name="x">', ">", '"', "<"])),
+                      max_size=12).map("".join).filter(lambda s: not any(m in s for m in UNWRITABLE))
+
+
+def _runs_into_next_invoke(value: str) -> bool:
+    """`</invoke>` then `<invoke` inside one value reads as a parameter left unclosed before the next call."""
+    closed = value.find("</invoke>")
+    return closed >= 0 and re.search(r"<invoke(?=[\s>=])", value[closed:]) is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=VALUE_TEXT, other=VALUE_TEXT)
+def test_string_arguments_round_trip_verbatim(value, other):
+    """render -> parse is the identity on string arguments, leading and trailing whitespace included. The one
+    exception is a value the parser reads as an unclosed parameter: then it says so, never a changed value."""
+    tool = {"type": "function", "function": {"name": "edit", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}, "note": {"type": "string"}}}}}
+    arguments = {"text": value, "note": other}
+    message = {"role": "assistant", "reasoning_content": "r", "content": "",
+               "tool_calls": [{"name": "edit", "arguments": arguments}]}
+    out = parse(render_completion(message), [tool])
+    if _runs_into_next_invoke(value) or _runs_into_next_invoke(other):
+        assert out.tool_calls == [] and "unclosed_parameter" in codes(out)
+    else:
+        assert out.errors == []
+        assert [(c.name, c.arguments) for c in out.tool_calls] == [("edit", arguments)]
 
 
 def test_degenerate_output_errors_are_capped():

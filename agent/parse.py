@@ -39,17 +39,27 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from m2rl.agent.render import EOS, THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from m2rl.agent.render import (
+    EOS,
+    INVOKE_CLOSE,
+    INVOKE_OPEN,
+    PARAMETER_CLOSE,
+    PARAMETER_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+)
 
 # Coarse kinds follow the env -> rewards contract (docs/design.md); `code` is the precise failure.
 KIND_FORMAT, KIND_UNKNOWN_TOOL, KIND_SCHEMA = "format", "unknown_tool", "schema"
 
-INVOKE_OPEN = re.compile(r"<invoke(?=[\s>=])")
-PARAM_OPEN = re.compile(r"<parameter(?=[\s>=])")
+# An opener is the tag name followed by its attributes or `>` (`<invokes` is text).
+INVOKE_START = re.compile(re.escape(INVOKE_OPEN) + r"(?=[\s>=])")
+PARAMETER_START = re.compile(re.escape(PARAMETER_OPEN) + r"(?=[\s>=])")
 MAX_ERRORS = 20
 MAX_VALUE_DEPTH = 32  # nesting levels of one parameter value; real arguments use a handful
 WHITESPACE = re.compile(r"\s*")
-INVOKE_CLOSE, PARAM_CLOSE = "</invoke>", "</parameter>"
 CALL_EXAMPLE = '<minimax:tool_call>\n<invoke name="TOOL">\n<parameter name="KEY">VALUE</parameter>\n</invoke>\n</minimax:tool_call>'
 TYPE_EXAMPLES = {"integer": "3", "number": "1.5", "boolean": "true", "null": "null",
                  "array": '["a", "b"]', "object": '{"key": "value"}', "string": "text"}
@@ -289,7 +299,7 @@ class _BlockParser:
         self.find = _Finder(block)
         pos, found = 0, False
         while True:
-            m = self.find.search(INVOKE_OPEN, pos)
+            m = self.find.search(INVOKE_START, pos)
             gap = block[pos: m.start() if m else len(block)]
             if gap.strip():
                 self.error(KIND_FORMAT, "stray_text",
@@ -326,10 +336,10 @@ class _BlockParser:
             if block.startswith(INVOKE_CLOSE, q):
                 p = q + len(INVOKE_CLOSE)
                 break
-            pm = PARAM_OPEN.match(block, q)
+            pm = PARAMETER_START.match(block, q)
             if pm is None:
-                next_invoke = find.search_start(INVOKE_OPEN, q)
-                nxt = [i for i in (find.find(INVOKE_CLOSE, q), find.search_start(PARAM_OPEN, q), next_invoke) if i >= 0]
+                next_invoke = find.search_start(INVOKE_START, q)
+                nxt = [i for i in (find.find(INVOKE_CLOSE, q), find.search_start(PARAMETER_START, q), next_invoke) if i >= 0]
                 if not nxt or min(nxt) == next_invoke:
                     self.error(KIND_FORMAT, "unclosed_invoke",
                                f"{label} is not closed. End every call with </invoke>.", name, index)
@@ -348,10 +358,10 @@ class _BlockParser:
                 ok = False
                 if pgt < 0:
                     return len(block)
-            end = find.find(PARAM_CLOSE, pgt + 1)
+            end = find.find(PARAMETER_CLOSE, pgt + 1)
             inv_end = find.find(INVOKE_CLOSE, pgt + 1)
             # A missing </parameter> would otherwise swallow the following invokes into this value.
-            if end < 0 or (0 <= inv_end < end and 0 <= find.search_start(INVOKE_OPEN, inv_end) < end):
+            if end < 0 or (0 <= inv_end < end and 0 <= find.search_start(INVOKE_START, inv_end) < end):
                 self.error(KIND_FORMAT, "unclosed_parameter",
                            f"{label}: parameter {key!r} is not closed. End every value with </parameter>.",
                            name, index)
@@ -362,7 +372,7 @@ class _BlockParser:
                                f"{label}: parameter {key!r} is given twice; give each parameter once.", name, index)
                     ok = False
                 args[key] = block[pgt + 1:end]
-            p = end + len(PARAM_CLOSE)
+            p = end + len(PARAMETER_CLOSE)
         if ok and name:
             typed = self.validate(name, args, index, label)
             if typed is not None:
@@ -454,7 +464,7 @@ def parse(text: Any, tools: Any = None, *, enable_thinking: bool | None = None) 
     content = rest if start < 0 else rest[:start]
     out.content = content[:-1] if start >= 0 and content.endswith("\n") else content
     if start < 0:
-        if INVOKE_OPEN.search(rest):
+        if INVOKE_START.search(rest):
             out.errors.append(FormatError(KIND_FORMAT, "Found <invoke> outside a <minimax:tool_call> block, so no "
                                           f"tool was called. Wrap tool calls as {CALL_EXAMPLE}", None, "no_block"))
         elif TOOL_CALL_CLOSE in rest:

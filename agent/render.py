@@ -34,21 +34,23 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-BOS = "]~!b["
-MESSAGE_OPEN = "]~b]"
-EOS = "[e~["
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<minimax:tool_call>", "</minimax:tool_call>"
+# The markers that are special tokens (one id each) belong to the tokenizer, which defines them once; the
+# format's other tags are ordinary text and are defined here. Everything else imports both from this module
+# (or `m2rl.agent.format`).
+from m2rl.model.tokenizer import BOS, EOS, MESSAGE_OPEN, THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+
+INVOKE_OPEN, INVOKE_CLOSE = "<invoke", "</invoke>"  # the opener's name attribute follows: `<invoke name="x">`
+PARAMETER_OPEN, PARAMETER_CLOSE = "<parameter", "</parameter>"
+RESPONSE_OPEN, RESPONSE_CLOSE = "<response>", "</response>"
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
-RESPONSE_OPEN, RESPONSE_CLOSE = "<response>", "</response>"
 # Every string that reads as conversation structure: the special tokens of every M2 tokenizer (one id
 # each) and the tags the model reads as calls and responses (`</response>\n<response>` in a tool's output
 # would forge a second response). The single list of what environment text may not contain.
 STRUCTURE_MARKERS: tuple[str, ...] = (
     BOS, MESSAGE_OPEN, EOS, THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, TOOL_CALL_CLOSE,
-    "<invoke", "</invoke>", "<parameter", "</parameter>", RESPONSE_OPEN, RESPONSE_CLOSE,
+    INVOKE_OPEN, INVOKE_CLOSE, PARAMETER_OPEN, PARAMETER_CLOSE, RESPONSE_OPEN, RESPONSE_CLOSE,
 )
 # Inserted after a marker's first character: invisible when read, and it splits the marker so the
 # tokenizer's special-token matcher (exact substrings) and the parser no longer see it.
@@ -191,10 +193,10 @@ def render_tool_calls(calls: Sequence[Any], where: str = "assistant message") ->
     out = [f"\n{TOOL_CALL_OPEN}\n"]
     for call in calls:
         name, args = tool_call_parts(call, where)
-        out.append(f'<invoke name="{name}">\n')
+        out.append(f'{INVOKE_OPEN} name="{name}">\n')
         for key, value in args.items():
-            out.append(f'<parameter name="{key}">{parameter_value(value)}</parameter>\n')
-        out.append("</invoke>\n")
+            out.append(f'{PARAMETER_OPEN} name="{key}">{parameter_value(value)}{PARAMETER_CLOSE}\n')
+        out.append(f"{INVOKE_CLOSE}\n")
     out.append(TOOL_CALL_CLOSE)
     return "".join(out)
 
@@ -213,7 +215,7 @@ def render_assistant(message: Message, with_reasoning: bool, where: str = "assis
 
 def render_tool_response(content: Any) -> str:
     if content is None or isinstance(content, str):
-        return f"\n<response>{content or ''}</response>"
+        return f"\n{RESPONSE_OPEN}{content or ''}{RESPONSE_CLOSE}"
     if isinstance(content, Sequence):
         # The official template renders each part as its own response, closed by "\n</response>".
         parts = []
@@ -222,10 +224,10 @@ def render_tool_response(content: Any) -> str:
                 text = part.get("output", part.get("text", "") if part.get("type") == "text" else part)
             else:
                 text = part
-            parts.append(f"\n<response>{text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)}"
-                         "\n</response>")
+            parts.append(f"\n{RESPONSE_OPEN}{text if isinstance(text, str) else json.dumps(text, ensure_ascii=False)}"
+                         f"\n{RESPONSE_CLOSE}")
         return "".join(parts)
-    return f"\n<response>{content}</response>"
+    return f"\n{RESPONSE_OPEN}{content}{RESPONSE_CLOSE}"
 
 
 def render_parts(
@@ -321,7 +323,7 @@ def render_tool_suffix(results: Sequence[str], enable_thinking: bool = True) -> 
     bad = [i for i, r in enumerate(results) if not isinstance(r, str)]
     if bad:
         raise RenderError(f"tool results must be strings; results {bad} are not")
-    body = "".join(f"\n<response>{r}</response>" for r in results)
+    body = "".join(f"\n{RESPONSE_OPEN}{r}{RESPONSE_CLOSE}" for r in results)
     return f"\n{MESSAGE_OPEN}tool{body}{EOS}\n" + generation_prompt(enable_thinking)
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
-from m2rl.agent.format import neutralize_markers, parse, render, render_tool_suffix
+from m2rl.agent.format import EOS, neutralize_markers, parse, render, render_tool_suffix
 from m2rl.envs.spaces import UnicodeText
 from m2rl.envs.tasks.base import Task, TaskSet, Verification
 from m2rl.envs.tool import Tool, ToolError, ToolOutput, validate_arguments
@@ -46,7 +46,6 @@ from m2rl.sandboxes import SandboxDead, SandboxError, make_sandbox
 
 logger = logging.getLogger(__name__)
 
-EOS = "[e~["
 ERROR_KINDS = ("format", "unknown_tool", "schema", "timeout", "tool", "sandbox")
 
 # Builds an episode's tools, called at every reset with the env (after the sandbox is ready and the task

@@ -336,3 +336,16 @@ def test_neutralize_extra_tokens_of_a_bigger_tokenizer():
     assert neutralize_markers("a <fim_prefix> b", extra=["<fim_prefix>"]) == "a <\u200bfim_prefix> b"
     assert neutralize_markers("a § b", extra=["§"]) == "a \ufffd b"  # one character cannot be split
     assert neutralize_markers("plain <b>html</b>") == "plain <b>html</b>"
+
+
+def test_special_token_markers_are_the_tokenizers() -> None:
+    """One definition of each marker: the format uses the tokenizer's special tokens, and each of them is a
+    structure marker that environment text may not contain."""
+    from m2rl.agent import format as m2_format
+    from m2rl.envs import tool_env
+    from m2rl.model import tokenizer
+
+    for name in ("BOS", "MESSAGE_OPEN", "EOS", "THINK_OPEN", "THINK_CLOSE", "TOOL_CALL_OPEN", "TOOL_CALL_CLOSE"):
+        assert getattr(m2_format, name) is getattr(tokenizer, name), name
+    assert tool_env.EOS is tokenizer.EOS
+    assert set(tokenizer.MARKERS) <= set(m2_format.STRUCTURE_MARKERS)

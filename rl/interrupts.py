@@ -4,19 +4,25 @@
 `TrainingInterrupted` raised in the main thread, so the job unwinds through its `finally` blocks, closes
 its sandboxes and saves a checkpoint instead of dying with its state on disk. Work that must not be cut
 in half (an optimizer step together with the step counter) runs under `deferred_interrupts()`: a signal
-arriving there is raised when the block ends. Without `stop_on_signals()` (a library caller, a test)
-SIGINT is Python's KeyboardInterrupt as usual, and `TrainingInterrupted` is one too, so callers handle
-both with `except KeyboardInterrupt`.
+arriving there is raised when the block ends. Async work runs through `run_async()`: a signal there
+cancels the event loop's tasks (raised inside a task, asyncio would log it with a traceback as an
+unretrieved exception) and is raised once the loop has shut down. Without `stop_on_signals()` (a
+library caller, a test) SIGINT is Python's KeyboardInterrupt as usual, and `TrainingInterrupted` is one
+too, so callers handle both with `except KeyboardInterrupt`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -43,7 +49,15 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _deferred_depth:
         _pending = signum
         return
-    raise TrainingInterrupted(signum)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise TrainingInterrupted(signum) from None
+    # Inside run_async: cancel the work the way asyncio.run does for Ctrl-C; run_async raises afterwards.
+    _pending = signum
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    loop.call_soon_threadsafe(lambda: None)  # wake the selector so the cancellations run now
 
 
 @contextmanager
@@ -62,6 +76,18 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def run_async(coroutine: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run, except that an interrupt during it cancels its tasks and is raised here, after the loop
+    has shut down (its worker threads finished), as TrainingInterrupted."""
+    global _pending
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        if _pending is not None and _deferred_depth == 0:
+            signum, _pending = _pending, None
+            raise TrainingInterrupted(signum) from None
 
 
 @contextmanager

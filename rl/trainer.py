@@ -19,7 +19,6 @@ two steps' updates: the envs and their sandboxes are closed and the last complet
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import math
@@ -43,7 +42,7 @@ from m2rl.rl.batch import collate
 from m2rl.rl.checkpoint import load_latest_checkpoint, save_checkpoint
 from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
 from m2rl.rl.curves import plot_training_curve
-from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interrupts_ignored
+from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interrupts_ignored, run_async
 from m2rl.rl.learner import Learner, LearnerConfig
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
@@ -378,10 +377,10 @@ class Trainer:
         e = self.config.eval
         params = self._sampling(greedy=e.greedy, temperature=e.temperature)
         samples = 1 if e.greedy else max(1, e.samples_per_task)
-        episodes = asyncio.run(self._collect(self.eval_runner, self.eval_tasks, samples, params))
+        episodes = run_async(self._collect(self.eval_runner, self.eval_tasks, samples, params))
         metrics = summarize_episodes(episodes, "eval")
         if e.report_greedy and not e.greedy:
-            greedy = asyncio.run(self._collect(self.eval_runner, self.eval_tasks, 1, self._sampling(greedy=True)))
+            greedy = run_async(self._collect(self.eval_runner, self.eval_tasks, 1, self._sampling(greedy=True)))
             metrics["eval/greedy_success_rate"] = sum(g.resolved for g in greedy) / max(1, len(greedy))
         return metrics
 
@@ -399,7 +398,7 @@ class Trainer:
         t0 = time.perf_counter()
         num_tasks = max(1, r.batch_warmup.batch_size(self.step) // r.group_size)
         tasks = self._sample_tasks(num_tasks)
-        episodes = asyncio.run(self._collect(self.train_runner, tasks, r.group_size, self._sampling()))
+        episodes = run_async(self._collect(self.train_runner, tasks, r.group_size, self._sampling()))
         rollout_s = time.perf_counter() - t0
         with deferred_interrupts():
             for episode in episodes:

@@ -256,3 +256,30 @@ def test_a_signal_during_an_update_is_raised_when_the_update_ends() -> None:
                 finished = True
     assert finished and info.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_signal_during_async_work_cancels_it_and_is_raised_after() -> None:
+    import asyncio
+
+    from m2rl.rl.interrupts import TrainingInterrupted, run_async, stop_on_signals
+
+    cancelled = []
+
+    async def work() -> None:
+        async def child() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append("child")
+                raise
+
+        task = asyncio.ensure_future(child())
+        await asyncio.sleep(0)
+        os.kill(os.getpid(), signal.SIGINT)
+        await task
+
+    start = time.monotonic()
+    with stop_on_signals(), pytest.raises(TrainingInterrupted) as info:
+        run_async(work())
+    assert info.value.signum == signal.SIGINT and cancelled == ["child"]
+    assert time.monotonic() - start < 10

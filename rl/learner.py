@@ -29,31 +29,47 @@ __all__ = ["Learner", "LearnerConfig", "RolloutBatch", "pack_micro_batches"]
 
 @dataclass
 class LearnerConfig:
+    """AdamW, micro-batching and epochs of the learner (`learner.*` in the train config)."""
+
     lr: float = 1e-6
+    """Peak learning rate of AdamW (the LR schedule scales it)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2); 0.95 as in MiniMax-M1."""
     adam_eps: float = 1e-15
+    """AdamW epsilon; M1 uses 1e-15 so tiny second moments are not drowned by it."""
     weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still logged)
-    micro_batch_tokens: int = 16384  # padded tokens per forward/backward
-    mini_batches: int = 1  # optimizer steps per epoch
-    epochs: int = 1  # passes over the rollout batch (>1 makes later steps off-policy)
-    shuffle: bool = True  # reshuffle sequences into mini-batches each epoch (seeded, resume-safe)
+    """Decoupled AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Global gradient-norm clip; null: no clipping (the norm is still logged)."""
+    micro_batch_tokens: int = 16384
+    """Padded tokens (rows x longest row) per forward/backward; bounds activation memory."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch: the rollout batch is split into this many mini-batches."""
+    epochs: int = 1
+    """Passes over the rollout batch; more than 1 makes the later optimizer steps off-policy."""
+    shuffle: bool = True
+    """Reshuffle sequences into mini-batches each epoch (seeded by seed and update count, so resume-safe)."""
     seed: int = 0
-    bf16: bool = False  # autocast the forward to bfloat16
-    lm_head_fp32: bool = True  # M1: the fp32 head raised train/inference prob correlation 0.987 -> 0.997
+    """Seed of the mini-batch shuffle."""
+    bf16: bool = False
+    """Autocast the forward pass to bfloat16."""
+    lm_head_fp32: bool = True
+    """Compute the LM head in fp32 (M1: raised train/inference probability correlation 0.987 -> 0.997)."""
     gradient_checkpointing: bool = False
-    recompute_old_logprobs: bool = True  # pi_old from the learner, not the generator (enables TIS)
+    """Recompute activations in the backward pass to save memory."""
+    recompute_old_logprobs: bool = True
+    """Take pi_old from the learner rather than the generator (needed by loss.tis)."""
     compute_entropy: bool = True
+    """Compute the per-token entropy of the policy (logged only)."""
     logprob_chunk_size: int = 1024
+    """Tokens per chunk of the LM head when computing log-probs (never the whole [B*T, V] logits at once)."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The policy loss: CISPO or a GRPO/DAPO/GSPO baseline."""
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    """Learning-rate schedule over optimizer steps."""
 
     def __post_init__(self) -> None:
-        # YAML gives nested mappings and lists
-        if isinstance(self.loss, Mapping):
-            self.loss = LossConfig(**self.loss)
-        if isinstance(self.lr_schedule, Mapping):
-            self.lr_schedule = LRScheduleConfig(**self.lr_schedule)
+        # Value checks only: keys and types are checked by m2rl.config when the config is loaded.
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         if not self.lr >= 0:
             raise ValueError(f"LearnerConfig.lr must be >= 0, got {self.lr}")
@@ -206,7 +222,9 @@ class Learner:
             logprobs, entropy, length = self._logprobs(batch, sub, lengths, with_entropy=cfg.compute_entropy)
             idx = torch.tensor(sub, device=batch.input_ids.device)
             mask = batch.loss_mask[idx, :length].to(logprobs.dtype)
-            gen = batch.old_logprobs[idx, :length].to(logprobs.dtype)
+            # Log-probs under the generator that sampled the tokens; `old` (pi_old of the ratio) may be the
+            # learner's recomputation instead.
+            generator_logprobs = batch.old_logprobs[idx, :length].to(logprobs.dtype)
             old = old_logprobs[idx, :length].to(logprobs.dtype)
             loss, metrics = policy_loss(
                 cfg.loss,
@@ -218,7 +236,7 @@ class Learner:
                 ref_logprobs=batch.ref_logprobs[idx, :length].to(logprobs.dtype)
                 if batch.ref_logprobs is not None
                 else None,
-                generator_logprobs=gen,
+                generator_logprobs=generator_logprobs,
                 entropy=entropy,
             )
             loss.backward()
@@ -226,7 +244,7 @@ class Learner:
             n_tokens = float(metrics.pop("num_tokens"))
             with torch.no_grad():
                 metrics["logp_gap_gen_current"] = (
-                    (gen - logprobs.detach()).abs() * mask
+                    (generator_logprobs - logprobs.detach()).abs() * mask
                 ).sum() / mask.sum().clamp(min=1)
             acc.add(metrics, n_tokens)
         out = acc.result()
@@ -266,8 +284,8 @@ class Learner:
         skipped = 0
         for epoch in range(cfg.epochs):
             if cfg.shuffle:
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.update_count * 1009 + epoch)
-                order = torch.randperm(n_rows, generator=gen).tolist()
+                shuffle_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.update_count * 1009 + epoch)
+                order = torch.randperm(n_rows, generator=shuffle_rng).tolist()
             else:
                 order = list(range(n_rows))
             for rows in _split(order, cfg.mini_batches):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from m2rl.config import ConfigError, from_dict
 from m2rl.rl.learner import Learner, LearnerConfig, RolloutBatch, pack_micro_batches
 from m2rl.rl.logprobs import generic_token_logprobs, policy_token_logprobs
 from m2rl.rl.losses import LossConfig, policy_loss
@@ -263,10 +264,16 @@ def test_lr_schedules():
 
 
 def test_config_from_yaml_style_mappings():
-    cfg = LearnerConfig(
-        loss={"kind": "dapo"}, lr_schedule={"kind": "warmup_cosine", "total_steps": 10}, betas=[0.9, 0.95]
-    )
+    # YAML mappings become a LearnerConfig through m2rl.config, the one loader (keys and types checked there).
+    cfg = from_dict(LearnerConfig, {
+        "loss": {"kind": "dapo"}, "lr_schedule": {"kind": "warmup_cosine", "total_steps": 10}, "betas": [0.9, 0.95]
+    })
     assert cfg.loss.eps == (0.2, 0.28) and cfg.lr_schedule.total_steps == 10 and cfg.betas == (0.9, 0.95)
+    with pytest.raises(ConfigError, match=r"unknown config key 'loss\.name' \(in learner\.yaml\); known keys here: "
+                                          r"aggregation, eps_high, eps_low, kind"):
+        from_dict(LearnerConfig, {"loss": {"name": "grpo"}}, source="learner.yaml")
+    with pytest.raises(ConfigError, match=r"invalid config \(in learner\.yaml\) at 'learner\.': .*micro_batch_tokens"):
+        from_dict(LearnerConfig, {"micro_batch_tokens": 0}, source="learner.yaml", prefix="learner.")
     with pytest.raises(ValueError, match="micro_batch_tokens"):
         LearnerConfig(micro_batch_tokens=0)
     learner = Learner(TinyCausalLM())

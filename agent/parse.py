@@ -14,10 +14,9 @@ what to write instead. Decisions (documented because peers differ):
   that last one reads as a parameter left unclosed before the next call and is a format error
   (`unclosed_parameter`), never a silently different value.
 - Names are the text up to the first `>`, one layer of quotes removed.
-- Values are typed by the tool's JSON schema (integer, number, boolean, null, array, object: JSON,
-  then a lenient fallback: Python literals, `True`, `None`); keys absent from the schema stay strings.
-- Values nest at most `MAX_VALUE_DEPTH` levels (`[[...]]`); deeper is a schema error (`too_deep`): every
-  later deep copy, `repr` and `json.dumps` of the arguments recurses once per level.
+- Arguments are checked and typed against the tool's JSON schema by `agent/schema.py` (the one
+  validator: types, enums, nesting depth; keys absent from the schema stay strings unless it is closed).
+  An invalid call gets one `schema` error, whose message names each problem and whose code is the first's.
 - Work is linear in the text: each closer (`</parameter>`, `</invoke>`, `</minimax:tool_call>`) is searched
   for once per position reached, not once per opener (`_Finder`), so hostile output costs no more than
   ordinary output of the same length.
@@ -30,11 +29,7 @@ what to write instead. Decisions (documented because peers differ):
 
 from __future__ import annotations
 
-import ast
-import json
-import math
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +45,7 @@ from m2rl.agent.render import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
 )
+from m2rl.agent.schema import check_arguments
 
 # Coarse kinds follow the env -> rewards contract (docs/design.md); `code` is the precise failure.
 KIND_FORMAT, KIND_UNKNOWN_TOOL, KIND_SCHEMA = "format", "unknown_tool", "schema"
@@ -57,12 +53,10 @@ KIND_FORMAT, KIND_UNKNOWN_TOOL, KIND_SCHEMA = "format", "unknown_tool", "schema"
 # An opener is the tag name followed by its attributes or `>` (`<invokes` is text).
 INVOKE_START = re.compile(re.escape(INVOKE_OPEN) + r"(?=[\s>=])")
 PARAMETER_START = re.compile(re.escape(PARAMETER_OPEN) + r"(?=[\s>=])")
+NAME_ATTRIBUTE = re.compile(r"\s*name\s*=\s*")
 MAX_ERRORS = 20
-MAX_VALUE_DEPTH = 32  # nesting levels of one parameter value; real arguments use a handful
 WHITESPACE = re.compile(r"\s*")
 CALL_EXAMPLE = '<minimax:tool_call>\n<invoke name="TOOL">\n<parameter name="KEY">VALUE</parameter>\n</invoke>\n</minimax:tool_call>'
-TYPE_EXAMPLES = {"integer": "3", "number": "1.5", "boolean": "true", "null": "null",
-                 "array": '["a", "b"]', "object": '{"key": "value"}', "string": "text"}
 
 
 @dataclass
@@ -108,9 +102,9 @@ class ParsedOutput:
         return msg
 
 
-def _snippet(text: str, n: int = 60) -> str:
+def _snippet(text: str, limit: int = 60) -> str:
     text = text.strip()
-    return repr(text if len(text) <= n else text[:n] + "...")
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _tool_table(tools: Any) -> dict[str, Mapping[str, Any]] | None:
@@ -130,120 +124,17 @@ def _tool_table(tools: Any) -> dict[str, Mapping[str, Any]] | None:
     return table
 
 
-def _schema_types(schema: Any) -> set[str]:
-    if not isinstance(schema, Mapping):
-        return set()
-    t = schema.get("type")
-    types = {t} if isinstance(t, str) else {x for x in t if isinstance(x, str)} if isinstance(t, list) else set()
-    for key in ("anyOf", "oneOf"):
-        for sub in schema.get(key) or []:
-            types |= _schema_types(sub)
-    if not types and isinstance(schema.get("enum"), list):
-        types = {_json_type(v) for v in schema["enum"]}
-    return types & set(TYPE_EXAMPLES)  # unknown type names are ignored (the value stays a string)
-
-
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    if isinstance(v, str):
-        return "string"
-    return "array" if isinstance(v, list) else "object" if isinstance(v, dict) else "unknown"
-
-
-def _fits(v: Any, types: set[str]) -> tuple[bool, Any]:
-    jt = _json_type(v)
-    if jt in types:
-        return True, v
-    if jt == "integer" and "number" in types:
-        return True, v
-    if jt == "number" and "integer" in types and not math.isnan(v) and float(v).is_integer():
-        return True, int(v)
-    return False, v
-
-
-_LENIENT_WORDS = {"true": True, "false": False, "null": None, "none": None}
-
-
-def _decode_candidates(raw: str) -> list[Any]:
-    """JSON first, then lenient readings (Python literals, capitalised booleans)."""
-    text, out = raw.strip(), []
-    try:
-        out.append(json.loads(text))
-    except (ValueError, RecursionError):
-        pass
-    if text.lower() in _LENIENT_WORDS:
-        out.append(_LENIENT_WORDS[text.lower()])
-    if len(text) <= 100_000:
-        try:
-            with warnings.catch_warnings():  # e.g. SyntaxWarning for "\\d" escapes in model text
-                warnings.simplefilter("ignore")
-                v = ast.literal_eval(text)
-            out.append(list(v) if isinstance(v, tuple) else v)
-        except Exception:  # noqa: BLE001, S110  literal_eval raises many types (ValueError, SyntaxError, MemoryError, ...)
-            pass
-    return out
-
-
-def _json_too_deep(raw: str) -> bool:
-    """Whether `raw` failed to decode only because it nests deeper than the JSON decoder recurses."""
-    try:
-        json.loads(raw)
-    except RecursionError:
-        return True
-    except ValueError:
-        return False
-    return False
-
-
-def coerce_value(raw: str, schema: Any) -> tuple[bool, Any]:
-    """(ok, value) of a parameter's raw text under its JSON schema."""
-    types = _schema_types(schema)
-    if not types or types == {"string"}:
-        return True, raw
-    for candidate in _decode_candidates(raw):
-        ok, v = _fits(candidate, types - {"string"})
-        if ok:
-            return True, v
-    return ("string" in types), raw
-
-
 def _attr_name(header: str) -> str | None:
     """`name="x"` -> x: text up to the first `>` (already cut), one layer of quotes removed."""
-    m = re.match(r"\s*name\s*=\s*", header)
-    if not m:
+    prefix = NAME_ATTRIBUTE.match(header)
+    if not prefix:
         return None
-    name = header[m.end():].strip()
+    name = header[prefix.end():].strip()
     if name[:1] in "\"'" and name:
         name = name[1:]
     if name[-1:] in "\"'" and name:
         name = name[:-1]
     return name
-
-
-def nesting_depth(value: Any, limit: int = MAX_VALUE_DEPTH) -> int:
-    """Levels of list/tuple/dict nesting in `value` (a scalar is 0), counted without recursion and
-    without looking deeper than `limit + 1` levels (enough to say "too deep")."""
-    deepest, stack = 0, [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, Mapping):
-            children = list(item.values())
-        elif isinstance(item, (list, tuple)):
-            children = list(item)
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        if deepest > limit:
-            return deepest
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 class _Finder:
@@ -273,13 +164,29 @@ class _Finder:
         cached = self._cached(pattern, pos)
         if cached is not None:
             return cached[1]
-        m = pattern.search(self.text, pos)
-        self._last[pattern] = (pos, m.start() if m else -1, m)
-        return m
+        match = pattern.search(self.text, pos)
+        self._last[pattern] = (pos, match.start() if match else -1, match)
+        return match
 
     def search_start(self, pattern: re.Pattern[str], pos: int) -> int:
-        m = self.search(pattern, pos)
-        return m.start() if m else -1
+        match = self.search(pattern, pos)
+        return match.start() if match else -1
+
+
+@dataclass
+class _Invoke:
+    """One `<invoke>` being read: its position among the output's invokes, its name, its raw arguments."""
+
+    index: int  # 0-based, counting invalid invokes
+    name: str | None
+    body_start: int  # just after the `>` of `<invoke name="...">`
+    arguments: dict[str, str] = field(default_factory=dict)
+    ok: bool = True  # False once any error is reported: the call is not returned
+
+    @property
+    def label(self) -> str:
+        """How messages name it: "Tool call 2 ('bash')" (1-based)."""
+        return f"Tool call {self.index + 1}" + (f" ({self.name!r})" if self.name else "")
 
 
 class _BlockParser:
@@ -299,129 +206,134 @@ class _BlockParser:
         self.find = _Finder(block)
         pos, found = 0, False
         while True:
-            m = self.find.search(INVOKE_START, pos)
-            gap = block[pos: m.start() if m else len(block)]
+            opener = self.find.search(INVOKE_START, pos)
+            gap = block[pos: opener.start() if opener else len(block)]
             if gap.strip():
                 self.error(KIND_FORMAT, "stray_text",
                            f"Unexpected text {_snippet(gap)} inside <minimax:tool_call>; only <invoke> elements "
                            f"belong there. Write calls as {CALL_EXAMPLE}")
-            if not m:
+            if not opener:
                 break
             found = True
-            pos = self.parse_invoke(block, m.end())
+            pos = self.parse_invoke(block, opener.end())
         if not found:
             self.error(KIND_FORMAT, "empty_block",
                        f"The <minimax:tool_call> block has no <invoke>. Write calls as {CALL_EXAMPLE}")
 
-    def parse_invoke(self, block: str, pos: int) -> int:
-        """Parse one invoke whose `<invoke` ends at `pos`; return where scanning resumes."""
-        index, self.n_invokes = self.n_invokes, self.n_invokes + 1
-        label = f"Tool call {index + 1}"
-        find = self.find
-        gt = find.find(">", pos)
-        if gt < 0:
-            self.error(KIND_FORMAT, "unclosed_invoke",
-                       f"{label}: the <invoke ...> tag is not closed with '>'. Write <invoke name=\"TOOL\">.",
-                       index=index)
+    def parse_invoke(self, block: str, start: int) -> int:
+        """Parse one invoke whose `<invoke` ends at `start`; return where scanning resumes. Steps: the header,
+        then parameters (and stray text) up to `</invoke>`, then the call is validated. A part that cannot be
+        closed abandons the invoke (`abandoned`), resuming where the next invoke may start."""
+        invoke = self.read_header(block, start)
+        if invoke is None:
             return len(block)
-        name = _attr_name(block[pos:gt])
-        if not name:
-            self.error(KIND_FORMAT, "empty_invoke",
-                       f"{label}: <invoke> has no tool name. Write <invoke name=\"TOOL\">...</invoke>.", index=index)
-        label = f"{label} ({name!r})" if name else label
-        args: dict[str, str] = {}
-        ok, p = bool(name), gt + 1
+        pos = invoke.body_start
         while True:
-            q = WHITESPACE.match(block, p).end()  # type: ignore[union-attr]  # \s* always matches
-            if block.startswith(INVOKE_CLOSE, q):
-                p = q + len(INVOKE_CLOSE)
-                break
-            pm = PARAMETER_START.match(block, q)
-            if pm is None:
-                next_invoke = find.search_start(INVOKE_START, q)
-                nxt = [i for i in (find.find(INVOKE_CLOSE, q), find.search_start(PARAMETER_START, q), next_invoke) if i >= 0]
-                if not nxt or min(nxt) == next_invoke:
-                    self.error(KIND_FORMAT, "unclosed_invoke",
-                               f"{label} is not closed. End every call with </invoke>.", name, index)
-                    return next_invoke if next_invoke >= 0 else len(block)
-                self.error(KIND_FORMAT, "stray_text",
-                           f"{label}: unexpected text {_snippet(block[q:min(nxt)])} inside <invoke>; only "
-                           "<parameter name=\"KEY\">VALUE</parameter> elements belong there.", name, index)
-                ok, p = False, min(nxt)
-                continue
-            pgt = find.find(">", pm.end())
-            key = _attr_name(block[pm.end():pgt]) if pgt >= 0 else None
-            if not key:
-                self.error(KIND_FORMAT, "bad_parameter",
-                           f"{label}: a <parameter> has no name. Write <parameter name=\"KEY\">VALUE</parameter>.",
-                           name, index)
-                ok = False
-                if pgt < 0:
-                    return len(block)
-            end = find.find(PARAMETER_CLOSE, pgt + 1)
-            inv_end = find.find(INVOKE_CLOSE, pgt + 1)
-            # A missing </parameter> would otherwise swallow the following invokes into this value.
-            if end < 0 or (0 <= inv_end < end and 0 <= find.search_start(INVOKE_START, inv_end) < end):
-                self.error(KIND_FORMAT, "unclosed_parameter",
-                           f"{label}: parameter {key!r} is not closed. End every value with </parameter>.",
-                           name, index)
-                return inv_end + len(INVOKE_CLOSE) if inv_end >= 0 else len(block)
-            if key:
-                if key in args:
-                    self.error(KIND_FORMAT, "duplicate_parameter",
-                               f"{label}: parameter {key!r} is given twice; give each parameter once.", name, index)
-                    ok = False
-                args[key] = block[pgt + 1:end]
-            p = end + len(PARAMETER_CLOSE)
-        if ok and name:
-            typed = self.validate(name, args, index, label)
-            if typed is not None:
-                self.calls.append(ToolCall(name, typed, index))
-        return p
+            pos = WHITESPACE.match(block, pos).end()  # type: ignore[union-attr]  # \s* always matches
+            if block.startswith(INVOKE_CLOSE, pos):
+                self.finish(invoke)
+                return pos + len(INVOKE_CLOSE)
+            if PARAMETER_START.match(block, pos):
+                pos, abandoned = self.read_parameter(block, pos, invoke)
+            else:
+                pos, abandoned = self.skip_stray_text(block, pos, invoke)
+            if abandoned:
+                return pos
 
-    def validate(self, name: str, args: dict[str, str], index: int, label: str) -> dict[str, Any] | None:
+    def read_header(self, block: str, start: int) -> _Invoke | None:
+        """The invoke's name from `<invoke name="...">`; None (and an error) when its `>` is missing."""
+        index, self.n_invokes = self.n_invokes, self.n_invokes + 1
+        header_end = self.find.find(">", start)
+        if header_end < 0:
+            self.error(KIND_FORMAT, "unclosed_invoke",
+                       f"Tool call {index + 1}: the <invoke ...> tag is not closed with '>'. Write <invoke name=\"TOOL\">.",
+                       index=index)
+            return None
+        invoke = _Invoke(index, _attr_name(block[start:header_end]), header_end + 1)
+        if not invoke.name:
+            self.error(KIND_FORMAT, "empty_invoke",
+                       f"{invoke.label}: <invoke> has no tool name. Write <invoke name=\"TOOL\">...</invoke>.",
+                       index=index)
+            invoke.ok = False
+        return invoke
+
+    def read_parameter(self, block: str, start: int, invoke: _Invoke) -> tuple[int, bool]:
+        """One `<parameter name="KEY">VALUE</parameter>` at `start`, its value kept verbatim; returns (where
+        to go on, abandoned)."""
+        opener = PARAMETER_START.match(block, start)
+        assert opener is not None  # the caller matched it
+        header_end = self.find.find(">", opener.end())
+        key = _attr_name(block[opener.end():header_end]) if header_end >= 0 else None
+        if not key:
+            self.error(KIND_FORMAT, "bad_parameter",
+                       f"{invoke.label}: a <parameter> has no name. Write <parameter name=\"KEY\">VALUE</parameter>.",
+                       invoke.name, invoke.index)
+            invoke.ok = False
+            if header_end < 0:
+                return len(block), True
+        value_end = self.find.find(PARAMETER_CLOSE, header_end + 1)
+        invoke_end = self.find.find(INVOKE_CLOSE, header_end + 1)
+        if value_end < 0 or self.runs_into_next_invoke(invoke_end, value_end):
+            self.error(KIND_FORMAT, "unclosed_parameter",
+                       f"{invoke.label}: parameter {key!r} is not closed. End every value with </parameter>.",
+                       invoke.name, invoke.index)
+            return (invoke_end + len(INVOKE_CLOSE) if invoke_end >= 0 else len(block)), True
+        if key:
+            if key in invoke.arguments:
+                self.error(KIND_FORMAT, "duplicate_parameter",
+                           f"{invoke.label}: parameter {key!r} is given twice; give each parameter once.",
+                           invoke.name, invoke.index)
+                invoke.ok = False
+            invoke.arguments[key] = block[header_end + 1:value_end]
+        return value_end + len(PARAMETER_CLOSE), False
+
+    def runs_into_next_invoke(self, invoke_end: int, value_end: int) -> bool:
+        """Whether `</invoke>` and then `<invoke` come before the value's `</parameter>`: its closer is missing,
+        and reading on would swallow the following calls into this value."""
+        return 0 <= invoke_end < value_end and 0 <= self.find.search_start(INVOKE_START, invoke_end) < value_end
+
+    def skip_stray_text(self, block: str, start: int, invoke: _Invoke) -> tuple[int, bool]:
+        """Text inside an invoke that is no parameter: an error, skipped up to the next tag. When that tag is
+        another invoke (or there is none), this invoke was never closed: abandoned."""
+        next_invoke = self.find.search_start(INVOKE_START, start)
+        next_tags = [at for at in (self.find.find(INVOKE_CLOSE, start), self.find.search_start(PARAMETER_START, start),
+                                   next_invoke) if at >= 0]
+        if not next_tags or min(next_tags) == next_invoke:
+            self.error(KIND_FORMAT, "unclosed_invoke",
+                       f"{invoke.label} is not closed. End every call with </invoke>.", invoke.name, invoke.index)
+            return (next_invoke if next_invoke >= 0 else len(block)), True
+        resume = min(next_tags)
+        self.error(KIND_FORMAT, "stray_text",
+                   f"{invoke.label}: unexpected text {_snippet(block[start:resume])} inside <invoke>; only "
+                   "<parameter name=\"KEY\">VALUE</parameter> elements belong there.", invoke.name, invoke.index)
+        invoke.ok = False
+        return resume, False
+
+    def finish(self, invoke: _Invoke) -> None:
+        """A closed invoke with no error so far becomes a call if its tool and arguments are valid."""
+        if not (invoke.ok and invoke.name):
+            return
+        typed = self.validate(invoke.name, invoke.arguments, invoke.index)
+        if typed is not None:
+            self.calls.append(ToolCall(invoke.name, typed, invoke.index))
+
+    def validate(self, name: str, arguments: dict[str, str], index: int) -> dict[str, Any] | None:
+        """The typed arguments, or None (and one error) for an unknown tool or arguments its schema refuses.
+        Without tool specs every call is valid and its values stay text."""
         if self.tools is None:
-            return dict(args)
+            return dict(arguments)
         if name not in self.tools:
             known = ", ".join(sorted(self.tools)) or "(none)"
             self.error(KIND_UNKNOWN_TOOL, "unknown_tool",
-                       f"{label}: unknown tool {name!r}. Available tools: {known}.", name, index)
+                       f"Tool call {index + 1} ({name!r}): unknown tool {name!r}. Available tools: {known}.",
+                       name, index)
             return None
-        schema = self.tools[name]
-        props: Mapping[str, Any] = schema["properties"] if isinstance(schema.get("properties"), Mapping) else {}
-        required = [r for r in (schema.get("required") or []) if isinstance(r, str)]
-        typed: dict[str, Any] = {}
-        ok = True
-        for key in required:
-            if key not in args:
-                self.error(KIND_SCHEMA, "missing_argument",
-                           f"Tool {name!r} is missing required parameter {key!r}. Call it as <invoke name=\"{name}\">"
-                           f"<parameter name=\"{key}\">...</parameter></invoke>.", name, index)
-                ok = False
-        for key, raw in args.items():
-            if key not in props:
-                if schema.get("additionalProperties") is False:
-                    allowed = ", ".join(props) or "(none)"
-                    self.error(KIND_SCHEMA, "unexpected_argument",
-                               f"Tool {name!r} has no parameter {key!r}. Its parameters are: {allowed}.", name, index)
-                    ok = False
-                typed[key] = raw
-                continue
-            good, value = coerce_value(raw, props[key])
-            if (good and nesting_depth(value) > MAX_VALUE_DEPTH) or (not good and _json_too_deep(raw)):
-                self.error(KIND_SCHEMA, "too_deep",
-                           f"Parameter {key!r} of tool {name!r} is nested more than {MAX_VALUE_DEPTH} levels deep; "
-                           "pass flatter data (or a string).", name, index)
-                ok = False
-            elif not good:
-                want = " or ".join(sorted(_schema_types(props[key])))
-                example = TYPE_EXAMPLES.get(min(_schema_types(props[key])), "")
-                self.error(KIND_SCHEMA, "bad_type",
-                           f"Parameter {key!r} of tool {name!r} must be {want}, got {_snippet(raw)}. Write it as "
-                           f"JSON, e.g. <parameter name=\"{key}\">{example}</parameter>.", name, index)
-                ok = False
-            typed[key] = value
-        return typed if ok else None
+        typed, problems = check_arguments(name, self.tools[name], arguments)
+        if problems:
+            # One error per invalid call (rewards count invalid calls), naming every problem in it.
+            self.error(KIND_SCHEMA, problems[0].code, " ".join(p.message for p in problems), name, index)
+            return None
+        return typed
 
 
 def _split_reasoning(text: str, enable_thinking: bool | None, errors: list[FormatError]) -> tuple[str, str, bool]:

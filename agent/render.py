@@ -37,7 +37,15 @@ from typing import Any
 # The markers that are special tokens (one id each) belong to the tokenizer, which defines them once; the
 # format's other tags are ordinary text and are defined here. Everything else imports both from this module
 # (or `m2rl.agent.format`).
-from m2rl.model.tokenizer import BOS, EOS, MESSAGE_OPEN, THINK_CLOSE, THINK_OPEN, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from m2rl.model.tokenizer import (
+    BOS,
+    EOS,
+    MESSAGE_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+)
 
 INVOKE_OPEN, INVOKE_CLOSE = "<invoke", "</invoke>"  # the opener's name attribute follows: `<invoke name="x">`
 PARAMETER_OPEN, PARAMETER_CLOSE = "<parameter", "</parameter>"

@@ -6,10 +6,10 @@ A tool is a function or bound method. `tool_spec(fn)` derives
 - defaults -> the parameter is not required,
 - the docstring: first paragraph = description, Google-style `Args:` section = per-parameter descriptions.
 
-`validate_arguments(spec, args)` checks a parsed call against that schema, coercing string values to
-the declared type (the model writes every parameter as text), and returns `(coerced, errors)` with
-messages written for the model to act on. A value nested deeper than the parser's `MAX_VALUE_DEPTH` is
-an error too (each deeper level is one more frame in every later copy, `repr` or `json.dumps`).
+`validate_arguments(spec, args)` checks arguments against that schema with the parser's validator
+(`m2rl.agent.schema.check_arguments`: text is decoded to the declared types, enums and nesting depth are
+checked) and returns `(coerced, errors)` with messages written for the model to act on. `closed_spec(spec)`
+is the spec calls are checked against: a tool takes no parameter it does not declare.
 
 A tool returns a `str` or a `ToolOutput` (which also reports edits, viewed files, commands, or the end of
 the episode); it raises `ToolError` for a failure the model should read.
@@ -18,7 +18,6 @@ the episode); it raises `ToolError` for a failure the model should read.
 from __future__ import annotations
 
 import inspect
-import json
 import re
 import types
 import typing
@@ -26,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
-from m2rl.agent.parse import MAX_VALUE_DEPTH, nesting_depth
+from m2rl.agent.schema import check_arguments
 
 JsonSchema = dict[str, Any]
 
@@ -155,146 +154,25 @@ def tool_spec(fn: Callable[..., Any], name: str | None = None) -> JsonSchema:
     }
 
 
-# ----------------------------------------------------------------------------- validation + coercion
+# ----------------------------------------------------------------------------- validation
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return (
-        repr(text[:limit] + ("..." if len(text) > limit else "")) if isinstance(value, str) else text[:limit]
-    )
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
-
-
-def _too_deep(where: str) -> str:
-    return f"{where} is nested more than {MAX_VALUE_DEPTH} levels deep; pass flatter data"
-
-
-def coerce_value(schema: JsonSchema, value: Any, where: str) -> tuple[Any, str | None]:
-    """Coerce `value` to `schema` (strings are decoded to the declared type); (value, error or None)."""
-    if not schema:
-        return value, None
-    if "anyOf" in schema:
-        for option in schema["anyOf"]:
-            coerced, err = coerce_value(option, value, where)
-            if err is None:
-                return coerced, None
-        return value, f"{where} does not match any allowed type (got {_json_type(value)} {_short(value)})"
-    kind = schema.get("type")
-    out, err = value, None
-    if kind == "string":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            out = str(value)  # a number where text is expected is harmless: keep its text
-        elif not isinstance(value, str):
-            err = f"{where} must be a string, got {_json_type(value)} {_short(value)}"
-    elif kind == "integer":
-        if isinstance(value, str):
-            try:
-                out = int(value.strip())
-            except ValueError:
-                try:
-                    f = float(value.strip())
-                    out = int(f) if f.is_integer() else value
-                except ValueError:
-                    pass
-        elif isinstance(value, float) and value.is_integer():
-            out = int(value)
-        if isinstance(out, bool) or not isinstance(out, int):
-            err = f"{where} must be an integer, got {_json_type(value)} {_short(value)}"
-    elif kind == "number":
-        if isinstance(value, str):
-            try:
-                out = float(value.strip())
-            except ValueError:
-                pass
-        if isinstance(out, bool) or not isinstance(out, (int, float)):
-            err = f"{where} must be a number, got {_json_type(value)} {_short(value)}"
-    elif kind == "boolean":
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
-            out = value.strip().lower() in ("true", "1", "yes")
-        elif isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
-            out = bool(value)
-        if not isinstance(out, bool):
-            err = f"{where} must be a boolean (true or false), got {_json_type(value)} {_short(value)}"
-    elif kind == "null":
-        if isinstance(value, str) and value.strip() in ("null", "None", ""):
-            out = None
-        if out is not None:
-            err = f"{where} must be null, got {_json_type(value)} {_short(value)}"
-    elif kind in ("array", "object"):
-        if isinstance(value, str):
-            try:
-                out = json.loads(value)
-            except json.JSONDecodeError as exc:
-                return value, f"{where} must be a JSON {kind}; could not decode {_short(value)}: {exc.msg}"
-            except RecursionError:
-                return value, _too_deep(where)
-            if nesting_depth(out) > MAX_VALUE_DEPTH:
-                return value, _too_deep(where)
-        want = list if kind == "array" else dict
-        if isinstance(out, tuple):
-            out = list(out)
-        if not isinstance(out, want):
-            return value, f"{where} must be an {kind}, got {_json_type(out)} {_short(out)}"
-        if kind == "array" and "items" in schema:
-            items = []
-            for i, item in enumerate(out):
-                coerced, item_err = coerce_value(schema["items"], item, f"{where}[{i}]")
-                if item_err:
-                    return value, item_err
-                items.append(coerced)
-            out = items
-    if err is None and "enum" in schema and out not in schema["enum"]:
-        allowed = ", ".join(json.dumps(v) for v in schema["enum"])
-        err = f"{where} must be one of {allowed}; got {_short(value)}"
-    return out, err
+def closed_spec(spec: JsonSchema) -> JsonSchema:
+    """`spec` as calls are checked against it: a Python tool takes only the parameters it declares, so its
+    parameters schema is closed (`additionalProperties: false`) unless the spec says otherwise. The prompt
+    shows the spec as written."""
+    function = spec.get("function", spec)
+    parameters = dict(function.get("parameters") or {})
+    parameters.setdefault("additionalProperties", False)
+    return {"type": "function", "function": {**function, "parameters": parameters}}
 
 
 def validate_arguments(spec: JsonSchema, args: Any) -> tuple[dict[str, Any], list[str]]:
-    """Check `args` against a tool spec; returns (coerced args, error messages). Never raises."""
-    function = spec.get("function", spec)
-    name = function.get("name", "?")
-    params = function.get("parameters") or {}
-    properties: dict[str, JsonSchema] = params.get("properties") or {}
-    required: list[str] = list(params.get("required") or [])
-    if not isinstance(args, dict):
-        return {}, [f"arguments of tool '{name}' must be a mapping of parameter names to values"]
-    coerced: dict[str, Any] = {}
-    errors: list[str] = []
-    for key, value in args.items():
-        if key not in properties:
-            takes = ", ".join(properties) or "no parameters"
-            errors.append(f"tool '{name}' has no parameter '{key}' (it takes: {takes})")
-            continue
-        if nesting_depth(value) > MAX_VALUE_DEPTH:
-            errors.append(_too_deep(f"parameter '{key}' of tool '{name}'"))
-            continue
-        out, err = coerce_value(properties[key], value, f"parameter '{key}' of tool '{name}'")
-        if err:
-            errors.append(err)
-        else:
-            coerced[key] = out
-    for key in required:
-        if key not in args:
-            errors.append(f"tool '{name}' is missing required parameter '{key}'")
-    return coerced, errors
+    """Check `args` against a tool spec with the parser's validator (`m2rl.agent.schema`); returns (coerced
+    args, error messages). Never raises."""
+    function = closed_spec(spec)["function"]
+    coerced, errors = check_arguments(str(function.get("name", "?")), function["parameters"], args)
+    return coerced, [error.message for error in errors]
 
 
 # ----------------------------------------------------------------------------- a bound tool

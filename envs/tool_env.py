@@ -39,7 +39,7 @@ import gymnasium as gym
 from m2rl.agent.format import EOS, neutralize_markers, parse, render, render_tool_suffix
 from m2rl.envs.spaces import UnicodeText
 from m2rl.envs.tasks.base import Task, TaskSet, Verification
-from m2rl.envs.tool import Tool, ToolError, ToolOutput, validate_arguments
+from m2rl.envs.tool import Tool, ToolError, ToolOutput, closed_spec
 from m2rl.rewards import RewardSpec, RewardTask, StepInfo, compute_episode_rewards
 from m2rl.rewards.detectors import DetectorHit, run_detectors
 from m2rl.sandboxes import SandboxDead, SandboxError, make_sandbox
@@ -351,7 +351,10 @@ class ToolEnv(gym.Env[str, str]):
         output for a valid call, the parser's messages for an invalid one. Errors not tied to an invoke
         (unclosed block, text after the end) come last.
         """
-        parsed = parse(text, tools=self.tools_spec(), enable_thinking=self.config.enable_thinking)
+        # The parser validates every call against its tool's schema (closed: a tool takes only the parameters
+        # it declares), so the calls it returns are the ones to run, with typed arguments.
+        call_specs = [closed_spec(tool.spec) for tool in self._tools.values()]
+        parsed = parse(text, tools=call_specs, enable_thinking=self.config.enable_thinking)
         by_invoke: dict[int, list[str]] = {}
         general: list[str] = []
         for err in parsed.errors:
@@ -403,23 +406,12 @@ class ToolEnv(gym.Env[str, str]):
         return responses, ended, False
 
     def _call_tool(self, name: str, arguments: dict[str, Any], info: dict[str, Any]) -> tuple[str, bool]:
-        """Run one call; returns (response text, episode ended). Never raises."""
-        tool = self._tools.get(name)
-        if tool is None:
-            msg = f"Error: unknown tool '{name}'. Available tools: {', '.join(self._tools) or 'none'}."
-            info["errors"].append({"kind": "unknown_tool", "message": msg})
-            info["tool_results"].append(_result(name, False, msg, False, 0.0))
-            return msg, False
-        args, problems = validate_arguments(tool.spec, arguments)
-        if problems:
-            msg = "Error: invalid arguments: " + "; ".join(problems) + "."
-            info["errors"].append({"kind": "schema", "message": msg})
-            info["tool_results"].append(_result(name, False, msg, False, 0.0))
-            return msg, False
+        """Run one call the parser validated; returns (response text, episode ended). Never raises."""
+        tool = self._tools[name]
         t0 = time.perf_counter()
         out: ToolOutput
         try:
-            out = tool(**args)
+            out = tool(**arguments)
         except SandboxDead as exc:
             duration = time.perf_counter() - t0
             info["timings"]["sandbox_s"] += duration

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from m2rl.agent.format import FormatError, ParsedOutput, parse, render_completion
+from m2rl.agent.schema import json_type
 
 BASH = {"type": "function", "function": {
     "name": "bash", "description": "Run a command",
@@ -120,7 +121,25 @@ def test_bad_type_and_unknown_tool_keep_valid_calls():
     assert out.tool_calls[0].index == 2
     assert [(e.kind, e.code, e.invoke_index) for e in out.errors] == [
         ("schema", "bad_type", 0), ("unknown_tool", "unknown_tool", 1)]
-    assert "must be integer" in out.errors[0].message and "Available tools: bash, typed" in out.errors[1].message
+    assert "must be an integer" in out.errors[0].message and "Available tools: bash, typed" in out.errors[1].message
+
+
+def test_enum_and_item_types_are_checked():
+    out = parse("</think>\n\n" + block(invoke("typed", e="5"), invoke("typed", a='["x", 2]'), invoke("typed", a='["x", ["y"]]')),
+                TOOLS)
+    assert [c.arguments for c in out.tool_calls] == [{"a": ["x", "2"]}]  # a number where text is expected keeps its text
+    assert [(e.code, e.invoke_index) for e in out.errors] == [("bad_value", 0), ("bad_type", 2)]
+    assert "must be one of 1, 2, 3" in out.errors[0].message
+    assert "Parameter 'a'[1] of tool 'typed' must be a string, got array" in out.errors[1].message
+
+
+def test_one_error_per_invalid_call_naming_each_problem():
+    """Rewards count invalid calls by their errors: a call with two problems is one error."""
+    out = parse("</think>\n\n" + block(invoke("bash", timeout="soon", extra="1")), [{"type": "function", "function": {
+        **BASH["function"], "parameters": {**BASH["function"]["parameters"], "additionalProperties": False}}}])
+    assert [(e.kind, e.code) for e in out.errors] == [("schema", "missing_argument")]
+    message = out.errors[0].message
+    assert "missing required parameter 'command'" in message and "'timeout'" in message and "'extra'" in message
 
 
 def test_additional_properties_false_rejects_unknown_key():
@@ -224,18 +243,6 @@ JSON_VALUE = st.recursive(JSON_SCALAR | st.text(max_size=5),
 PLAIN = st.text(st.characters(blacklist_characters="<[", blacklist_categories=("Cs",)), max_size=30)
 
 
-def _schema_type(v: object) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "boolean"
-    if isinstance(v, int):
-        return "integer"
-    if isinstance(v, float):
-        return "number"
-    return {str: "string", list: "array", dict: "object"}[type(v)]
-
-
 @settings(max_examples=150, deadline=None)
 @given(calls=st.lists(st.tuples(NAME, st.dictionaries(NAME, STRING_VALUE | JSON_VALUE, max_size=4)),
                       min_size=1, max_size=3),
@@ -246,9 +253,9 @@ def test_render_then_parse_round_trips(calls, reasoning, content):
         props = tools.setdefault(name, {"type": "function", "function": {"name": name, "parameters": {
             "type": "object", "properties": {}}}})["function"]["parameters"]["properties"]
         for k, v in args.items():
-            props.setdefault(k, {"type": _schema_type(v)})
+            props.setdefault(k, {"type": json_type(v)})
     calls = [(n, a) for n, a in calls
-             if all(_schema_type(v) == tools[n]["function"]["parameters"]["properties"][k]["type"] for k, v in a.items())]
+             if all(json_type(v) == tools[n]["function"]["parameters"]["properties"][k]["type"] for k, v in a.items())]
     message = {"role": "assistant", "reasoning_content": reasoning, "content": content,
                "tool_calls": [{"name": n, "arguments": a} for n, a in calls]}
     out = parse(render_completion(message), list(tools.values()))
@@ -307,7 +314,7 @@ def test_deeply_nested_values_are_schema_errors(depth):
 
 
 def test_nesting_up_to_the_limit_is_fine():
-    from m2rl.agent.parse import MAX_VALUE_DEPTH
+    from m2rl.agent.schema import MAX_VALUE_DEPTH
 
     inner = MAX_VALUE_DEPTH - 1  # the object itself is one level
     value = {"k": json.loads("[" * inner + "]" * inner)}

@@ -8,7 +8,8 @@ from typing import Literal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from m2rl.envs.tool import Tool, ToolOutput, parse_docstring, tool_spec, validate_arguments
+from m2rl.agent.format import parse, render_completion
+from m2rl.envs.tool import Tool, ToolOutput, closed_spec, parse_docstring, tool_spec, validate_arguments
 
 
 def search(
@@ -129,10 +130,10 @@ def test_coercion(args: dict, expected: dict) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        ({}, "tool 'search' is missing required parameter 'query'"),
+        ({}, "Tool 'search' is missing required parameter 'query'"),
         (
             {"query": "q", "limit": "many"},
-            "parameter 'limit' of tool 'search' must be an integer, got string 'many'",
+            "Parameter 'limit' of tool 'search' must be an integer, got string 'many'",
         ),
         ({"query": "q", "limit": "2.5"}, "must be an integer"),
         ({"query": "q", "limit": True}, "must be an integer, got boolean"),
@@ -140,13 +141,13 @@ def test_coercion(args: dict, expected: dict) -> None:
         ({"query": "q", "tags": "[1, 2"}, "must be a JSON array; could not decode"),
         (
             {"query": "q", "tags": '[["a"]]'},
-            "parameter 'tags' of tool 'search'[0] must be a string, got array",
+            "Parameter 'tags'[0] of tool 'search' must be a string, got array",
         ),
         ({"query": "q", "extra": "[1]"}, "must be an object, got array"),
         ({"query": "q", "mode": "slow"}, 'must be one of "fast", "full"'),
         (
             {"query": "q", "colour": "red"},
-            "tool 'search' has no parameter 'colour' (it takes: query, limit, exact",
+            "Tool 'search' has no parameter 'colour'; its parameters are: query, limit, exact",
         ),
         ({"query": ["q"]}, "must be a string, got array"),
     ],
@@ -206,3 +207,26 @@ def test_deeply_nested_arguments_are_schema_errors(value) -> None:
     coerced, errors = validate_arguments(tool_spec(search), {"query": "q", "tags": value})
     assert "tags" not in coerced
     assert len(errors) == 1 and "tags" in errors[0] and "nested" in errors[0], errors
+
+
+TEXT_VALUES = st.one_of(st.sampled_from(["7", "7.0", "2.5", "true", "False", "None", "null", "fast", "slow", "[1, 2",
+                                         '["a", "b"]', "[1, [2]]", '{"k": 1}', "[1]", "", " 3 "]),
+                        st.text(st.characters(blacklist_categories=("Cs",)), max_size=6)).filter(
+    lambda text: not any(marker in text for marker in ("[e~[", "]~b]", "]~!b[")))  # special tokens end the call
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["query", "limit", "exact", "scale", "tags", "mode", "extra", "zzz"]),
+                       TEXT_VALUES, max_size=5))
+def test_parser_and_validate_arguments_are_one_validator(args: dict) -> None:
+    """What the model writes as text is accepted, typed and refused alike by the parser (which is all ToolEnv
+    runs) and by `validate_arguments`."""
+    spec = tool_spec(search)
+    coerced, errors = validate_arguments(spec, args)
+    message = {"role": "assistant", "content": "", "tool_calls": [{"name": "search", "arguments": args}]}
+    out = parse(render_completion(message), [closed_spec(spec)])
+    if errors:
+        assert out.tool_calls == [] and len(out.errors) == 1
+        assert out.errors[0].message == " ".join(errors)
+    else:
+        assert out.errors == [] and out.tool_calls[0].arguments == coerced

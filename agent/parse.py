@@ -114,11 +114,11 @@ def _tool_table(tools: Any) -> dict[str, Mapping[str, Any]] | None:
     items = tools.values() if isinstance(tools, Mapping) else tools
     table: dict[str, Mapping[str, Any]] = {}
     try:
-        for t in items:
-            fn = t.get("function", t) if isinstance(t, Mapping) else None
-            if isinstance(fn, Mapping) and isinstance(fn.get("name"), str):
-                params = fn.get("parameters")
-                table[fn["name"]] = params if isinstance(params, Mapping) else {}
+        for tool in items:
+            function = tool.get("function", tool) if isinstance(tool, Mapping) else None
+            if isinstance(function, Mapping) and isinstance(function.get("name"), str):
+                parameters = function.get("parameters")
+                table[function["name"]] = parameters if isinstance(parameters, Mapping) else {}
     except TypeError:
         return None
     return table
@@ -201,6 +201,31 @@ class _BlockParser:
 
     def error(self, kind: str, code: str, message: str, tool: str | None = None, index: int | None = None) -> None:
         self.errors.append(FormatError(kind, message, tool, code, index))
+
+    def parse_blocks(self, text: str, start: int) -> None:
+        """Every `<minimax:tool_call>` block of `text` from `start` (where the first one opens) to the end."""
+        find = _Finder(text)
+        pos = start
+        while pos < len(text):
+            open_at = find.find(TOOL_CALL_OPEN, pos)
+            gap = text[pos: open_at if open_at >= 0 else len(text)]
+            if gap.strip():
+                self.error(KIND_FORMAT, "stray_text", f"Text after a tool-call block was ignored: {_snippet(gap)}. "
+                           "Put text before <minimax:tool_call> and end the message after </minimax:tool_call>.")
+            if open_at < 0:
+                return
+            body_start = open_at + len(TOOL_CALL_OPEN)
+            close_at = find.find(TOOL_CALL_CLOSE, body_start)
+            next_open = find.find(TOOL_CALL_OPEN, body_start)
+            if close_at < 0 or 0 <= next_open < close_at:
+                body_end = next_open if next_open >= 0 else len(text)
+                self.error(KIND_FORMAT, "unclosed_block",
+                           "The <minimax:tool_call> block is not closed. End it with </minimax:tool_call>.")
+                self.parse_block(text[body_start:body_end])
+                pos = body_end
+                continue
+            self.parse_block(text[body_start:close_at])
+            pos = close_at + len(TOOL_CALL_CLOSE)
 
     def parse_block(self, block: str) -> None:
         self.find = _Finder(block)
@@ -384,31 +409,16 @@ def parse(text: Any, tools: Any = None, *, enable_thinking: bool | None = None) 
                                           f"<minimax:tool_call>. Write calls as {CALL_EXAMPLE}", None, "stray_text"))
         return out
     blocks = _BlockParser(_tool_table(tools))
-    find = _Finder(rest)
-    pos = start
-    while pos < len(rest):
-        open_at = find.find(TOOL_CALL_OPEN, pos)
-        gap = rest[pos: open_at if open_at >= 0 else len(rest)]
-        if gap.strip():
-            blocks.error(KIND_FORMAT, "stray_text", f"Text after a tool-call block was ignored: {_snippet(gap)}. "
-                         "Put text before <minimax:tool_call> and end the message after </minimax:tool_call>.")
-        if open_at < 0:
-            break
-        body_start = open_at + len(TOOL_CALL_OPEN)
-        close_at = find.find(TOOL_CALL_CLOSE, body_start)
-        next_open = find.find(TOOL_CALL_OPEN, body_start)
-        if close_at < 0 or 0 <= next_open < close_at:
-            body_end = next_open if next_open >= 0 else len(rest)
-            blocks.error(KIND_FORMAT, "unclosed_block",
-                         "The <minimax:tool_call> block is not closed. End it with </minimax:tool_call>.")
-            blocks.parse_block(rest[body_start:body_end])
-            pos = body_end
-            continue
-        blocks.parse_block(rest[body_start:close_at])
-        pos = close_at + len(TOOL_CALL_CLOSE)
-    out.tool_calls, out.errors = blocks.calls, out.errors + blocks.errors
-    if len(out.errors) > MAX_ERRORS:  # a degenerate output would otherwise flood the model's next prompt
-        more = len(out.errors) - MAX_ERRORS
-        out.errors = out.errors[:MAX_ERRORS] + [FormatError(
-            KIND_FORMAT, f"... and {more} more format errors of the same output.", None, "too_many_errors")]
+    blocks.parse_blocks(rest, start)
+    out.tool_calls, out.errors = blocks.calls, _capped(out.errors + blocks.errors)
     return out
+
+
+def _capped(errors: list[FormatError]) -> list[FormatError]:
+    """At most MAX_ERRORS errors and a count of the rest: a degenerate output would otherwise flood the
+    model's next prompt."""
+    if len(errors) <= MAX_ERRORS:
+        return errors
+    more = len(errors) - MAX_ERRORS
+    return errors[:MAX_ERRORS] + [FormatError(
+        KIND_FORMAT, f"... and {more} more format errors of the same output.", None, "too_many_errors")]

@@ -16,7 +16,10 @@ import json
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
+
+from m2rl.rewards.episode import Verification
+from m2rl.sandboxes.result import ExecResult
 
 Split = Literal["train", "test"]
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -37,14 +40,16 @@ class Task:
     meta: dict[str, Any] = field(default_factory=dict)  # generator parameters (for scripted experts)
 
 
-@dataclass
-class Verification:
-    resolved: bool
-    score: float
-    details: str
+class TaskSandbox(Protocol):
+    """What a task set needs of a sandbox (`m2rl.sandboxes.Sandbox` has it): write the task's files before
+    the episode, stop the agent's processes and run a checker after it."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"resolved": self.resolved, "score": float(self.score), "details": self.details}
+    def write_file(self, path: str, data: str | bytes, mode: int | None = None) -> None: ...
+
+    def exec(self, cmd: str | list[str], timeout: float | None = 30.0, cwd: str | None = None,
+             env: dict[str, str] | None = None, stdin: str | bytes | None = None) -> ExecResult: ...
+
+    def kill_processes(self) -> None: ...
 
 
 def split_of(family: str, seed: int) -> str:
@@ -133,14 +138,14 @@ class TaskSet(ABC):
             if split_of(self.family, seed) == split:
                 return self.generate(kind, seed)
 
-    def setup(self, task: Task, sandbox: Any) -> None:
+    def setup(self, task: Task, sandbox: TaskSandbox | None) -> None:
         """Prepare the sandbox for the task (at reset, after the sandbox was cleaned): write its files."""
         if task.files and sandbox is None:
             raise ValueError(f"task {task.id} has files but the env has no sandbox (backend=None)")
         for path, content in task.files.items():
             sandbox.write_file(path, content.encode())
 
-    def grade(self, task: Task, sandbox: Any, answer: str | None) -> Verification:
+    def grade(self, task: Task, sandbox: TaskSandbox | None, answer: str | None) -> Verification:
         """Exact answer match when the task has an answer; otherwise run the checker in the sandbox."""
         if task.answer is not None:
             if answer is None:
@@ -152,10 +157,12 @@ class TaskSet(ABC):
             return Verification(ok, 1.0 if ok else 0.0, detail)
         if task.checker is None:
             raise ValueError(f"task {task.id} has neither an answer nor a checker")
+        if sandbox is None:
+            raise ValueError(f"task {task.id} is graded by a checker, which needs a sandbox (backend=None)")
         return run_checker(task.checker, sandbox)
 
 
-def run_checker(script: str, sandbox: Any, timeout: float = 30.0) -> Verification:
+def run_checker(script: str, sandbox: TaskSandbox, timeout: float = 30.0) -> Verification:
     """Run the checker after the episode; it prints one JSON line {resolved, score, details}.
 
     The checker carries its expected values inside it and reaches the sandbox only now, so nothing the agent

@@ -98,3 +98,83 @@ def test_episode_view():
     assert len(ep.steps) == 3 and ep.task.expected_answer == "2"
     assert ep.answer == "2" and ep.verification.score == 0.5 and ep.truncated_by_error == "dead"
     assert Episode.from_infos([]).verification is None
+
+
+FULL_INFO = {
+    "tool_calls": [{"name": "bash", "arguments": {"command": "pytest -q", "opts": {"deep": ["x"]}}}],
+    "tool_results": [{"name": "bash", "ok": False, "output": "1 failed", "timed_out": False, "duration_s": 0.25}],
+    "errors": [{"kind": "tool", "message": "exit 1"}],
+    "edits": [{"path": "src/a.py", "syntax_ok": True}, {"path": "notes.txt", "syntax_ok": None}],
+    "files_viewed": ["src/a.py"],
+    "commands": ["pytest -q"],
+    "detectors": {"fake_test_output": ["printed test summary"]},
+    "timings": {"sandbox_s": 0.25, "grade_s": 0.5},
+    "reward_breakdown": {"resolved": 1.0, "valid_tool_call": 0.05},
+    "responses": ["1 failed"],
+    "tests": {"passed": ["t1"], "failed": ["t2"]},
+    "answer": "42",
+    "verification": {"resolved": True, "score": 1.0, "details": "ok"},
+    "error": "the sandbox died",
+}
+
+
+def test_the_dict_form_round_trips_and_lists_every_key():
+    """Before: StepInfo had no dict form and no fields for reward_breakdown, detectors, responses, timings,
+    so the agent loop and the learner read those as raw string keys."""
+    step = StepInfo.from_dict(FULL_INFO)
+    assert step.to_dict() == FULL_INFO
+    assert StepInfo.from_dict(step.to_dict()) == step
+    assert step.reward == 1.05 and step.detectors == {"fake_test_output": ("printed test summary",)}
+    assert step.responses == ("1 failed",) and step.timings["grade_s"] == 0.5
+    # every key of the dict form is named in the docstring (the contract is documented where it is declared)
+    for key in FULL_INFO:
+        assert f"``{key}``" in StepInfo.__doc__, key
+
+
+def test_the_dict_form_of_an_empty_step_has_the_lists_but_no_optional_keys():
+    out = StepInfo().to_dict()
+    assert out == {"tool_calls": [], "tool_results": [], "errors": [], "edits": [], "files_viewed": [],
+                   "commands": [], "detectors": {}, "timings": {}, "reward_breakdown": {}, "responses": []}
+
+
+def test_the_dict_form_shares_nothing_with_the_view():
+    step = StepInfo.from_dict(FULL_INFO)
+    out = step.to_dict()
+    out["tool_calls"][0]["arguments"]["opts"]["deep"].append("y")
+    out["reward_breakdown"]["resolved"] = 0.0
+    assert step.to_dict() == FULL_INFO
+
+
+@pytest.mark.parametrize("info, needle", [
+    ({"reward_breakdown": {"resolved": "1"}}, "reward_breakdown.resolved"),
+    ({"detectors": {"x": "evidence"}}, "detectors"),
+    ({"responses": "text"}, "responses"),
+    ({"timings": {"sandbox_s": True}}, "timings.sandbox_s"),
+])
+def test_malformed_new_keys_name_the_key(info, needle):
+    with pytest.raises(EpisodeInfoError, match=needle):
+        StepInfo.from_dict(info)
+
+
+def test_one_verification_class_for_graders_and_rewards():
+    """Before: envs/tasks/base.py and rewards/episode.py each declared a Verification."""
+    from m2rl.envs.tasks.base import Verification as GraderVerification
+    from m2rl.rewards.episode import Verification
+
+    assert GraderVerification is Verification
+    verdict = Verification(False, 0.0, "no answer was submitted")
+    assert verdict.to_dict() == {"resolved": False, "score": 0.0, "details": "no answer was submitted"}
+    assert Verification.from_dict(verdict.to_dict()) == verdict
+    assert Verification(True, 1.0, "ok", exit_code=0).to_dict()["exit_code"] == 0
+
+
+def test_episode_record_sums_what_the_learner_reads():
+    ep = Episode.from_infos([
+        {"reward_breakdown": {"valid_tool_call": 0.05}, "detectors": {"fake_test_output": ["x"], "network": []},
+         "tool_results": [{"name": "python", "ok": True}]},
+        {"reward_breakdown": {"valid_tool_call": 0.05, "resolved": 1.0},
+         "tool_results": [{"name": "submit", "ok": True}], "verification": {"resolved": True, "score": 1.0}},
+    ])
+    assert ep.resolved and ep.reward_breakdown() == {"valid_tool_call": 0.1, "resolved": 1.0}
+    assert ep.detector_steps() == {"fake_test_output": 1} and ep.tool_names() == ["python", "submit"]
+    assert not Episode.from_infos([{"verification": {"resolved": False, "score": 0.0}}]).resolved

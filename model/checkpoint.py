@@ -8,6 +8,7 @@ transformers' MiniMaxM2ForCausalLM and vLLM load.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -166,6 +167,46 @@ def verify_pretrained(path: str | Path) -> M2Config:
     return config
 
 
+def _checkpoint_tensors_on_disk(path: Path, config: M2Config) -> Iterator[tuple[TensorSlot, torch.Tensor]]:
+    """(slot, tensor as stored, FP8 dequantized) for every tensor of a checkpoint directory whose config is
+    `config`; MTP layers are skipped. Raises CheckpointError naming the tensor that is unexpected, misshapen
+    or missing (the last one after every tensor was read)."""
+    quant = config.quantization_config
+    block = tuple(quant.get("weight_block_size", (128, 128))) if quant else (128, 128)
+    layout = checkpoint_layout(config)
+    weight_map = _weight_map(path)
+    loaded: set[str] = set()
+    skipped_mtp = 0
+    for name, f in _iter_tensors(path, weight_map):
+        if name.endswith("weight_scale_inv"):
+            if name.removesuffix("_scale_inv") not in weight_map:
+                raise CheckpointError(f"tensor {name} has no matching weight")
+            continue  # consumed with its weight
+        if _is_mtp(name, config):
+            skipped_mtp += 1
+            continue
+        slot = layout.get(name)
+        if slot is None:
+            raise CheckpointError(f"unexpected tensor {name} (not part of a MiniMax-M2 model with this config)")
+        tensor = f.get_tensor(name)
+        if tensor.dtype == FP8_DTYPE:
+            scale_name = name + "_scale_inv"
+            if scale_name not in weight_map:
+                raise CheckpointError(f"tensor {name} is FP8 but {scale_name} is missing")
+            with _open_safetensors(path / weight_map[scale_name]) as sf:
+                scale = sf.get_tensor(scale_name)
+            tensor = dequantize_fp8_blocks(tensor, scale, block, name)  # type: ignore[arg-type]
+        if tuple(tensor.shape) != slot.shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {slot.shape}")
+        yield slot, tensor
+        loaded.add(name)
+    missing = [n for n in layout if n not in loaded]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    if skipped_mtp:
+        log.warning("skipped %d MTP tensors (multi-token prediction layers are not used)", skipped_mtp)
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     lm_head_fp32: bool = False) -> M2ForCausalLM:
     """Load a MiniMax-M2 checkpoint directory (single-file or sharded safetensors + config.json)."""
@@ -173,50 +214,37 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
     config = read_config(path)
-    quant = config.quantization_config
-    block = tuple(quant.get("weight_block_size", (128, 128))) if quant else (128, 128)
+    on_disk = dataclasses.replace(config)  # keeps quantization_config for the reader
     config.quantization_config = None  # the loaded model holds dequantized weights
-    layout = checkpoint_layout(config)
-    weight_map = _weight_map(path)
 
     with torch.device("meta"):
         model = M2ForCausalLM(config, lm_head_fp32=lm_head_fp32)
     model = model.to(dtype=dtype).to_empty(device=device)  # the router stays fp32 (Router._apply)
     targets = dict(model.named_parameters()) | dict(model.named_buffers())
-
-    loaded: set[str] = set()
-    skipped_mtp = 0
     with torch.no_grad():
-        for name, f in _iter_tensors(path, weight_map):
-            if name.endswith("weight_scale_inv"):
-                if name.removesuffix("_scale_inv") not in weight_map:
-                    raise CheckpointError(f"tensor {name} has no matching weight")
-                continue  # consumed with its weight
-            if _is_mtp(name, config):
-                skipped_mtp += 1
-                continue
-            slot = layout.get(name)
-            if slot is None:
-                raise CheckpointError(f"unexpected tensor {name} (not part of a MiniMax-M2 model with this config)")
-            tensor = f.get_tensor(name)
-            if tensor.dtype == FP8_DTYPE:
-                scale_name = name + "_scale_inv"
-                if scale_name not in weight_map:
-                    raise CheckpointError(f"tensor {name} is FP8 but {scale_name} is missing")
-                with _open_safetensors(path / weight_map[scale_name]) as sf:
-                    scale = sf.get_tensor(scale_name)
-                tensor = dequantize_fp8_blocks(tensor, scale, block, name)  # type: ignore[arg-type]
-            if tuple(tensor.shape) != slot.shape:
-                raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {slot.shape}")
+        for slot, tensor in _checkpoint_tensors_on_disk(path, on_disk):
             dest = targets[slot.target]
             (dest if slot.expert is None else dest[slot.expert]).copy_(tensor)
-            loaded.add(name)
-    missing = [n for n in layout if n not in loaded]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensors, e.g. {missing[:5]}")
-    if skipped_mtp:
-        log.warning("skipped %d MTP tensors (multi-token prediction layers are not used)", skipped_mtp)
     return model.eval()
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The `M2ForCausalLM.state_dict()` (experts stacked) held by a checkpoint directory, on the CPU at the
+    dtypes stored on disk, so `model.load_state_dict` restores the saved bits exactly (a training checkpoint
+    resumes this way). Every tensor is read before the caller touches its model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    config = read_config(path)
+    experts = config.num_local_experts
+    state: dict[str, torch.Tensor] = {}
+    for slot, tensor in _checkpoint_tensors_on_disk(path, config):
+        if slot.expert is None:
+            state[slot.target] = tensor
+        else:  # one expert of a stacked [E, out, in] parameter
+            stacked = state.setdefault(slot.target, torch.empty((experts, *slot.shape), dtype=tensor.dtype))
+            stacked[slot.expert].copy_(tensor)
+    return state
 
 
 def checkpoint_tensors(model: M2ForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:

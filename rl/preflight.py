@@ -24,9 +24,20 @@ ENV_NAMESPACE = "m2rl/"
 
 
 def resolve_init(init: str) -> Path:
-    """model.init: relative paths resolve against the repository root (where the shipped assets live)."""
+    """The Hugging Face model directory `model.init` names: a model directory, a training checkpoint
+    (runs/X/checkpoints/step_N) or a run (runs/X: its final/ export, else its newest checkpoint). A relative
+    path is looked up in the working directory, then in the repository (where the shipped assets live).
+    Raises CheckpointError with one line saying what is wrong."""
+    from m2rl.model.checkpoint import CheckpointError
+    from m2rl.rl.checkpoint import model_directory
+
     path = Path(init)
-    return path if path.is_absolute() else REPO_ROOT / path
+    if not path.is_absolute():
+        path = path.absolute() if path.exists() else REPO_ROOT / path
+    if not path.exists():
+        raise CheckpointError(f"checkpoint directory not found: {path} (build one with "
+                              "`python -m m2rl.rl.warm_start all --out PATH` or set model.init=null)")
+    return model_directory(path)
 
 
 def config_problems(config: TrainConfig, run_directory: bool = True) -> list[str]:
@@ -165,12 +176,9 @@ def _model_problems(c: TrainConfig) -> list[str]:
     except M2ConfigError as exc:
         problems.append(f"model.preset: {exc}")
     if c.model.init:
-        path = resolve_init(c.model.init)
-        if not path.exists():
-            problems.append(f"model.init: checkpoint directory not found: {path} (build one with "
-                            "`python -m m2rl.rl.warm_start all --out PATH` or set model.init=null)")
-            return problems
+        path = Path(c.model.init)
         try:
+            path = resolve_init(c.model.init)
             verify_pretrained(path)
             if (path / "tokenizer.json").exists():
                 M2Tokenizer.from_file(path / "tokenizer.json")

@@ -39,7 +39,13 @@ from m2rl.agent.policy import SamplingParams
 from m2rl.config import ConfigError, changed_settings, read_yaml, to_dict
 from m2rl.rl.advantages import dynamic_sampling_keep, group_advantages
 from m2rl.rl.batch import collate
-from m2rl.rl.checkpoint import load_latest_checkpoint, save_checkpoint
+from m2rl.rl.checkpoint import (
+    CHECKPOINTS_DIR,
+    EXPORT_DIR,
+    load_latest_checkpoint,
+    publish_export,
+    save_checkpoint,
+)
 from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
 from m2rl.rl.curves import plot_training_curve
 from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interrupts_ignored, run_async
@@ -56,7 +62,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    # Warm-start checkpoint (HF safetensors folder). Relative paths resolve against the repo root.
+    # Warm start: a Hugging Face model directory, a checkpoint (runs/X/checkpoints/step_N) or a run (runs/X:
+    # its final/ export). Relative paths: the working directory, then the repo root (shipped assets).
     init: str | None = "model/assets/tiny-python-sft"
     seed: int = 0  # init seed when there is no checkpoint
 
@@ -144,12 +151,7 @@ def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch
     from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, load_pretrained
 
     if section.init:
-        path = resolve_init(section.init)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"warm-start checkpoint {path} not found; build it with `python -m m2rl.rl.warm_start all --out PATH` "
-                "or set model.init=null to start from random weights"
-            )
+        path = resolve_init(section.init)  # the model directory, or a one-line CheckpointError
         model = load_pretrained(path, dtype=torch.float32, device=device)
         tokenizer_file = path / "tokenizer.json"
         tokenizer = M2Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else M2Tokenizer.tiny()
@@ -300,15 +302,20 @@ class Trainer:
             "initial_eval": self.initial_eval,
         }
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.run.directory / "checkpoints", self.step, self.model, self.learner.optimizer,
+    def save(self, final: bool = False) -> Path:
+        """Checkpoint this step (the model as a Hugging Face directory, the learner state beside it);
+        `final`: also publish its model as runs/<name>/final/, the run's export."""
+        checkpoint = save_checkpoint(
+            self.run.directory / CHECKPOINTS_DIR, self.step, self.model, self.learner.optimizer,
             self.learner.scheduler, trainer_state=self._trainer_state(), data_position=self.step,
-            keep_last=self.config.keep_checkpoints,
+            keep_last=self.config.keep_checkpoints, tokenizer=self.tokenizer,
         )
+        if final:
+            publish_export(checkpoint, self.run.directory / EXPORT_DIR)
+        return checkpoint
 
     def _resume(self) -> ResumeReport:
-        state, damaged = load_latest_checkpoint(self.run.directory / "checkpoints", self.model,
+        state, damaged = load_latest_checkpoint(self.run.directory / CHECKPOINTS_DIR, self.model,
                                                 self.learner.optimizer, self.learner.scheduler)
         self.step = state.step
         trainer_state = state.trainer_state
@@ -479,7 +486,7 @@ class Trainer:
         final = self.evaluate()
         with deferred_interrupts():
             self._log(self.step, final)
-            self.save()
+            self.save(final=True)
             summary = self._summary(final, stopped_early, time.monotonic() - start)
             self.run.write_file("summary.json", json.dumps(summary, indent=2))
         return summary

@@ -227,3 +227,23 @@ def test_config_json_that_is_not_text_or_not_an_object(tiny_model, tmp_path):
     (tmp_path / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"config.json must hold a JSON object, got list"):
         verify_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype, shard_bytes", [(torch.float32, 5 * 1024**3), (torch.bfloat16, 300_000)])
+def test_read_state_dict_gives_back_the_saved_bits(tiny_model, tmp_path, dtype, shard_bytes):
+    """What a training checkpoint resumes from: the module state dict (experts stacked) at the stored dtypes,
+    bit for bit, the fp32 router of a bf16 model included."""
+    from m2rl.model.checkpoint import read_state_dict
+
+    model = tiny_model.to(dtype)
+    save_pretrained(model, tmp_path, max_shard_bytes=shard_bytes)
+    state = read_state_dict(tmp_path)
+    expected = model.state_dict()
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert state[name].dtype == tensor.dtype and torch.equal(state[name], tensor), name
+    assert state["model.layers.0.block_sparse_moe.gate.weight"].dtype == torch.float32
+    fresh = M2ForCausalLM(tiny_model.config).to(dtype)
+    fresh.load_state_dict(state)  # strict: every name and shape fits
+    with pytest.raises(CheckpointError, match="not found"):
+        read_state_dict(tmp_path / "missing")

@@ -216,3 +216,116 @@ def test_latest_readable_checkpoint_falls_back_past_a_damaged_one(tmp_path):
     (tmp_path / "step_000000001" / "meta.json").write_text("{")
     with pytest.raises(CheckpointError, match=r"no readable checkpoint in .*: step_000000001: meta.json is not valid"):
         load_latest_checkpoint(tmp_path, TinyCausalLM())
+
+
+# ---------------------------------------------------------------------------------------------- M2 models
+
+def make_m2_learner(seed: int) -> Learner:
+    from m2rl.model import M2Config, M2ForCausalLM
+
+    model = M2ForCausalLM(M2Config.from_preset("tiny")).init_weights(std=0.05, seed=seed)
+    with torch.no_grad():  # a non-zero routing bias, so a lost or misnamed bias shows up
+        for name, buffer in model.named_buffers():
+            buffer.copy_(0.1 * torch.randn(buffer.shape, generator=torch.Generator().manual_seed(seed)))
+    config = LearnerConfig(lr=1e-2, micro_batch_tokens=64, weight_decay=0.01,
+                           lr_schedule=LRScheduleConfig(kind="warmup_cosine", warmup_steps=1, total_steps=10))
+    return Learner(model, config)
+
+
+def train_m2(learner: Learner, steps: int) -> None:
+    for _ in range(steps):  # the batch comes from the global torch RNG, which the checkpoint restores
+        learner.update(random_batch(None, rows=3, max_len=10, vocab_size=learner.model.config.vocab_size))
+
+
+def test_an_m2_checkpoint_is_a_hugging_face_directory_and_resumes_bitwise(tmp_path):
+    from m2rl.model import M2Tokenizer, load_pretrained
+
+    seed_all(0)
+    reference = make_m2_learner(seed=0)
+    train_m2(reference, 4)
+
+    seed_all(0)
+    first = make_m2_learner(seed=0)
+    train_m2(first, 2)
+    path = save_checkpoint(tmp_path, 2, first.model, first.optimizer, first.scheduler,
+                           trainer_state={"learner": first.state_dict()}, tokenizer=M2Tokenizer.tiny())
+    # The weights live once, in the Hugging Face files; the learner state sits beside them.
+    files = {p.name for p in path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "optimizer.pt", "rng.pt", "trainer_state.pt", "meta.json"} <= files
+    assert "model.pt" not in files
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format_version"] == 2 and set(meta["sha256"]) == files - {"meta.json"}
+    exported = load_pretrained(path)  # what model.init reads
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                 exported.state_dict().values()))
+
+    seed_all(7)  # a fresh process: other weights and RNG until the checkpoint is loaded
+    resumed = make_m2_learner(seed=7)
+    state = load_checkpoint(tmp_path, resumed.model, resumed.optimizer, resumed.scheduler)
+    resumed.load_state_dict(state.trainer_state["learner"])
+    train_m2(resumed, 2)
+    for (name, a), b in zip(reference.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_every_file_of_the_exported_model_is_checked(tmp_path, damaged):
+    from m2rl.model import CheckpointError, M2Tokenizer
+    from m2rl.rl.checkpoint import model_directory
+
+    learner = make_m2_learner(seed=0)
+    path = save_checkpoint(tmp_path, 1, learner.model, learner.optimizer, tokenizer=M2Tokenizer.tiny())
+    data = bytearray((path / damaged).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit: only the recorded sha256 sees it
+    (path / damaged).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"step_000000001: {damaged} is damaged \(sha256 mismatch\)"):
+        load_checkpoint(path, make_m2_learner(seed=1).model)
+    with pytest.raises(CheckpointError, match=rf"step_000000001: {damaged} is damaged \(sha256 mismatch\)"):
+        model_directory(path)  # model.init=<this checkpoint> is refused too
+
+
+def test_publish_export_links_the_model_files_without_the_learner_state(tmp_path):
+    from m2rl.model import M2Tokenizer, load_pretrained
+    from m2rl.rl.checkpoint import publish_export
+
+    learner = make_m2_learner(seed=0)
+    path = save_checkpoint(tmp_path / "checkpoints", 3, learner.model, learner.optimizer, learner.scheduler,
+                           tokenizer=M2Tokenizer.tiny(), keep_last=1)
+    final = publish_export(path, tmp_path / "final")
+    assert sorted(p.name for p in final.iterdir()) == sorted(
+        p.name for p in path.iterdir() if p.suffix != ".pt" and p.name != "meta.json")
+    # the weights are on disk once
+    assert (final / "model.safetensors").stat().st_ino == (path / "model.safetensors").stat().st_ino
+    # and outlive the checkpoint's pruning
+    save_checkpoint(tmp_path / "checkpoints", 4, learner.model, tokenizer=M2Tokenizer.tiny(), keep_last=1)
+    assert not path.exists()
+    assert all(torch.equal(a, b) for a, b in zip(learner.model.state_dict().values(),
+                                                 load_pretrained(final).state_dict().values()))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp directories left
+
+
+def test_model_directory_finds_the_model_of_a_run_a_checkpoint_or_a_model(tmp_path):
+    from m2rl.model import CheckpointError, M2Tokenizer
+    from m2rl.rl.checkpoint import model_directory, publish_export
+
+    learner = make_m2_learner(seed=0)
+    run = tmp_path / "run"
+    for step in (1, 2):
+        newest = save_checkpoint(run / "checkpoints", step, learner.model, tokenizer=M2Tokenizer.tiny())
+    assert model_directory(newest) == newest
+    assert model_directory(run) == newest  # an interrupted run: its newest checkpoint
+    assert model_directory(run / "checkpoints") == newest
+    publish_export(newest, run / "final")
+    assert model_directory(run) == run / "final"
+    assert model_directory(run / "final") == run / "final"
+
+    old = save_checkpoint(tmp_path / "old", 1, TinyCausalLM())  # format 1 kept the weights in model.pt only
+    with pytest.raises(CheckpointError, match=r"step_000000001 holds no Hugging Face model \(config.json"):
+        model_directory(old)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as info:
+        model_directory(tmp_path / "empty")
+    assert str(info.value) == (f"{tmp_path / 'empty'} is not a Hugging Face model directory (no config.json), a "
+                               "checkpoint (<run>/checkpoints/step_N) or a run directory (with final/ or "
+                               "checkpoints/)")

@@ -79,7 +79,9 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     resumed = Trainer(small_config(tmp_path, "steps=2", "resume=true"))
     assert resumed.step == 1
     assert resumed.policy.policy_version == 1
-    saved = torch.load(latest_checkpoint(tmp_path / "t" / "checkpoints") / "model.pt", weights_only=True)
+    from m2rl.model.checkpoint import read_state_dict  # the checkpoint's weights are its Hugging Face files
+
+    saved = read_state_dict(latest_checkpoint(tmp_path / "t" / "checkpoints"))
     assert all(torch.equal(saved[k], v) for k, v in resumed.model.state_dict().items())
     assert resumed.learner.optimizer.state  # AdamW moments came back
     summary = resumed.train()
@@ -167,12 +169,12 @@ def yaml_steps(path: Path) -> int:
 def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     Trainer(small_config(tmp_path, "steps=2", "eval.every=0")).train()
     checkpoints = tmp_path / "t" / "checkpoints"
-    weights = checkpoints / "step_000000002" / "model.pt"
+    weights = checkpoints / "step_000000002" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     assert cli_train(tmp_path, "steps=3", "eval.every=0", "resume=true") == 0
     err = capsys.readouterr().err.splitlines()
-    assert (f"m2rl: warning: checkpoint {checkpoints / 'step_000000002'} is damaged (model.pt is damaged "
-            f"(sha256 mismatch)); set aside as damaged-step_000000002") in err
+    assert (f"m2rl: warning: checkpoint {checkpoints / 'step_000000002'} is damaged (model.safetensors is "
+            f"damaged (sha256 mismatch)); set aside as damaged-step_000000002") in err
     assert f"m2rl: resuming {tmp_path / 't'} at step 1 from {checkpoints / 'step_000000001'}" in err
     assert "m2rl: warning: dropped 2 metrics records logged after step 1 (the checkpoint does not cover them)" in err
     records = read_metrics(tmp_path / "t" / "metrics.jsonl")

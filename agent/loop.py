@@ -2,6 +2,7 @@
 
 mini-swe-agent style: one linear transcript, limits as exceptions carrying their message (the exit
 reason in the trajectory's metadata), the trajectory written after every step so a crash loses nothing.
+`run()` reads as the episode: start, then `step()` (= observe(act(query()))) until the env ends it.
 
 Token-in, token-out (shared/reference/m2-format.md): history is never re-rendered.
 - The first prompt is `render_ids(env prompt messages, tools, add_generation_prompt=True)`.
@@ -13,6 +14,8 @@ Token-in, token-out (shared/reference/m2-format.md): history is never re-rendere
   itself starts such an observation with `[e~[`; for an env that does not, the loop adds the id.
   Either way the cut segment cannot re-render exactly, so it counts in `metadata["length_cut_turns"]`.
 - The terminal observation is not appended: the policy never reads it.
+- Each step's info is read once as a `StepInfo` (the env -> everyone contract, rewards/episode.py) and
+  kept in its dict form in `metadata["steps"]`, one per env step; the step's reward is `rewards[k]`.
 - The message view (for humans and `check_continuity`) is the parsed assistant message of each turn
   plus the tool/user messages recovered from the suffix; `metadata["continuity_violations"]` counts the
   segments whose ids differ from re-rendering that view.
@@ -22,16 +25,55 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, SupportsFloat, TypeVar, runtime_checkable
 
 from m2rl.agent.format import EOS, MESSAGE_OPEN, generation_prompt, parse, render_ids, render_tool_suffix
-from m2rl.agent.policy import Policy, SamplingParams
+from m2rl.agent.policy import Policy, PolicyOutput, SamplingParams
 from m2rl.agent.trajectory import Trajectory
+from m2rl.rewards.episode import StepInfo
 from m2rl.runs import atomic_write
+
+T = TypeVar("T")
+
+
+class Tokenizer(Protocol):
+    """What the loop (and the rollout) need of a tokenizer; `m2rl.model.M2Tokenizer` is one."""
+
+    @property
+    def eos_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class TextEnv(Protocol):
+    """A Gymnasium env whose actions and observations are text (`gymnasium.Env[str, str]`, e.g. ToolEnv).
+
+    `step`'s info is the dict form of a `StepInfo`; `reset`'s info may carry the `task_id`.
+    """
+
+    @property
+    def unwrapped(self) -> Any: ...
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]: ...
+
+    def step(self, action: str) -> tuple[str, SupportsFloat, bool, bool, dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class PromptedEnv(Protocol):
+    """An env (its `unwrapped`) that gives its first prompt as messages and tools, rendered by the loop."""
+
+    def prompt_messages(self) -> list[dict[str, Any]]: ...
+
+    def tools_spec(self) -> list[dict[str, Any]]: ...
 
 
 @dataclass
@@ -71,16 +113,16 @@ class EnvProtocolError(EpisodeStop):
     exit_reason = "env_protocol_error"
 
 
-def run_episode(policy: Policy, env: Any, tokenizer: Any, params: SamplingParams, config: LoopConfig | None = None,
-                **kwargs: Any) -> Trajectory:
+def run_episode(policy: Policy, env: TextEnv, tokenizer: Tokenizer, params: SamplingParams,
+                config: LoopConfig | None = None, **kwargs: Any) -> Trajectory:
     """Synchronous wrapper of `arun_episode` (not callable from inside a running event loop)."""
     return asyncio.run(arun_episode(policy, env, tokenizer, params, config, **kwargs))
 
 
 async def arun_episode(
     policy: Policy,
-    env: Any,
-    tokenizer: Any,
+    env: TextEnv,
+    tokenizer: Tokenizer,
     params: SamplingParams,
     config: LoopConfig | None = None,
     *,
@@ -92,109 +134,153 @@ async def arun_episode(
     config = config or LoopConfig()
     if config.max_turns < 1 or config.max_context_tokens < 1:
         raise ValueError("max_turns and max_context_tokens must be >= 1")
-    thinking = config.enable_thinking
-    if thinking is None:
-        thinking = bool(getattr(getattr(env.unwrapped, "config", None), "enable_thinking", True))
-    start = time.monotonic()
-    deadline = None if config.time_limit_s is None else start + config.time_limit_s
-    traj = Trajectory(enable_thinking=thinking)
-    traj.metadata.update(exit_reason="running", exit_message="", length_cut_turns=0, steps=[])
+    return await EpisodeRun(policy, env, tokenizer, params, config, trajectory_path).run(seed, options)
 
-    def save() -> None:
-        traj.metadata["elapsed_s"] = round(time.monotonic() - start, 3)
-        if trajectory_path is not None:
-            atomic_write(trajectory_path, _to_json_line(traj))
 
-    async def within_time(awaitable: Any, what: str) -> Any:
-        if deadline is None:
-            return await awaitable
+class EpisodeRun:
+    """One episode in progress: the trajectory so far and the named steps that extend it."""
+
+    def __init__(self, policy: Policy, env: TextEnv, tokenizer: Tokenizer, params: SamplingParams,
+                 config: LoopConfig, trajectory_path: str | Path | None = None) -> None:
+        self.policy, self.env, self.tokenizer, self.params, self.config = policy, env, tokenizer, params, config
+        self.trajectory_path = trajectory_path
+        thinking = config.enable_thinking
+        if thinking is None:
+            thinking = bool(getattr(getattr(env.unwrapped, "config", None), "enable_thinking", True))
+        self.thinking = thinking
+        self.start_time = time.monotonic()
+        self.deadline = None if config.time_limit_s is None else self.start_time + config.time_limit_s
+        self.traj = Trajectory(enable_thinking=thinking)
+        self.traj.metadata.update(exit_reason="running", exit_message="", length_cut_turns=0, steps=[])
+
+    async def run(self, seed: int | None = None, options: dict[str, Any] | None = None) -> Trajectory:
         try:
-            return await asyncio.wait_for(awaitable, timeout=max(deadline - time.monotonic(), 0.0))
-        except TimeoutError:
-            raise TimeLimitExceeded(f"time limit of {config.time_limit_s} s reached during {what}") from None
+            await self.start(seed, options)
+            while not await self.step():
+                self.save()
+        except EpisodeStop as stop:
+            self.finish(stop.exit_reason, str(stop))
+        except BaseException as exc:  # keep what was collected, then let the caller see the failure
+            self.finish("error", f"{type(exc).__name__}: {exc}")
+            self.save()
+            raise
+        self.check_continuity()
+        self.save()
+        return self.traj
 
-    try:
-        obs, info = await within_time(asyncio.to_thread(env.reset, seed=seed, options=options), "env.reset")
-        traj.metadata["task_id"] = info.get("task_id") if isinstance(info, dict) else None
-        unwrapped = env.unwrapped
-        if hasattr(unwrapped, "prompt_messages"):
-            traj.messages = [dict(m) for m in unwrapped.prompt_messages()]
-            traj.tools = unwrapped.tools_spec() if hasattr(unwrapped, "tools_spec") else None
-            prompt_ids = render_ids(tokenizer, traj.messages, traj.tools, add_generation_prompt=True,
-                                    enable_thinking=thinking)
-            # The env shows the same prompt as text; a mismatch means its renderer and ours disagree.
-            traj.metadata["reset_observation_matches"] = isinstance(obs, str) and tokenizer.encode(obs) == prompt_ids
-        else:  # a plain text env: its first observation is the prompt; no message view
-            prompt_ids = tokenizer.encode(obs)
-        traj.append_prompt(prompt_ids)
-        save()
+    async def start(self, seed: int | None, options: dict[str, Any] | None) -> None:
+        """Reset the env and append the first prompt."""
+        obs, info = await self.within_time(asyncio.to_thread(self.env.reset, seed=seed, options=options),
+                                           "env.reset")
+        self.traj.metadata["task_id"] = info.get("task_id") if isinstance(info, dict) else None
+        self.traj.append_prompt(self.prompt_ids(obs))
+        self.save()
 
-        while True:
-            if traj.num_turns >= config.max_turns:
-                raise TurnLimitExceeded(f"reached the limit of {config.max_turns} turns")
-            budget = config.max_context_tokens - len(traj.ids)
-            if budget <= 0:
-                raise ContextLimitExceeded(f"context of {len(traj.ids)} tokens reached the limit of "
-                                           f"{config.max_context_tokens}")
-            turn_params = dataclasses.replace(params, max_tokens=min(params.max_tokens, budget))
-            out = await within_time(policy.generate(list(traj.ids), turn_params), "generation")
-            traj.append_sampled(out.ids, out.logprobs, out.policy_version)
-            ended_with_eos = bool(out.ids) and out.ids[-1] == tokenizer.eos_id
-            traj.metadata["length_cut_turns"] += not ended_with_eos
-            action = tokenizer.decode(out.ids)
-            traj.messages.append(parse(action, traj.tools, enable_thinking=thinking).to_message())
+    def prompt_ids(self, obs: Any) -> list[int]:
+        unwrapped = self.env.unwrapped
+        if not isinstance(unwrapped, PromptedEnv):  # a plain text env: its first observation is the prompt
+            return self.tokenizer.encode(obs)
+        self.traj.messages = [dict(m) for m in unwrapped.prompt_messages()]
+        self.traj.tools = unwrapped.tools_spec()
+        ids = render_ids(self.tokenizer, self.traj.messages, self.traj.tools, add_generation_prompt=True,
+                         enable_thinking=self.thinking)
+        # The env shows the same prompt as text; a mismatch means its renderer and ours disagree.
+        self.traj.metadata["reset_observation_matches"] = isinstance(obs, str) and self.tokenizer.encode(obs) == ids
+        return ids
 
-            obs, reward, terminated, truncated, info = await within_time(asyncio.to_thread(env.step, action),
-                                                                         "env.step")
-            traj.rewards.append(float(reward))
-            traj.metadata["steps"].append(_step_record(reward, info, out.finish_reason))
-            if terminated or truncated:
-                traj.metadata["exit_reason"] = "terminated" if terminated else "truncated"
-                break
-            suffix_ids, messages = _suffix(obs, info, tokenizer, ended_with_eos, thinking)
-            traj.append_env(suffix_ids)
-            traj.messages.extend(messages)
-            save()
-    except EpisodeStop as e:
-        traj.metadata["exit_reason"], traj.metadata["exit_message"] = e.exit_reason, str(e)
-    except BaseException as e:  # keep what was collected, then let the caller see the failure
-        traj.metadata["exit_reason"] = "error"
-        traj.metadata["exit_message"] = f"{type(e).__name__}: {e}"
-        save()
-        raise
-    if config.check_continuity:
-        report = traj.check_continuity(tokenizer)
-        traj.metadata["continuity_ok"] = report.ok
+    async def step(self) -> bool:
+        """One turn: sample, act on the env, append its reply. True when the env ended the episode."""
+        out = await self.query()
+        return await self.act(out)
+
+    async def query(self) -> PolicyOutput:
+        """Sample the next segment within the turn and context limits, and append it."""
+        traj = self.traj
+        if traj.num_turns >= self.config.max_turns:
+            raise TurnLimitExceeded(f"reached the limit of {self.config.max_turns} turns")
+        budget = self.config.max_context_tokens - len(traj.ids)
+        if budget <= 0:
+            raise ContextLimitExceeded(f"context of {len(traj.ids)} tokens reached the limit of "
+                                       f"{self.config.max_context_tokens}")
+        params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, budget))
+        out = await self.within_time(self.policy.generate(list(traj.ids), params), "generation")
+        traj.append_sampled(out.ids, out.logprobs, out.policy_version)
+        traj.metadata["length_cut_turns"] += not self.ended_with_eos(out)
+        return out
+
+    async def act(self, out: PolicyOutput) -> bool:
+        """Send the sampled text to the env and record its step; append the reply unless the episode ended."""
+        action = self.tokenizer.decode(out.ids)
+        self.traj.messages.append(parse(action, self.traj.tools, enable_thinking=self.thinking).to_message())
+        obs, reward, terminated, truncated, info = await self.within_time(
+            asyncio.to_thread(self.env.step, action), "env.step")
+        step = StepInfo.from_dict(info, len(self.traj.rewards))
+        self.traj.rewards.append(float(reward))
+        self.traj.metadata["steps"].append(step.to_dict())
+        if terminated or truncated:
+            self.finish("terminated" if terminated else "truncated")
+            return True
+        self.observe(obs, step, self.ended_with_eos(out))
+        return False
+
+    def observe(self, obs: Any, step: StepInfo, ended_with_eos: bool) -> None:
+        """Append the env's reply: its ids (after an env EOS that closes a cut segment) and messages."""
+        body, lead = self.suffix_body(obs, ended_with_eos)
+        self.traj.append_env(lead + list(self.tokenizer.encode(body)))
+        self.traj.messages.extend(suffix_messages(body, step.responses, self.thinking))
+
+    def suffix_body(self, obs: Any, ended_with_eos: bool) -> tuple[str, list[int]]:
+        """The observation's rendered suffix, and the ids to put before it (an EOS closing a cut segment)."""
+        if not isinstance(obs, str):
+            raise EnvProtocolError(f"observation must be text, got {type(obs).__name__}")
+        body, lead = obs, []
+        if obs.startswith(EOS):  # the env closed a length-cut segment itself
+            if ended_with_eos:
+                raise EnvProtocolError("observation starts with [e~[ after a segment that already ended with it")
+            body, lead = obs[len(EOS):], [self.tokenizer.eos_id]
+        elif not ended_with_eos:
+            lead = [self.tokenizer.eos_id]  # close the cut assistant message (env token, loss mask 0)
+        gen = generation_prompt(self.thinking)
+        if not body.startswith(f"\n{MESSAGE_OPEN}") or not body.endswith(f"{EOS}\n{gen}"):
+            raise EnvProtocolError(f"observation is not a rendered suffix ('\\n]~b]ROLE\\n...[e~[\\n' + {gen!r}): "
+                                   f"{obs[:120]!r}...{obs[-60:]!r}")
+        return body, lead
+
+    def ended_with_eos(self, out: PolicyOutput) -> bool:
+        return bool(out.ids) and out.ids[-1] == self.tokenizer.eos_id
+
+    def finish(self, exit_reason: str, message: str = "") -> None:
+        self.traj.metadata["exit_reason"], self.traj.metadata["exit_message"] = exit_reason, message
+
+    def check_continuity(self) -> None:
+        if not self.config.check_continuity:
+            return
+        report = self.traj.check_continuity(self.tokenizer)
+        meta = self.traj.metadata
+        meta["continuity_ok"] = report.ok
         # None when the check could not run (e.g. an error reply to a turn without valid tool calls has
         # no message view the renderer accepts): unknown, not zero.
-        traj.metadata["continuity_violations"] = None if report.error else report.violations
-        traj.metadata["continuity_first_divergence"] = report.first_divergence
+        meta["continuity_violations"] = None if report.error else report.violations
+        meta["continuity_first_divergence"] = report.first_divergence
         if report.error:
-            traj.metadata["continuity_error"] = report.error
-    save()
-    return traj
+            meta["continuity_error"] = report.error
+
+    def save(self) -> None:
+        self.traj.metadata["elapsed_s"] = round(time.monotonic() - self.start_time, 3)
+        if self.trajectory_path is not None:
+            atomic_write(self.trajectory_path, self.traj.to_json() + "\n")
+
+    async def within_time(self, awaitable: Awaitable[T], what: str) -> T:
+        if self.deadline is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, timeout=max(self.deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise TimeLimitExceeded(f"time limit of {self.config.time_limit_s} s reached during {what}") from None
 
 
-def _suffix(obs: Any, info: Any, tokenizer: Any, ended_with_eos: bool,
-            thinking: bool) -> tuple[list[int], list[dict[str, Any]]]:
-    """Ids to append after a sampled segment, and the messages they stand for."""
-    if not isinstance(obs, str):
-        raise EnvProtocolError(f"observation must be text, got {type(obs).__name__}")
-    body, lead = obs, []
-    if obs.startswith(EOS):  # the env closed a length-cut segment itself
-        if ended_with_eos:
-            raise EnvProtocolError("observation starts with [e~[ after a segment that already ended with it")
-        body, lead = obs[len(EOS):], [tokenizer.eos_id]
-    elif not ended_with_eos:
-        lead = [tokenizer.eos_id]  # close the cut assistant message (env token, loss mask 0)
-    gen = generation_prompt(thinking)
-    if not body.startswith(f"\n{MESSAGE_OPEN}") or not body.endswith(f"{EOS}\n{gen}"):
-        raise EnvProtocolError(f"observation is not a rendered suffix ('\\n]~b]ROLE\\n...[e~[\\n' + {gen!r}): "
-                               f"{obs[:120]!r}...{obs[-60:]!r}")
-    return lead + list(tokenizer.encode(body)), _suffix_messages(body, info, thinking)
-
-
-def _suffix_messages(body: str, info: Any, thinking: bool) -> list[dict[str, Any]]:
+def suffix_messages(body: str, responses: Sequence[str], thinking: bool) -> list[dict[str, Any]]:
+    """The tool or user messages a rendered suffix stands for."""
     gen = generation_prompt(thinking)
     user_head = f"\n{MESSAGE_OPEN}user\n"
     if body.startswith(user_head):
@@ -203,30 +289,7 @@ def _suffix_messages(body: str, info: Any, thinking: bool) -> list[dict[str, Any
     if not (body.startswith(head) and body.endswith(tail)):
         raise EnvProtocolError(f"observation is neither a tool nor a user reply: {body[:80]!r}")
     # Prefer the env's own list of responses (right count even if a response quotes the separator).
-    responses = info.get("responses") if isinstance(info, dict) else None
-    if isinstance(responses, list) and responses and all(isinstance(r, str) for r in responses) \
-            and render_tool_suffix(responses, thinking) == body:
+    if responses and render_tool_suffix(list(responses), thinking) == body:
         return [{"role": "tool", "content": r} for r in responses]
     parts = body[len(head):-len(tail)].split("</response>\n<response>")
     return [{"role": "tool", "content": p} for p in parts]
-
-
-def _step_record(reward: Any, info: Any, finish_reason: str) -> dict[str, Any]:
-    info = info if isinstance(info, dict) else {}
-    # detectors: {detector: [evidence]} of this step (bounded per step), summed into the run's metrics.
-    keep = ("reward_breakdown", "errors", "verification", "answer", "error", "detectors")
-    record = {k: info[k] for k in keep if k in info}
-    # Which tools ran this step (names only): enough for tool-use metrics without the bulky outputs.
-    results = info.get("tool_results")
-    if isinstance(results, list):
-        record["tools"] = [r.get("name") for r in results if isinstance(r, dict)]
-    record.update(reward=float(reward), finish_reason=finish_reason)
-    return _jsonable(record)
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _to_json_line(traj: Trajectory) -> str:
-    return traj.to_json() + "\n"

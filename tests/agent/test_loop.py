@@ -27,6 +27,7 @@ from m2rl.agent.scripted_policy import ScriptedPolicy
 from m2rl.agent.trajectory import load_jsonl
 from m2rl.envs import Task, TaskSet, ToolEnv, ToolOutput
 from m2rl.model import M2ForCausalLM, M2Tokenizer, token_logprobs
+from m2rl.rewards.episode import parse_steps
 
 TOK = M2Tokenizer.tiny()
 GREEDY = SamplingParams(max_tokens=120, greedy=True)
@@ -273,7 +274,9 @@ def test_episode_against_the_real_tool_env():
     traj = run_episode(ScriptedPolicy(canonical_episode_texts(), TOK), env, TOK, GREEDY)
     assert traj.metadata["exit_reason"] == "terminated"
     assert traj.metadata["steps"][-1]["verification"]["resolved"] is True
-    assert [step["tools"] for step in traj.metadata["steps"]] == [["add"], ["add"], ["submit"]]
+    steps = parse_steps(traj.metadata["steps"])  # each step's info as the env returned it (StepInfo dicts)
+    assert [[r.name for r in step.tool_results] for step in steps] == [["add"], ["add"], ["submit"]]
+    assert [step.reward for step in steps] == traj.rewards
     assert traj.rewards[-1] > traj.rewards[0]  # the resolved bonus lands on the terminal turn
     assert traj.metadata["continuity_violations"] == 0 and traj.metadata["reset_observation_matches"]
     assert traj.ids == TOK.encode("".join(env.text))
@@ -336,3 +339,26 @@ def test_tool_output_round_trips_through_the_loop_without_control_ids(output_sou
     got = [i for i in traj.ids[env_span.start:env_span.end] if i in specials]
     assert got == [i for i in TOK.encode(render_tool_suffix(["x"])) if i in specials]
     assert traj.metadata["continuity_violations"] == 0
+
+
+class RecordInfos(gym.Wrapper):
+    def reset(self, **kw):  # type: ignore[override]
+        self.infos = []
+        return self.env.reset(**kw)
+
+    def step(self, action):  # type: ignore[override]
+        result = self.env.step(action)
+        self.infos.append(result[-1])
+        return result
+
+
+def test_step_records_are_the_envs_step_infos():
+    """Before: the loop kept a hand-picked subset of each info's keys (plus its own "tools" key), a second
+    dict contract beside the env's."""
+    from m2rl.rewards.episode import StepInfo
+
+    env = RecordInfos(ToolEnv(SumTasks(), lambda _env: [add, submit], backend=None))
+    traj = run_episode(ScriptedPolicy(canonical_episode_texts(), TOK), env, TOK, GREEDY)
+    assert len(env.infos) == 3
+    assert traj.metadata["steps"] == [StepInfo.from_dict(info).to_dict() for info in env.infos]
+    assert traj.metadata["steps"][0]["tool_results"][0]["output"] == "5"

@@ -4,7 +4,7 @@ Each sandbox is one `bwrap` process tree with its own user, PID, network, IPC, U
 no nested user namespaces (`--disable-userns`): the host's /usr is bound read-only (plus a short allow-list
 of /etc files), /work, /tmp, the home directory and /dev/shm are size- and inode-capped tmpfs mounts, /dev
 holds only the usual device nodes and is read-only, the executor's socket directory is bound read-only, and
-the root is re-mounted read-only. The executor (agent.py) is PID 1 inside (`--as-pid-1`).
+the root is re-mounted read-only. The executor (executor.py) is PID 1 inside (`--as-pid-1`).
 
 Limits, where the host allows (root, a writable cgroup hierarchy, v1 or v2): each sandbox gets its own cgroup
 (memory with swap off, pids, CPU quota; cgroup.py) and its tmpfs mounts are made on the host with
@@ -34,11 +34,11 @@ from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import SandboxError
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.network import UserNet, slirp_available
-from m2rl.sandboxes.sandbox import AGENT_PATH, AGENT_SOCKET_DIR, HOME, Sandbox, agent_config
+from m2rl.sandboxes.sandbox import EXECUTOR_PATH, EXECUTOR_SOCKET_DIR, HOME, Sandbox, executor_config
 
 log = logging.getLogger(__name__)
 
-AGENT_SOURCE = Path(__file__).with_name("agent.py")
+EXECUTOR_SOURCE = Path(__file__).with_name("executor.py")
 STATE_ROOT = Path(tempfile.gettempdir()) / "m2rl-bwrap"
 # /etc entries a shell and Python need; everything else on the host stays invisible.
 ETC_ALLOW = (
@@ -148,7 +148,7 @@ class BwrapSandbox(Sandbox):
             if self.own_uid
             else os.geteuid()
         )
-        shutil.copy(AGENT_SOURCE, self.state_dir / "agent.py")
+        shutil.copy(EXECUTOR_SOURCE, self.state_dir / EXECUTOR_SOURCE.name)
         self._write_identity()
         self._proc: subprocess.Popen | None = None
         self._net: UserNet | None = None
@@ -385,11 +385,11 @@ class BwrapSandbox(Sandbox):
         # anything there (connecting to a unix socket needs no write access to its file system).
         cmd += [
             "--ro-bind",
-            str(self.state_dir / "agent.py"),
-            AGENT_PATH,
+            str(self.state_dir / EXECUTOR_SOURCE.name),
+            EXECUTOR_PATH,
             "--ro-bind",
             str(self.state_dir / "run"),
-            AGENT_SOCKET_DIR,
+            EXECUTOR_SOCKET_DIR,
             "--remount-ro",
             "/dev",  # only this mount: /dev/shm and /dev/pts below it stay as they are
             "--remount-ro",
@@ -400,15 +400,15 @@ class BwrapSandbox(Sandbox):
             python,
             "-I",
             "-S",
-            AGENT_PATH,
-            json.dumps(self._agent_config()),
+            EXECUTOR_PATH,
+            json.dumps(self._executor_config()),
         ]
         return cmd
 
-    def _agent_config(self) -> dict:
+    def _executor_config(self) -> dict:
         # With a cgroup the kernel counts every page exactly; the watchdog only stands in for it.
         watchdog = None if self.cgroup is not None else self.limits.memory_mb << 20
-        config = agent_config(self._command_rlimits(), watchdog, limits=self.limits)
+        config = executor_config(self._command_rlimits(), watchdog, limits=self.limits)
         config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
         return config
 

@@ -1,6 +1,6 @@
-"""Host side of the executor protocol (agent.py): a unix socket the in-sandbox agent connects to.
+"""Host side of the executor protocol (executor.py): a unix socket the in-sandbox executor connects to.
 
-The host listens on `<dir>/agent.sock`, where `<dir>` is bind-mounted into the sandbox; the agent connects
+The host listens on `<dir>/executor.sock`, where `<dir>` is bind-mounted into the sandbox; the executor connects
 once at start-up and every request after that is one framed message each way on that connection.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from m2rl.sandboxes.errors import SandboxDead, SandboxError
 
-SOCKET_NAME = "agent.sock"
+SOCKET_NAME = "executor.sock"
 
 
 class Channel:
@@ -25,14 +25,14 @@ class Channel:
         self.path = directory / SOCKET_NAME
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(str(self.path))
-        os.chmod(self.path, 0o777)  # the agent runs as the sandbox's non-root user
+        os.chmod(self.path, 0o777)  # the executor runs as the sandbox's non-root user
         self._listener.listen(1)
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
-        self.agent_pid: int | None = None
+        self.executor_pid: int | None = None
 
     def accept(self, timeout: float, alive: Callable[[], str | None]) -> None:
-        """Wait for the agent's hello; `alive()` returns a reason string once the sandbox has died."""
+        """Wait for the executor's hello; `alive()` returns a reason string once the sandbox has died."""
         deadline = time.monotonic() + timeout
         self._listener.settimeout(0.05)
         while True:
@@ -49,10 +49,10 @@ class Channel:
         conn.settimeout(None)
         self._sock = conn
         hello, _ = self._recv(deadline=None)
-        self.agent_pid = hello.get("pid")
+        self.executor_pid = hello.get("pid")
 
     def request(self, header: dict, payload: bytes = b"", timeout: float | None = None) -> tuple[dict, bytes]:
-        """One round trip. A lost connection or a silent agent past `timeout` means the sandbox is dead."""
+        """One round trip. A lost connection or a silent executor past `timeout` means the sandbox is dead."""
         if self._sock is None:
             raise SandboxDead("sandbox is closed")
         with self._lock:

@@ -1,6 +1,6 @@
 """Docker backend: one container per sandbox on the local engine, driven through the docker SDK.
 
-The container runs the executor (agent.py) as PID 1 under the non-root uid 1000 with every capability
+The container runs the executor (executor.py) as PID 1 under the non-root uid 1000 with every capability
 dropped, no-new-privileges, a read-only root file system, size- and inode-limited tmpfs mounts for /work,
 /tmp, the home directory and /dev/shm (the disk limit: overlay2 here has no storage quota), the executor's
 socket directory bound read-only, cgroup limits on CPU, memory (swap off) and pids, an open-files ulimit,
@@ -26,12 +26,12 @@ from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import EngineUnavailable, SandboxError
 from m2rl.sandboxes.images import default_image
 from m2rl.sandboxes.limits import Limits
-from m2rl.sandboxes.sandbox import AGENT_PATH, AGENT_SOCKET_DIR, HOME, Sandbox, agent_config
+from m2rl.sandboxes.sandbox import EXECUTOR_PATH, EXECUTOR_SOCKET_DIR, HOME, Sandbox, executor_config
 
 LABEL = "m2rl.sandbox"
 OWNER_PID_LABEL = "m2rl.owner_pid"
 OWNER_HOST_LABEL = "m2rl.owner_host"
-AGENT_SOURCE = Path(__file__).with_name("agent.py")
+EXECUTOR_SOURCE = Path(__file__).with_name("executor.py")
 STATE_ROOT = Path(tempfile.gettempdir()) / "m2rl-docker"
 # snapshot: the executor restores the tmpfs mounts from an in-memory tar (kept: fastest, see the benchmark);
 # overlay: a new container from the image, discarding the old one's overlay2 writable layer;
@@ -117,7 +117,7 @@ class DockerSandbox(Sandbox):
         self._committed: str | None = None  # the image `commit` resets return to
         STATE_ROOT.mkdir(mode=0o755, exist_ok=True)
         self.state_dir.mkdir(mode=0o755)
-        shutil.copy(AGENT_SOURCE, self.state_dir / "agent.py")
+        shutil.copy(EXECUTOR_SOURCE, self.state_dir / EXECUTOR_SOURCE.name)
         try:
             self._start(self.image)
             if reset_strategy == "commit":
@@ -159,8 +159,8 @@ class DockerSandbox(Sandbox):
             binds={
                 # Read-only: a host directory must not store what the sandbox writes (connecting to the
                 # unix socket in it needs no write access to the file system).
-                str(run_dir): {"bind": AGENT_SOCKET_DIR, "mode": "ro"},
-                str(self.state_dir / "agent.py"): {"bind": AGENT_PATH, "mode": "ro"},
+                str(run_dir): {"bind": EXECUTOR_SOCKET_DIR, "mode": "ro"},
+                str(self.state_dir / EXECUTOR_SOURCE.name): {"bind": EXECUTOR_PATH, "mode": "ro"},
             },
             tmpfs=tmpfs,
             read_only=self.reset_strategy == "snapshot",
@@ -181,11 +181,11 @@ class DockerSandbox(Sandbox):
         rlimits = {"RLIMIT_FSIZE": lim.disk_mb << 20}
         if lim.cpu_seconds:
             rlimits["RLIMIT_CPU"] = lim.cpu_seconds
-        config = agent_config(rlimits, limits=self.limits)
+        config = executor_config(rlimits, limits=self.limits)
         config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
         created = self.client.api.create_container(
             image,
-            command=["python3", "-I", "-S", AGENT_PATH, _json(config)],
+            command=["python3", "-I", "-S", EXECUTOR_PATH, _json(config)],
             user="1000:1000",
             working_dir="/",
             hostname="sandbox",

@@ -2,7 +2,7 @@
 
 
 class SandboxError(RuntimeError):
-    """Base class: a sandbox operation failed (bad input, missing engine, agent-side error)."""
+    """Base class: a sandbox operation failed (bad input, missing engine, executor-side error)."""
 
 
 class SandboxDead(SandboxError):

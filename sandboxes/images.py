@@ -28,7 +28,7 @@ RECIPE_VERSION = "3"
 SANDBOX_UID = 1000
 SANDBOX_USER = "sandbox"
 # Files a derived spec places under /work go here instead: the sandbox mounts a fresh tmpfs on /work and
-# the in-sandbox agent seeds it from this directory (see agent.py).
+# the in-sandbox executor seeds it from this directory (see executor.py).
 WORK_SEED_DIR = "/opt/m2rl/seed/work"
 IMAGE_LABEL = "m2rl.image"
 

@@ -1,6 +1,6 @@
-"""The `Sandbox` protocol every backend implements, on top of the in-sandbox executor (agent.py).
+"""The `Sandbox` protocol every backend implements, on top of the in-sandbox executor (executor.py).
 
-A backend only knows how to start an isolated process tree running the agent with the right mounts and
+A backend only knows how to start an isolated process tree running the executor with the right mounts and
 limits, and how to destroy it; everything else (exec, files, reset) is the same framed protocol.
 """
 
@@ -15,8 +15,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from m2rl.sandboxes.agent import RefusedFile, extract_tar, tar_path
-from m2rl.sandboxes.channel import Channel
+from m2rl.sandboxes.executor import RefusedFile, extract_tar, tar_path
+from m2rl.sandboxes.channel import SOCKET_NAME, Channel
 from m2rl.sandboxes.errors import SandboxDead, SandboxError
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.result import ExecResult
@@ -24,8 +24,8 @@ from m2rl.sandboxes.result import ExecResult
 WORKDIR = "/work"
 HOME = "/home/sandbox"
 WRITABLE_ROOTS = (WORKDIR, "/tmp", HOME)
-AGENT_PATH = "/opt/m2rl/agent.py"
-AGENT_SOCKET_DIR = "/run/m2rl"
+EXECUTOR_PATH = "/opt/m2rl/executor.py"
+EXECUTOR_SOCKET_DIR = "/run/m2rl"
 # Host-side grace beyond an exec's own timeout before a silent executor counts as dead.
 EXEC_GRACE_S = 15.0
 NO_TIMEOUT_S = 7 * 24 * 3600.0  # what timeout=None means
@@ -39,16 +39,16 @@ BASE_ENV = {
 }
 
 
-def agent_config(
+def executor_config(
     rlimits: dict[str, int] | None = None,
     memory_watchdog_bytes: int | None = None,
     limits: Limits | None = None,
 ) -> dict[str, Any]:
     """The executor's start-up configuration. `limits` size what it may hold in memory (see
-    `Agent.bound_own_memory`); without them it reads its mounts' sizes and its cgroup's memory limit."""
+    `Executor.bound_own_memory`); without them it reads its mounts' sizes and its cgroup's memory limit."""
     config: dict[str, Any] = {
         "writable_roots": list(WRITABLE_ROOTS),
-        "socket": f"{AGENT_SOCKET_DIR}/agent.sock",
+        "socket": f"{EXECUTOR_SOCKET_DIR}/{SOCKET_NAME}",
         "rlimits": rlimits or {},
         "env": BASE_ENV,
         "memory_watchdog_bytes": memory_watchdog_bytes,

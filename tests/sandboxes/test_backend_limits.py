@@ -117,12 +117,12 @@ def test_socket_dir_is_read_only_and_nothing_survives_reset(small):
         "head -c 100M /dev/zero > /run/m2rl/fill; echo rc=$?; mkdir /run/m2rl/d; ls -A /run/m2rl", timeout=30
     )
     assert "rc=0" not in r.stdout, r
-    assert r.stdout.split()[-1] == "agent.sock", r
-    assert sorted(os.listdir(small.state_dir / "run")) == ["agent.sock"]  # nothing reached the host
+    assert r.stdout.split()[-1] == "executor.sock", r
+    assert sorted(os.listdir(small.state_dir / "run")) == ["executor.sock"]  # nothing reached the host
     with pytest.raises(SandboxError):
         small.write_file("/run/m2rl/x", b"x")
     small.reset()
-    assert small.exec("ls -A /run/m2rl").stdout == "agent.sock\n"  # and the executor still answers
+    assert small.exec("ls -A /run/m2rl").stdout == "executor.sock\n"  # and the executor still answers
 
 
 # ---- item 5: /dev, /dev/shm, user namespaces, memory the kernel must count ------------------------

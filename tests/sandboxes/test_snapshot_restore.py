@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from m2rl.sandboxes import agent
+from m2rl.sandboxes import executor
 
 # A small path space, so mutations often hit what the set-up created.
 NAMES = st.sampled_from(["a", "b"])
@@ -34,7 +34,7 @@ OPS = st.one_of(
 )
 
 
-class HostAgent(agent.Agent):
+class HostExecutor(executor.Executor):
     """The real executor logic on a plain directory; there are no processes to kill."""
 
     def kill_all(self, keep_protected: bool) -> None:
@@ -96,7 +96,7 @@ def test_restore_returns_to_the_snapshot(tmp_path_factory, setup, mutations):
     for p in root.rglob("*"):
         if p.is_file() and not p.is_symlink():
             p.chmod(p.stat().st_mode | 0o400)
-    ex = HostAgent({"writable_roots": [str(root)]})
+    ex = HostExecutor({"writable_roots": [str(root)]})
     ex.take_snapshot()
     expected = tree(root)
     for op in mutations:
@@ -112,7 +112,7 @@ def test_restore_returns_to_the_snapshot(tmp_path_factory, setup, mutations):
 
 def test_kill_all_refuses_outside_a_sandbox():
     with pytest.raises(RuntimeError, match="PID 1"):
-        agent.Agent({"writable_roots": []}).kill_all(keep_protected=False)
+        executor.Executor({"writable_roots": []}).kill_all(keep_protected=False)
 
 
 # ---- deep trees (issue 12, item 3) -------------------------------------------------------------------
@@ -180,7 +180,7 @@ def deep_tree(root: Path) -> list[tuple]:
 def test_deep_trees_made_after_the_snapshot_are_removed(deep_root):
     root = deep_root
     (root / "keep.txt").write_text("keep")
-    ex = HostAgent({"writable_roots": [str(root)]})
+    ex = HostExecutor({"writable_roots": [str(root)]})
     ex.take_snapshot()
     expected = deep_tree(root)
     make_chain(root, 3000, leaf=b"bottom")
@@ -195,7 +195,7 @@ def test_deep_trees_made_after_the_snapshot_are_removed(deep_root):
 def test_a_deep_tree_in_the_snapshot_is_restored(deep_root):
     root = deep_root
     make_chain(root, 3000, leaf=b"original")
-    ex = HostAgent({"writable_roots": [str(root)]})
+    ex = HostExecutor({"writable_roots": [str(root)]})
     ex.take_snapshot()
     expected = deep_tree(root)
     # Change the bottom: new contents in the leaf, a stray file, a deeper chain, a read-only middle.
@@ -226,7 +226,7 @@ def test_walks_never_hold_more_descriptors_than_a_few(deep_root):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     try:
-        ex = HostAgent({"writable_roots": [str(root)]})
+        ex = HostExecutor({"writable_roots": [str(root)]})
         ex.take_snapshot()
         (root / "d" / "stray").write_text("x")  # a change near the top; restore walks the whole chain
         ex.restore()
@@ -241,9 +241,9 @@ def test_the_executor_memory_bound_turns_a_runaway_read_into_memory_error(tmp_pa
     link once did) stops at the bound with a MemoryError, instead of growing until the host runs out."""
     code = (
         "import resource, sys\n"
-        f"sys.path.insert(0, {str(Path(agent.__file__).parent)!r})\n"
-        "import agent\n"
-        f"ex = agent.Agent({{'writable_roots': [{str(tmp_path)!r}], 'disk_bytes': 16 << 20,"
+        f"sys.path.insert(0, {str(Path(executor.__file__).parent)!r})\n"
+        "import executor\n"
+        f"ex = executor.Executor({{'writable_roots': [{str(tmp_path)!r}], 'disk_bytes': 16 << 20,"
         " 'memory_bytes': 64 << 20})\n"
         "ex.bound_own_memory()\n"
         "print(resource.getrlimit(resource.RLIMIT_DATA)[0] >> 20)\n"

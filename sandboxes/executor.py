@@ -88,7 +88,10 @@ def recv(sock):
     return header, recv_exact(sock, header.get("n", 0))
 
 
-class Agent:
+class Executor:
+    """Serves the host's requests inside one sandbox: runs commands, reads and writes files, snapshots and
+    restores the writable roots. One instance per sandbox, in its PID 1 (`main`)."""
+
     def __init__(self, config):
         self.roots = config["writable_roots"]  # directories whose contents reset() restores
         self.rlimits = config.get("rlimits", {})  # name -> value, set on every command right after spawn
@@ -1138,9 +1141,9 @@ def main():
     for root in config["writable_roots"]:
         os.makedirs(root, exist_ok=True)
     seed_work(config.get("seed_dir", "/opt/m2rl/seed/work"))
-    agent = Agent(config)
-    agent.bound_own_memory()
-    agent.take_snapshot()
+    executor = Executor(config)
+    executor.bound_own_memory()
+    executor.take_snapshot()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(config["socket"])
     send(sock, {"op": "hello", "pid": os.getpid()})
@@ -1150,11 +1153,11 @@ def main():
         except (EOFError, ConnectionError):
             break  # the host went away: exiting as PID 1 tears the whole sandbox down
         try:
-            header, data = agent.handle(req, payload)
+            header, data = executor.handle(req, payload)
             header["ok"] = True
         except Exception as exc:  # every failure goes back to the host as a message, never kills us
             header, data = {"ok": False, "error": "%s: %s" % (type(exc).__name__, exc)}, b""
-        agent.reap()
+        executor.reap()
         send(sock, header, data)
 
 

@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from m2rl.config import load_config
     from m2rl.rl.interrupts import TrainingInterrupted, stop_on_signals
-    from m2rl.rl.stages import run_pipeline
+    from m2rl.rl.pipeline import run_pipeline
     from m2rl.rl.trainer import TrainConfig, Trainer
 
     config = load_config(TrainConfig, args.config, args.overrides)

@@ -25,7 +25,6 @@ import math
 import random
 import signal
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from m2rl.agent.loop import LoopConfig
 from m2rl.agent.policy import SamplingParams
 from m2rl.config import ConfigError, changed_settings, read_yaml, to_dict
 from m2rl.rl.advantages import dynamic_sampling_keep, group_advantages
-from m2rl.rl.batch import RolloutBatch, collate
+from m2rl.rl.batch import collate
 from m2rl.rl.checkpoint import (
     CHECKPOINTS_DIR,
     EXPORT_DIR,
@@ -53,7 +52,7 @@ from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interru
 from m2rl.rl.learner import Learner, LearnerConfig
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
-from m2rl.rl.rollout import EpisodeRunner, ScoredTrajectory, rollout_metrics
+from m2rl.rl.rollout import Episode, EpisodeRunner, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
 from m2rl.runs import Run, atomic_write, default_run_name, progress, read_jsonl
 
@@ -179,8 +178,7 @@ def task_pool(env: Any, split: str, count: int, kinds: list[str] | None) -> list
     return [task.id for task in task_set.tasks(split, count, kinds=tuple(kinds) if kinds else None)]
 
 
-def episodes_to_batch(episodes: list[ScoredTrajectory], advantages: Sequence[float | Sequence[float]],
-                      pad_id: int) -> RolloutBatch:
+def episodes_to_batch(episodes: list[Episode], advantages: list[float], pad_id: int) -> Any:
     trajectories = [e.trajectory for e in episodes]
     return collate(
         [t.ids for t in trajectories],
@@ -191,12 +189,13 @@ def episodes_to_batch(episodes: list[ScoredTrajectory], advantages: Sequence[flo
     )
 
 
-def tool_calls(episode: ScoredTrajectory) -> int:
+def tool_calls(episode: Episode) -> int:
     """Tool calls the episode made, not counting `submit` (which only hands in the answer)."""
-    return sum(name != "submit" for name in episode.episode.tool_names())
+    steps = episode.trajectory.metadata.get("steps", [])
+    return sum(name != "submit" for step in steps for name in step.get("tools", []))
 
 
-def summarize_episodes(episodes: list[ScoredTrajectory], prefix: str) -> dict[str, float]:
+def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]:
     if not episodes:
         return {}
     n = len(episodes)
@@ -393,7 +392,7 @@ class Trainer:
         return metrics
 
     async def _collect(self, runner: EpisodeRunner, tasks: list[str], group: int,
-                       params: SamplingParams) -> list[ScoredTrajectory]:
+                       params: SamplingParams) -> list[Episode]:
         try:
             return await runner.run(self.policy, tasks, group, params, self._loop_config())
         finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -18,8 +17,7 @@ from m2rl.config import load_config
 from m2rl.rl.checkpoint import latest_checkpoint
 from m2rl.runs import read_jsonl as read_metrics
 from m2rl.agent.trajectory import Trajectory
-from m2rl.rewards.episode import Episode, StepInfo, ToolResultInfo, Verification
-from m2rl.rl.rollout import ScoredTrajectory
+from m2rl.rl.rollout import Episode
 from m2rl.rl.trainer import TrainConfig, Trainer, summarize_episodes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,12 +88,9 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     assert summary["steps"] == 2
 
 
-def _episode(resolved: bool, tools_per_step: list[list[str]]) -> ScoredTrajectory:
-    steps = [StepInfo(tool_results=tuple(ToolResultInfo(name, ok=True) for name in tools)) for tools in tools_per_step]
-    if steps:
-        steps[-1] = dataclasses.replace(steps[-1], verification=Verification(resolved, float(resolved)))
-    trajectory = Trajectory(rewards=[0.0] * (len(steps) - 1) + [float(resolved)] if steps else [])
-    return ScoredTrajectory("python/arith/1", 0, trajectory, Episode(tuple(steps)), exit_reason="terminated")
+def _episode(resolved: bool, tools_per_step: list[list[str]]) -> Episode:
+    trajectory = Trajectory(metadata={"steps": [{"tools": tools} for tools in tools_per_step]})
+    return Episode("python/arith/1", 0, trajectory, reward=float(resolved), resolved=resolved, exit_reason="terminated")
 
 
 def test_summary_counts_tool_calls_but_not_submit() -> None:

@@ -1,4 +1,5 @@
-"""The multi-stage pipeline (SFT short -> SFT long -> RL short -> RL long) runs from one config."""
+"""The multi-stage pipeline (SFT short -> SFT long -> RL short -> RL long) runs from one config, and every
+stage leaves its model as a Hugging Face directory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from m2rl.config import ConfigError, load_config
-from m2rl.rl.stages import run_pipeline, stage_config
+from m2rl.model import load_pretrained
+from m2rl.rl.pipeline import run_pipeline, stage_config
+from m2rl.rl.preflight import resolve_init
 from m2rl.rl.trainer import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,5 +52,14 @@ def test_four_stage_pipeline_runs_in_order(tmp_path: Path) -> None:
     assert sft_short["demonstrations"] == 4 and sft_short["steps"] == 2
     for stage in ("sft-short", "sft-long", "rl-short", "rl-long"):
         assert (tmp_path / f"p-{stage}" / "config.yaml").exists()
+        # each stage's model, for transformers, vLLM and `model.init=runs/p-<stage>`
+        assert resolve_init(str(tmp_path / f"p-{stage}")) == tmp_path / f"p-{stage}" / "final"
+        assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+            p.name for p in (tmp_path / f"p-{stage}" / "final").iterdir()}
+    assert summary["stages"][1]["model"] == str(tmp_path / "p-sft-long" / "final")
+    # an SFT stage exports the model as it trained it, not as it started: sft-long trained on from sft-short
+    short, long = (load_pretrained(tmp_path / f"p-{stage}" / "final").state_dict()
+                   for stage in ("sft-short", "sft-long"))
+    assert not all(torch.equal(short[k], long[k]) for k in short)
     saved = json.loads((tmp_path / "p-rl-long" / "summary.json").read_text())
     assert saved["steps"] == 1

@@ -5,20 +5,29 @@ so each package owns its commands. Every error is one line `m2rl: error: <messag
 `print_error` here (the one place that prefix is written): errors the user can fix (bad config, bad
 files, a run name in use, bad arguments) exit 2, anything unexpected exits 1. `--debug` (anywhere on the
 command line) or M2RL_DEBUG=1 also prints the traceback.
+
+Logging: every module logs to `logging.getLogger(__name__)`, under the `m2rl` logger; `console_logging`
+attaches the console handler there (a run adds its run.log handler there too, see m2rl.runs). The console
+shows warnings and errors as one line each (`m2rl: warning: ...`), tracebacks only with --debug; records of
+`m2rl.runs` (the run's own notes: resumed, interrupted, failed) go to run.log only, because the command
+reports those itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
 from m2rl import __version__
-from m2rl.config import apply_overrides, read_yaml
+from m2rl.config import apply_overrides, format_schema, load_config, read_yaml
 
 # Packages that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
@@ -74,6 +83,42 @@ def _is_user_error(exc: BaseException) -> bool:
     return False
 
 
+class _ConsoleHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Warnings and errors of the m2rl tree on stderr, one line each; the traceback only with --debug."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__(sys.stderr)
+        self.debug = debug
+        self.setLevel(logging.WARNING)
+        self.addFilter(lambda record: not record.name.startswith("m2rl.runs"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.setStream(sys.stderr)  # the stream of now (pytest's capture replaces sys.stderr per test)
+        super().emit(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"m2rl: {record.levelname.lower()}: {one_line(record.getMessage())}"
+        if self.debug and record.exc_info:
+            line += "\n" + logging.Formatter().formatException(record.exc_info)
+        return line
+
+
+@contextmanager
+def console_logging(debug: bool = False) -> Iterator[None]:
+    """The entry point's logging, for the length of one command: level INFO (DEBUG with --debug) for the
+    `m2rl` tree and the console handler on the `m2rl` logger; both undone afterwards, so calling `main`
+    in-process (tests) leaves no handler behind."""
+    tree = logging.getLogger("m2rl")
+    level, handler = tree.level, _ConsoleHandler(debug)
+    tree.setLevel(logging.DEBUG if debug else logging.INFO)
+    tree.addHandler(handler)
+    try:
+        yield
+    finally:
+        tree.removeHandler(handler)
+        tree.setLevel(level)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the one error format (argparse prints a usage block and `m2rl train: error:`)."""
 
@@ -112,6 +157,21 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if problems else code
 
 
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from m2rl.rl.trainer import TrainConfig
+
+    print(schema_text(TrainConfig, args.config, args.overrides), end="")
+    return 0
+
+
+def schema_text(cls: type, config_path: str | None, overrides: list[str]) -> str:
+    """Every key of `cls` with type, value (from the file and overrides when given) and meaning."""
+    path = Path(config_path) if config_path else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    config = load_config(cls, path, overrides)
+    header = f"# {cls.__name__} keys, values from {path or 'the defaults'}{' + overrides' if overrides else ''}\n"
+    return header + format_schema(cls, config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="m2rl", description="Agentic RL for MiniMax-M2-style tool agents.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (also M2RL_DEBUG=1)")
@@ -126,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--require", default="", help="comma-separated components that must work, e.g. docker,vllm")
     doctor.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     doctor.set_defaults(func=_cmd_doctor)
+
+    config = sub.add_parser("config", help="list the configuration keys with type, value and meaning")
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    config_sub.required = True
+    show = config_sub.add_parser(
+        "show", help="every key of the train config: type, value (default alongside when different), meaning",
+        description="Overrides: key.sub=value sets a key; +key.sub=value adds a key the file does not set "
+                    "(an error if it does); ++key.sub=value adds or overrides. A key not in the schema is an error.")
+    show.add_argument("--config", help="YAML config whose values are shown (default: configs/train.yaml)")
+    show.add_argument("overrides", nargs="*", help="key.sub=value, +key.sub=value or ++key.sub=value overrides")
+    show.set_defaults(func=_cmd_config_show)
 
     for module_name in COMMAND_MODULES:
         try:
@@ -145,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [arg for arg in argv if arg != "--debug"]
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with console_logging(debug):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print_note("interrupted")
         return 130

@@ -1,4 +1,15 @@
-"""Run directories: `runs/<name>/` with the resolved config, metrics, TensorBoard events and a log.
+"""Run directories: `runs/<name>/` with the resolved config, metrics, trackers' files, samples and a log.
+
+    runs/<name>/config.yaml                    the resolved configuration, as first written
+    runs/<name>/metrics.jsonl                  one record per logged step
+    runs/<name>/run.log                        every record of the `m2rl` logger tree while the run is open
+    runs/<name>/tensorboard/ (wandb/, mlflow/) the experiment trackers of `logging.trackers` (m2rl.trackers)
+    runs/<name>/trajectories/step_000010.jsonl a few episodes of each training step (`Run.write_trajectories`)
+
+Logging: every module logs to `logging.getLogger(__name__)`, a child of the `m2rl` logger, and handlers
+are attached to `m2rl` only: the run's file handler while a run is open, the console handler by the CLI
+(`m2rl.cli.console_logging`). So a record from any package, and the traceback of a failed run, reaches
+run.log.
 
 Every file that is rewritten (config, summaries, checkpoints' manifests) goes through
 `atomic_write`: data lands in a temp file in the same folder, is fsynced, then renamed over the
@@ -15,17 +26,46 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
-from m2rl.config import dump_yaml
+from m2rl.config import dump_yaml, to_dict
+from m2rl.trackers import TrackerName, check_trackers, make_trackers, scalars
+
+logger = logging.getLogger(__name__)
+
+ROOT_LOGGER = "m2rl"  # the logger every m2rl module's logger descends from; handlers go here only
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@dataclass
+class LoggingConfig:
+    """What a run records besides metrics.jsonl and run.log (`logging.*` in the train config)."""
+
+    trackers: list[TrackerName] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that receive every scalar metric, all offline: tensorboard, wandb (offline
+    mode), mlflow (file store under the run directory), trackio (local). Only tensorboard is installed
+    with m2rl; the others need their package."""
+    project: str = "m2rl"
+    """Project (wandb, trackio) or experiment (mlflow) the run is filed under."""
+    trajectory_samples: int = 4
+    """Episodes of each training step saved to runs/<name>/trajectories/step_NNNNNN.jsonl; 0: none."""
+    trajectory_max_chars: int = 16_000
+    """Rendered text kept per saved episode (a longer one loses its middle), so a step's file stays small."""
+
+    def __post_init__(self) -> None:
+        if self.trajectory_samples < 0:
+            raise ValueError(f"logging.trajectory_samples must be >= 0, got {self.trajectory_samples}")
+        if self.trajectory_max_chars < 100:
+            raise ValueError(f"logging.trajectory_max_chars must be >= 100, got {self.trajectory_max_chars}")
 
 
 class RunError(ValueError):
@@ -155,24 +195,30 @@ def run_in_use(directory: Path) -> bool:
 class Run:
     """One run's folder. Create with `Run.create(...)`; close with `close()` or use as a context."""
 
-    def __init__(self, directory: Path, tensorboard: bool = True) -> None:
+    def __init__(self, directory: Path, trackers: Sequence[str] = ("tensorboard",), project: str = "m2rl",
+                 config: Any = None) -> None:
         self.directory = directory
         self.metrics_path = directory / "metrics.jsonl"
         self.log_path = directory / "run.log"
-        self.logger = logging.getLogger(f"m2rl.run.{directory.name}")
-        self.logger.setLevel(logging.INFO)
+        self.logger = logger  # a logger of the m2rl tree like any other: kept as an attribute for callers
+        self._tree = logging.getLogger(ROOT_LOGGER)
+        self._level_before = self._tree.level
+        if self._tree.getEffectiveLevel() > logging.INFO:  # the library default (WARNING) would drop INFO
+            self._tree.setLevel(logging.INFO)
         self._handler = logging.FileHandler(self.log_path, encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self.logger.addHandler(self._handler)
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(directory / "tensorboard"))
+        self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        self._tree.addHandler(self._handler)
+        try:
+            plain = to_dict(config) if config is not None else None
+            self._trackers = make_trackers(trackers, directory, project, plain if isinstance(plain, dict) else None)
+        except BaseException:
+            self._detach_log()
+            raise
 
     @classmethod
     def create(
-        cls, name: str, root: str | Path = "runs", config: Any = None, tensorboard: bool = True
+        cls, name: str, root: str | Path = "runs", config: Any = None, trackers: Sequence[str] = ("tensorboard",),
+        project: str = "m2rl",
     ) -> "Run":
         """A new run `root/name`; a name already in use is a RunError (runs never share a folder)."""
         problem = run_name_problem(name)
@@ -183,15 +229,17 @@ class Run:
             raise RunError(
                 f"run directory {directory} already exists; pass resume=true to continue it or choose another name="
             )
+        check_trackers(trackers)  # a missing tracker package is an error before the directory exists
         directory.mkdir(parents=True, exist_ok=True)
-        run = cls(directory, tensorboard=tensorboard)
+        run = cls(directory, trackers=trackers, project=project, config=config)
         if config is not None:
             run.write_config(config)
         run.logger.info("run directory %s", directory)
         return run
 
     @classmethod
-    def open(cls, name: str, root: str | Path = "runs", tensorboard: bool = True) -> "Run":
+    def open(cls, name: str, root: str | Path = "runs", trackers: Sequence[str] = ("tensorboard",),
+             project: str = "m2rl") -> "Run":
         """An existing run, to continue: its config.yaml and metrics are kept; new records are appended."""
         problem = run_name_problem(name)
         if problem:
@@ -199,7 +247,8 @@ class Run:
         directory = Path(root) / name
         if not directory.is_dir():
             raise RunError(f"no run directory {directory} to resume; drop resume=true to start a new run")
-        run = cls(directory, tensorboard=tensorboard)
+        check_trackers(trackers)
+        run = cls(directory, trackers=trackers, project=project)
         run.logger.info("run directory %s reopened", directory)
         return run
 
@@ -207,14 +256,12 @@ class Run:
         return atomic_write(self.directory / "config.yaml", dump_yaml(config))
 
     def log_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Append `{"step", "time", **metrics}` to metrics.jsonl and scalars to TensorBoard."""
+        """Append `{"step", "time", **metrics}` to metrics.jsonl and the finite scalars to every tracker."""
         record = {"step": step, "time": time.time(), **metrics}
         append_jsonl(self.metrics_path, record)
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+        numbers = scalars(metrics)
+        for tracker in self._trackers:
+            tracker.log(step, numbers)
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)
@@ -222,17 +269,37 @@ class Run:
     def write_file(self, relative: str, data: str | bytes) -> Path:
         return atomic_write(self.directory / relative, data)
 
+    def write_trajectories(self, step: int, records: Sequence[Mapping[str, Any]]) -> Path | None:
+        """`trajectories/step_NNNNNN.jsonl`, one record per line, replaced whole (a step that is run again
+        after a resume overwrites its file); nothing is written for no records."""
+        if not records:
+            return None
+        lines = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in records)
+        return atomic_write(self.directory / "trajectories" / f"step_{step:06d}.jsonl", lines)
+
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        self.logger.removeHandler(self._handler)
+        trackers, self._trackers = self._trackers, []
+        try:
+            for tracker in trackers:
+                tracker.close()
+        finally:
+            self._detach_log()
+
+    def _detach_log(self) -> None:
+        self._tree.removeHandler(self._handler)
         self._handler.close()
+        self._tree.setLevel(self._level_before)
 
     def __enter__(self) -> "Run":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None:
+            if isinstance(exc, KeyboardInterrupt):  # Ctrl-C / SIGTERM: a stop, not a failure
+                self.logger.warning("run interrupted: %s", exc or type(exc).__name__)
+            else:
+                self.logger.error("run failed", exc_info=(exc_type, exc, tb))  # type: ignore[arg-type]
         self.close()
 
 

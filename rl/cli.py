@@ -15,7 +15,11 @@ DEFAULT_TRAIN_CONFIG = REPO_ROOT / "configs" / "train.yaml"
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train a policy with CISPO (default: tiny policy on m2rl/Python-v0)")
     train.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG), help="YAML config (default: configs/train.yaml)")
-    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. steps=10 learner.loss.name=grpo")
+    train.add_argument("--help-config", action="store_true",
+                       help="list every config key with its type, value and meaning, then exit (as `m2rl config show`)")
+    train.add_argument("overrides", nargs="*",
+                       help="key.sub=value overrides, e.g. steps=10 learner.loss.kind=grpo; +key=value adds a key "
+                            "the file does not set, ++key=value adds or overrides")
     train.set_defaults(func=cmd_train)
 
 
@@ -25,6 +29,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from m2rl.rl.pipeline import run_pipeline
     from m2rl.rl.trainer import TrainConfig, Trainer
 
+    if args.help_config:
+        from m2rl.cli import schema_text
+
+        print(schema_text(TrainConfig, args.config, args.overrides), end="")
+        return 0
     config = load_config(TrainConfig, args.config, args.overrides)
     with stop_on_signals():
         try:
@@ -60,6 +69,7 @@ def _report_resume(trainer: Any) -> None:
 
 def _report_interrupt(exc: Any, args: argparse.Namespace, pipeline: bool) -> None:
     from m2rl.cli import print_note
+    from m2rl.config import override_key
 
     if pipeline:
         saved = f"; the stage's last step is in {exc.checkpoint}" if exc.checkpoint else ""
@@ -69,7 +79,7 @@ def _report_interrupt(exc: Any, args: argparse.Namespace, pipeline: bool) -> Non
         print_note(f"interrupted by {exc} before training started; nothing new was saved")
         return
     # The same command line, pointed at this run: other overrides kept, name/resume replaced.
-    kept = [o for o in args.overrides if o.split("=", 1)[0].strip() not in ("name", "resume")]
+    kept = [o for o in args.overrides if override_key(o) not in ("name", "resume")]
     config = [] if Path(args.config).resolve() == DEFAULT_TRAIN_CONFIG.resolve() else ["--config", args.config]
     command = shlex.join(["m2rl", "train", *config, *kept, f"name={exc.run_name}", "resume=true"])
     print_note(f"interrupted by {exc} after step {exc.step}; saved {exc.checkpoint}; resume with: {command}")

@@ -54,7 +54,8 @@ from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
 from m2rl.rl.rollout import Episode, EpisodeRunner, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
-from m2rl.runs import Run, atomic_write, default_run_name, progress, read_jsonl
+from m2rl.rl.trajectory_samples import trajectory_sample
+from m2rl.runs import LoggingConfig, Run, atomic_write, default_run_name, progress, read_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,45 +63,71 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    # Warm start: a Hugging Face model directory, a checkpoint (runs/X/checkpoints/step_N) or a run (runs/X:
-    # its final/ export). Relative paths: the working directory, then the repo root (shipped assets).
+    """Architecture preset (tiny | m2-mini | m2) of a policy started from random weights (model.init null)."""
     init: str | None = "model/assets/tiny-python-sft"
-    seed: int = 0  # init seed when there is no checkpoint
+    """Warm start: a Hugging Face model directory, a checkpoint (runs/X/checkpoints/step_N) or a run (runs/X:
+    its final/ export). Relative paths: the working directory, then the repo root (shipped assets)."""
+    seed: int = 0
+    """Initialisation seed of random weights (when model.init is null)."""
 
 
 @dataclass
 class EnvSection:
     id: str = "m2rl/Python-v0"
+    """Gymnasium id of the environment: m2rl/Python-v0, m2rl/Shell-v0, m2rl/Browser-v0, m2rl/MCP-v0, or
+    module:ID (the module is imported first, so it can register its own env)."""
     sandbox: str = "bwrap"
-    kinds: list[str] | None = None  # restrict task kinds (None: all of the family)
-    max_steps: int = 4  # assistant turns per episode
-    num_train_tasks: int = 256  # the training task pool the curriculum draws from
+    """Sandbox backend the tools run in: bwrap, docker or auto."""
+    kinds: list[str] | None = None
+    """Restrict the task kinds sampled; null: every kind of the env's task family."""
+    max_steps: int = 4
+    """Assistant turns per episode before it is truncated."""
+    num_train_tasks: int = 256
+    """Size of the training task pool the curriculum draws from."""
     enable_thinking: bool = True
+    """Open every assistant turn with <think> (M2's interleaved reasoning); false: answer directly."""
 
 
 @dataclass
 class RolloutSection:
-    group_size: int = 8  # G samples per task
+    group_size: int = 8
+    """G: episodes per task; advantages are relative to the group, so at least 2."""
     temperature: float = 1.0
+    """Sampling temperature of training rollouts."""
     top_p: float = 1.0
-    max_new_tokens: int = 96  # per assistant turn
-    num_envs: int = 32  # concurrent episodes
-    dynamic_sampling: bool = True  # drop groups whose rewards are all equal (no signal)
+    """Nucleus-sampling threshold of training rollouts (1.0: off)."""
+    max_new_tokens: int = 96
+    """Tokens the policy may sample per assistant turn."""
+    num_envs: int = 32
+    """Episodes run concurrently (also the generator's largest batch)."""
+    dynamic_sampling: bool = True
+    """Drop groups whose rewards are all equal: they carry no learning signal (DAPO)."""
     scale_by_std: bool = True
+    """Divide group-relative advantages by the group's reward std (GRPO); false: only subtract the mean."""
     batch_warmup: BatchSizeWarmup = field(default_factory=lambda: BatchSizeWarmup(32, 64, 0, 8))
+    """Episodes per training step, warmed up from start_size to target_size."""
     context: ContextLengthSchedule = field(default_factory=lambda: ContextLengthSchedule([(0, 1024)]))
+    """Longest episode, in tokens, by training step."""
     curriculum: bool = False
+    """Sample training tasks by estimated difficulty (curriculum_config) instead of uniformly."""
     curriculum_config: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """How the difficulty curriculum weights tasks (used when rollout.curriculum is true)."""
 
 
 @dataclass
 class EvalSection:
-    every: int = 10  # steps; 0 disables periodic eval (start and end still run)
-    num_tasks: int = 48  # held-out (test split) tasks
+    every: int = 10
+    """Evaluate on held-out tasks every this many steps; 0: only at the start and the end."""
+    num_tasks: int = 48
+    """Held-out (test split) tasks per evaluation."""
     greedy: bool = True
-    temperature: float = 1.0  # used when greedy is false
-    samples_per_task: int = 1  # > 1 with sampling: success is the mean over samples (avg@k)
-    report_greedy: bool = False  # with sampling, also log eval/greedy_success_rate (one greedy run per task)
+    """Greedy decoding for evaluation; false: sample at eval.temperature."""
+    temperature: float = 1.0
+    """Sampling temperature of evaluation when eval.greedy is false."""
+    samples_per_task: int = 1
+    """With sampling, episodes per task; success is their mean (avg@k)."""
+    report_greedy: bool = False
+    """With sampling, also log eval/greedy_success_rate (one greedy episode per task)."""
 
 
 @dataclass
@@ -108,31 +135,53 @@ class SFTSection:
     """Used by `sft` stages of a pipeline: expert demonstrations, then cross-entropy on policy tokens."""
 
     demos: int = 128
+    """Expert demonstrations collected for an sft stage."""
     batch_size: int = 16
+    """Demonstrations per SFT optimizer step."""
     lr: float = 3e-3
+    """Peak learning rate of SFT."""
     warmup_steps: int = 10
+    """Linear learning-rate warm-up of SFT, in optimizer steps."""
 
 
 @dataclass
 class TrainConfig:
-    name: str = ""  # run name; "" -> train-<timestamp>
+    name: str = ""
+    """Run name: the run writes runs/<name>/ (under run_root); empty: train-<timestamp>."""
     run_root: str = "runs"
+    """Folder that holds the run directories."""
     seed: int = 0
+    """Seed of Python, NumPy and torch, and of the task sampling."""
     steps: int = 60
-    max_minutes: float = 9.0  # wall-clock budget for the whole job (eval included); stops cleanly
+    """Training steps: one rollout batch and one learner update each."""
+    max_minutes: float = 9.0
+    """Wall-clock budget of the whole job, evaluations included; training stops cleanly when it is spent."""
     threads: int = 2
+    """CPU threads torch may use."""
     device: str = "cpu"
-    resume: bool = False  # continue runs/<name> from its newest readable checkpoint (an error if there is none)
+    """Device of the learner and the in-process generator (a torch device: cpu, cuda, cuda:1, ...)."""
+    resume: bool = False
+    """Continue runs/<name> from its newest readable checkpoint (an error if there is none)."""
     checkpoint_every: int = 10
+    """Checkpoint every this many steps; 0: only at the end."""
     keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk; older ones are deleted."""
     model: ModelSection = field(default_factory=ModelSection)
+    """The policy: a preset from random weights or a warm start."""
     env: EnvSection = field(default_factory=EnvSection)
+    """The environment the policy plays and its sandbox."""
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    """How episodes are sampled for training, and how their advantages are computed."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The optimizer and loss of the policy update."""
     eval: EvalSection = field(default_factory=EvalSection)
+    """Held-out evaluation."""
     sft: SFTSection = field(default_factory=SFTSection)
-    # A multi-stage pipeline (e.g. SFT short -> SFT long -> RL short -> RL long); empty: one RL stage.
+    """Supervised warm-up used by sft stages of a pipeline."""
     stages: list[StageConfig] = field(default_factory=list)
+    """A multi-stage pipeline (e.g. SFT short -> SFT long -> RL short -> RL long); empty: one RL stage."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Experiment trackers and trajectory samples, beside metrics.jsonl and run.log."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -243,10 +292,12 @@ class Trainer:
             self._build(model, tokenizer)
             # The run directory comes last: everything above can still fail on a bad config.
             if config.resume:
-                self.run = Run.open(self.name, root=config.run_root)
+                self.run = Run.open(self.name, root=config.run_root, trackers=config.logging.trackers,
+                                    project=config.logging.project)
                 self.resumed: ResumeReport | None = self._resume()
             else:
-                self.run = Run.create(self.name, root=config.run_root, config=config)
+                self.run = Run.create(self.name, root=config.run_root, config=config,
+                                      trackers=config.logging.trackers, project=config.logging.project)
                 self.resumed = None
         except BaseException:
             self._close_envs()
@@ -426,8 +477,15 @@ class Trainer:
                 metrics["learner/skipped_no_signal"] = 1.0
             self.step += 1
             self._rng_after_step = self.rng.getstate()
+            self._save_trajectory_sample(episodes)
         metrics["step_s"] = time.perf_counter() - t0
         return metrics
+
+    def _save_trajectory_sample(self, episodes: list[Episode]) -> None:
+        """A few of this step's episodes, as text, in trajectories/step_NNNNNN.jsonl (logging.trajectory_*)."""
+        c = self.config.logging
+        records = trajectory_sample(episodes, self.tokenizer, self.step, c.trajectory_samples, c.trajectory_max_chars)
+        self.run.write_trajectories(self.step, records)
 
     # ------------------------------------------------------------------ the whole job
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import argparse
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,8 @@ import pytest
 
 from m2rl import doctor
 from m2rl.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,3 +100,86 @@ def test_gc_says_what_it_skipped_and_why(capsys: pytest.CaptureFixture[str]) -> 
     assert f"skipped 1 sandbox state dir(s) owned by live process {os.getpid()}" in out
     assert any(line.startswith("skipped ") and "younger than 60 s (a sandbox may be starting)" in line
                for line in out)
+
+
+# ------------------------------------------------------------------ config keys named in help and docs
+
+_OVERRIDE = re.compile(r"^\+{0,2}([a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)*)=(\S*)$")
+_PLACEHOLDERS = {"key", "key.sub", "a.b.c", "a.b"}  # the syntax itself, not a key of the schema
+
+
+def _overrides_in_command(words: list[str]) -> list[str]:
+    """The key=value words after `m2rl train|doctor|config show` in a command line."""
+    for start, word in enumerate(words):
+        if word.endswith("m2rl") and words[start + 1:start + 2] in (["train"], ["doctor"], ["config"]):
+            return [w for w in words[start + 2:] if _OVERRIDE.match(w)]
+    return []
+
+
+_ABOUT_OVERRIDES = re.compile(r"m2rl (train|doctor|config)|override", re.I)
+
+
+def overrides_in_markdown(text: str) -> list[str]:
+    """Override examples in a markdown text: key=value words of `m2rl train/doctor/config` command lines
+    (in code blocks and inline code), and inline code spans made of key=value words only on a line that
+    talks about those commands or overrides (elsewhere `network=True` is a Python argument)."""
+    found: list[str] = []
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+    for block in blocks:
+        for line in block.splitlines():
+            found += _overrides_in_command(line.split())
+    for line in re.sub(r"```.*?```", "", text, flags=re.S).splitlines():
+        for span in re.findall(r"`([^`]+)`", line):
+            words = span.split()
+            if words and all(_OVERRIDE.match(w) for w in words):
+                found += words if _ABOUT_OVERRIDES.search(line) else []
+            else:
+                found += _overrides_in_command(words)
+    return [w for w in found if _OVERRIDE.match(w).group(1) not in _PLACEHOLDERS]  # type: ignore[union-attr]
+
+
+def _help_texts() -> str:
+    from m2rl.cli import build_parser
+
+    parser = build_parser()
+    texts = [parser.format_help()]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in sub.choices.values():
+        texts.append(command.format_help())
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                texts += [nested.format_help() for nested in action.choices.values()]
+    return "\n".join(texts)
+
+
+def test_override_examples_are_found() -> None:
+    # the extractor itself: it must see these, or the test below checks nothing
+    sample = ("Run `m2rl train steps=3 ++env.kinds=[add]` or `learner.loss.kind=grpo`, `key.sub=value`.\n"
+              "```bash\n.venv/bin/m2rl doctor --require docker env.sandbox=docker\n"
+              "python -c 'f(max_steps=3)'\n```\n"
+              "Overrides: `resume=true name=RUN`.\nA Python argument: `network=True`.\n")
+    assert overrides_in_markdown(sample) == ["env.sandbox=docker", "steps=3", "++env.kinds=[add]",
+                                             "learner.loss.kind=grpo", "resume=true", "name=RUN"]
+
+
+def test_every_key_named_in_help_and_docs_exists() -> None:
+    from m2rl.config import load_config
+    from m2rl.rl.trainer import TrainConfig
+
+    examples = {"--help": re.findall(r"\S+=\S+", _help_texts())}
+    for path in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        examples[str(path.relative_to(REPO))] = overrides_in_markdown(path.read_text(encoding="utf-8"))
+    checked, bad = 0, []
+    for where, words in examples.items():
+        for word in words:
+            word = word.strip(",.;)")
+            match = _OVERRIDE.match(word)
+            if match is None or match.group(1) in _PLACEHOLDERS:
+                continue
+            checked += 1
+            try:
+                load_config(TrainConfig, None, [word])  # the key exists and the value has its type
+            except Exception as exc:  # noqa: BLE001  collect every bad example, then fail once
+                bad.append(f"{where}: {word}: {exc}")
+    assert checked >= 5, examples  # README and --help name several keys
+    assert bad == []

@@ -56,7 +56,7 @@ def test_run_writes_config_metrics_tensorboard_and_log(tmp_path: Path) -> None:
 
 def test_run_name_is_validated(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bad run name"):
-        Run.create("../escape", root=tmp_path, tensorboard=False)
+        Run.create("../escape", root=tmp_path, trackers=())
 
 
 def test_progress_advances() -> None:
@@ -87,19 +87,19 @@ def test_every_run_file_honours_the_umask(tmp_path: Path, umask: int, mode: int)
 
 
 def test_a_run_name_in_use_is_refused(tmp_path: Path) -> None:
-    with Run.create("r1", root=tmp_path, config={"lr": 0.1}, tensorboard=False) as run:
+    with Run.create("r1", root=tmp_path, config={"lr": 0.1}, trackers=()) as run:
         run.log_metrics(0, {"loss": 1.0})
     with pytest.raises(runs.RunError, match=r"run directory .*r1 already exists; pass resume=true to continue it "
                                             r"or choose another name="):
-        Run.create("r1", root=tmp_path, config={"lr": 0.2}, tensorboard=False)
+        Run.create("r1", root=tmp_path, config={"lr": 0.2}, trackers=())
     assert yaml.safe_load((tmp_path / "r1" / "config.yaml").read_text()) == {"lr": 0.1}  # untouched
-    with Run.open("r1", root=tmp_path, tensorboard=False) as run:
+    with Run.open("r1", root=tmp_path, trackers=()) as run:
         run.log_metrics(1, {"loss": 0.5})
     assert [r["step"] for r in read_jsonl(tmp_path / "r1" / "metrics.jsonl")] == [0, 1]
     with pytest.raises(runs.RunError, match="no run directory"):
-        Run.open("r2", root=tmp_path, tensorboard=False)
+        Run.open("r2", root=tmp_path, trackers=())
     (tmp_path / "empty").mkdir()
-    Run.create("empty", root=tmp_path, tensorboard=False).close()  # an empty folder is free to use
+    Run.create("empty", root=tmp_path, trackers=()).close()  # an empty folder is free to use
 
 
 def test_default_run_names_never_collide(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from the run, from a checkpoint, and refuses other directories in one line.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +32,9 @@ transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
     "steps=2", "checkpoint_every=1", "keep_checkpoints=3", "eval.every=0", "eval.num_tasks=2",
-    "rollout.num_envs=4", "rollout.group_size=2", "rollout.max_new_tokens=12", "rollout.batch_warmup.start_size=4",
-    "rollout.batch_warmup.target_size=4", "rollout.batch_warmup.multiple_of=2", "rollout.batch_warmup.warmup_steps=0",
+    "rollout.num_envs=4", "rollout.group_size=2", "rollout.max_new_tokens=12",
+    "rollout.batch_warmup.start_size=4", "rollout.batch_warmup.target_size=4",
+    "rollout.batch_warmup.multiple_of=2", "rollout.batch_warmup.warmup_steps=0",
     "rollout.dynamic_sampling=false", "env.max_steps=2", "env.num_train_tasks=8", "threads=1",
 ]
 MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -61,7 +63,8 @@ def random_init(directory: Path) -> Path:
 
 
 def small_config(root: Path, name: str, *extra: str) -> TrainConfig:
-    return load_config(TrainConfig, REPO / "configs" / "train.yaml", [*SMALL, f"run_root={root}", f"name={name}", *extra])
+    overrides = [*SMALL, f"run_root={root}", f"name={name}", *extra]
+    return load_config(TrainConfig, REPO / "configs" / "train.yaml", overrides)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,8 @@ def test_the_run_exports_its_model_in_final_and_in_every_checkpoint(trained: Tra
     for checkpoint in checkpoints:
         assert {p.name for p in checkpoint.iterdir()} == MODEL_FILES | LEARNER_FILES  # no model.pt
     # the weights are on disk once: final/ shares the last checkpoint's files
-    assert (final / "model.safetensors").stat().st_ino == (checkpoints[-1] / "model.safetensors").stat().st_ino
+    last = checkpoints[-1]
+    assert (final / "model.safetensors").stat().st_ino == (last / "model.safetensors").stat().st_ino
     saved = read_state_dict(final)
     assert all(torch.equal(saved[k], v) for k, v in trained.model.state_dict().items())
     assert json.loads((final / "config.json").read_text())["architectures"] == ["MiniMaxM2ForCausalLM"]
@@ -112,14 +116,14 @@ def test_transformers_loads_the_export_with_the_models_logits(trained: TrainedRu
 @pytest.mark.bwrap
 def test_the_exported_tokenizer_renders_the_m2_chat_format(trained: TrainedRun) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(trained.directory / "final")
-    tools = [{"type": "function", "function": {"name": "python", "description": "Run Python code.",
-                                               "parameters": {"type": "object",
-                                                              "properties": {"code": {"type": "string"}}}}}]
+    parameters = {"type": "object", "properties": {"code": {"type": "string"}}}
+    tools = [{"type": "function",
+              "function": {"name": "python", "description": "Run Python code.", "parameters": parameters}}]
+    call = {"type": "function", "function": {"name": "python", "arguments": {"code": "print(12*34)"}}}
     messages = [
         {"role": "system", "content": "Use the tool."},
         {"role": "user", "content": "What is 12 * 34?"},
-        {"role": "assistant", "reasoning_content": "Compute it.", "content": "",
-         "tool_calls": [{"type": "function", "function": {"name": "python", "arguments": {"code": "print(12*34)"}}}]},
+        {"role": "assistant", "reasoning_content": "Compute it.", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": "408\n"},
     ]
     expected = render(messages, tools, add_generation_prompt=True)
@@ -149,9 +153,8 @@ def test_model_init_starts_a_new_run_from_a_run_or_a_checkpoint(
 
 
 @pytest.mark.bwrap
-def test_model_init_of_an_interrupted_run_is_its_newest_checkpoint(trained: TrainedRun, tmp_path: Path) -> None:
-    import shutil
-
+def test_model_init_of_an_interrupted_run_is_its_newest_checkpoint(trained: TrainedRun,
+                                                                   tmp_path: Path) -> None:
     interrupted = tmp_path / "interrupted"  # a run that never reached its end: no final/
     shutil.copytree(trained.directory / "checkpoints", interrupted / "checkpoints")
     assert resolve_init(str(interrupted)) == latest_checkpoint(interrupted / "checkpoints")
@@ -162,12 +165,14 @@ def test_model_init_refuses_a_directory_without_a_model(tmp_path: Path) -> None:
     config = load_config(TrainConfig, REPO / "configs" / "train.yaml",
                          [f"run_root={tmp_path / 'runs'}", f"model.init={tmp_path / 'notes'}"])
     problems = [p for p in config_problems(config) if p.startswith("model.init")]
-    assert problems == [f"model.init: {tmp_path / 'notes'} is not a Hugging Face model directory (no config.json), "
-                        "a checkpoint (<run>/checkpoints/step_N) or a run directory (with final/ or checkpoints/)"]
+    assert problems == [f"model.init: {tmp_path / 'notes'} is not a Hugging Face model directory (no "
+                        "config.json), a checkpoint (<run>/checkpoints/step_N) or a run directory (with "
+                        "final/ or checkpoints/)"]
 
 
-def test_model_init_relative_paths_look_in_the_working_directory_first(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_model_init_relative_paths_look_in_the_working_directory_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     random_init(tmp_path / "runs" / "mine" / "final")
     monkeypatch.chdir(tmp_path)
     assert resolve_init("runs/mine") == tmp_path / "runs" / "mine" / "final"

@@ -215,160 +215,14 @@ class Executor:
         self.reap()
 
     def exec(self, req, stdin):
-        argv = req["argv"]
-        timeout = float(req.get("timeout", 30.0))
-        max_out = int(req.get("max_output", 128 * 1024))
-        max_drain = int(req.get("max_drain", 64 << 20))
-        env = dict(self.default_env)
-        env.update(req.get("env") or {})
-        start = time.monotonic()
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=req.get("cwd") or "/work",
-                env=env,
-                start_new_session=True,
-            )
-        except (OSError, ValueError, subprocess.SubprocessError) as exc:
-            msg = "m2rl: cannot start %r: %s\n" % (argv[0] if argv else argv, exc)
-            return {
-                "exit_code": 127,
-                "timed_out": False,
-                "truncated": False,
-                "stdout_n": 0,
-                "duration_s": time.monotonic() - start,
-            }, msg.encode()
-        self.limit_child(proc.pid)
-        bufs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
-        seen = {fd: 0 for fd in bufs}
-        sel = selectors.DefaultSelector()
-        for fd in bufs:
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ)
-        pidfd = os.pidfd_open(proc.pid)
-        sel.register(pidfd, selectors.EVENT_READ)
-        pending = memoryview(stdin) if stdin else None
-        if pending is not None:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-        deadline = start + timeout
-        keep_background = bool(req.get("keep_background"))
-        timed_out = flooded = exited = over_memory = False
-        next_watch = start + WATCHDOG_PERIOD_S  # commands shorter than one period never pay for a scan
-        code = -9
+        """Run one command (see `Command`) and reply with its exit code and output."""
+        command = Command(self, req, stdin)
+        if not command.spawn():
+            return command.start_failure()
+        command.pump()
+        command.stop()
+        return command.reply()
 
-        def read_fd(fd):
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                return True
-            if not chunk:
-                return False
-            seen[fd] += len(chunk)
-            room = max_out - len(bufs[fd])
-            if room > 0:
-                bufs[fd] += chunk[:room]
-            return True
-
-        while not exited or any(fd in sel.get_map() for fd in bufs):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            # After the main process exits, kept background processes may hold the pipes open forever:
-            # then only drain what is already buffered.
-            wait = 0 if (exited and keep_background) else remaining
-            if self.memory_watchdog:
-                wait = min(wait, WATCHDOG_PERIOD_S)
-                if time.monotonic() >= next_watch:
-                    next_watch = time.monotonic() + WATCHDOG_PERIOD_S
-                    if self.resident_bytes() > self.memory_watchdog:
-                        over_memory = True
-                        break
-            events = sel.select(wait)
-            if exited and keep_background and not events:
-                break
-            for key, mask in events:
-                fd = key.fd
-                if fd == pidfd:
-                    exited = True
-                    sel.unregister(pidfd)
-                    code = proc.wait()  # collect the status before any clean-up reaps it
-                    if not keep_background:
-                        # Leftovers (`sleep 100 &`) hold the pipes open: kill them so the pipes reach EOF.
-                        self.kill_all(keep_protected=True)
-                elif mask & selectors.EVENT_WRITE:
-                    try:
-                        pending = pending[os.write(fd, pending[: 1 << 16]) :]
-                    except BlockingIOError:
-                        continue
-                    except BrokenPipeError:
-                        pending = pending[:0]
-                    if not len(pending):
-                        sel.unregister(fd)
-                        proc.stdin.close()
-                elif not read_fd(fd):
-                    sel.unregister(fd)
-            if sum(seen.values()) > max_drain:
-                flooded = True
-                break
-        if over_memory:
-            self.kill_all(keep_protected=False)  # background processes count towards the limit too
-        elif timed_out or flooded or not keep_background:
-            self.kill_all(keep_protected=True)
-        if proc.stdin and not proc.stdin.closed:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-        if not exited:
-            proc.wait()  # killed above (timeout or flood); its status is reported as -9
-        duration = time.monotonic() - start
-        if keep_background and not (timed_out or flooded):
-            self.protected_sessions.add(proc.pid)
-        for fd in bufs:  # whatever the killed processes wrote last, without blocking
-            while fd in sel.get_map() and sum(seen.values()) <= max_drain and select_ready(fd):
-                if not read_fd(fd):
-                    break
-        if keep_background and not (timed_out or flooded or over_memory):
-            # Kept processes may still write to the command's pipes: drain them in the background, so
-            # a server started with a plain `&` does not die of SIGPIPE on its first print.
-            for fd in bufs:
-                if fd in sel.get_map():
-                    threading.Thread(target=discard_until_eof, args=(os.dup(fd),), daemon=True).start()
-        sel.close()
-        os.close(pidfd)
-        proc.stdout.close()
-        proc.stderr.close()
-        truncated = False
-        outs = []
-        for fd in bufs:  # stdout first, then stderr
-            data = bytes(bufs[fd])
-            if seen[fd] > len(data):
-                truncated = True
-                data += TRUNCATION_MARKER.format(omitted=seen[fd] - len(data)).encode()
-            outs.append(data)
-        if timed_out:
-            outs[1] += note("timed out after %gs; every process of the command was killed" % timeout)
-        elif code < 0 and not flooded and not over_memory:
-            outs[1] += note("command killed by %s%s" % (signal_name(-code), SIGNAL_HINTS.get(-code, "")))
-        if over_memory:
-            mb = self.memory_watchdog >> 20
-            outs[1] += note("killed: the sandbox's processes used more than %d MB of memory" % mb)
-        if flooded:
-            outs[1] += note("command killed after writing more than %d bytes of output" % max_drain)
-        return {
-            "exit_code": -9 if (timed_out or flooded or over_memory) else code,
-            "timed_out": timed_out,
-            "truncated": truncated or flooded,
-            "stdout_n": len(outs[0]),
-            "duration_s": duration,
-        }, outs[0] + outs[1]
-
-    # ---- files -------------------------------------------------------------------------------------
     # ---- files -------------------------------------------------------------------------------------
     def take_snapshot(self):
         """Remember /work, /tmp and $HOME (contents in memory) as the state `restore()` returns to.
@@ -543,6 +397,226 @@ class Executor:
             self.take_snapshot()
             return {"bytes": self.snapshot.bytes}, b""
         raise ValueError("unknown op %r" % op)
+
+
+class Command:
+    """One `exec` request from spawn to reply; `Executor.exec` runs its steps in order:
+
+    - `spawn`: start the command in its own session, limited (`Executor.limit_child`), its pipes watched;
+    - `pump`: feed stdin, read stdout and stderr (keeping `max_output` bytes of each) until the command has
+      exited and its pipes are closed, or the executor ends it (`killed_for`): past its deadline, past
+      `max_drain` bytes of output, or past the sandbox's memory (`memory_watchdog`, without a cgroup);
+    - `stop`: kill what must not outlive it, collect its status and what it wrote last;
+    - `reply`: the header and stdout + stderr, with notes telling the model what the sandbox did.
+    """
+
+    def __init__(self, executor, req, stdin):
+        self.executor = executor
+        self.argv = req["argv"]
+        self.timeout = float(req.get("timeout", 30.0))
+        self.max_output = int(req.get("max_output", 128 * 1024))  # bytes kept of stdout, and of stderr
+        self.max_drain = int(req.get("max_drain", 64 << 20))  # bytes read in all before the command is killed
+        self.keep_background = bool(req.get("keep_background"))  # its background processes survive it
+        self.cwd = req.get("cwd") or "/work"
+        self.env = dict(executor.default_env)
+        self.env.update(req.get("env") or {})
+        self.stdin = stdin
+        self.start = time.monotonic()
+        self.deadline = self.start + self.timeout
+        self.next_watch = self.start + WATCHDOG_PERIOD_S  # commands shorter than one period never pay for a scan
+        self.proc = None
+        self.failure = ""  # why spawn failed
+        self.selector = selectors.DefaultSelector()
+        self.pidfd = -1
+        self.kept = {}  # stdout fd, stderr fd -> the first max_output bytes read from it
+        self.seen = {}  # the same fds -> bytes read from it
+        self.pending = memoryview(stdin) if stdin else None  # stdin not yet written
+        self.exited = False  # the command's own process has exited and its status is collected
+        self.exit_code = -9
+        self.killed_for = None  # "timeout" | "flood" | "memory": why the executor ended the command
+        self.duration = 0.0
+
+    # ---- steps
+    def spawn(self):
+        """Start the command; False when it cannot start (`start_failure` is the reply)."""
+        try:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.cwd,
+                env=self.env,
+                start_new_session=True,
+            )
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            self.failure = "m2rl: cannot start %r: %s\n" % (self.argv[0] if self.argv else self.argv, exc)
+            self.selector.close()
+            return False
+        self.executor.limit_child(self.proc.pid)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            fd = stream.fileno()
+            self.kept[fd], self.seen[fd] = bytearray(), 0
+            os.set_blocking(fd, False)
+            self.selector.register(fd, selectors.EVENT_READ)
+        self.pidfd = os.pidfd_open(self.proc.pid)  # readable once the process exits
+        self.selector.register(self.pidfd, selectors.EVENT_READ)
+        if self.pending is not None:
+            os.set_blocking(self.proc.stdin.fileno(), False)
+            self.selector.register(self.proc.stdin.fileno(), selectors.EVENT_WRITE)
+        return True
+
+    def start_failure(self):
+        return {
+            "exit_code": 127,
+            "timed_out": False,
+            "truncated": False,
+            "stdout_n": 0,
+            "duration_s": time.monotonic() - self.start,
+        }, self.failure.encode()
+
+    def pump(self):
+        """Move bytes until the command is done, or set `killed_for` and return."""
+        while not self.exited or self.pipes_open():
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                self.killed_for = "timeout"
+                return
+            # After the main process exits, kept background processes may hold the pipes open forever:
+            # then only drain what is already buffered.
+            wait = 0 if (self.exited and self.keep_background) else remaining
+            if self.executor.memory_watchdog:
+                wait = min(wait, WATCHDOG_PERIOD_S)
+                if self.memory_exceeded():
+                    self.killed_for = "memory"
+                    return
+            events = self.selector.select(wait)
+            if self.exited and self.keep_background and not events:
+                return
+            for key, mask in events:
+                self.on_event(key.fd, mask)
+            if sum(self.seen.values()) > self.max_drain:
+                self.killed_for = "flood"
+                return
+
+    def stop(self):
+        """Kill what must not outlive the command, collect its status and its last output, release its fds."""
+        if self.killed_for == "memory":
+            self.executor.kill_all(keep_protected=False)  # background processes count towards the limit too
+        elif self.killed_for or not self.keep_background:
+            self.executor.kill_all(keep_protected=True)
+        if self.proc.stdin and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        if not self.exited:
+            self.proc.wait()  # killed above (timeout or flood); its status is reported as -9
+        self.duration = time.monotonic() - self.start
+        if self.keep_background and not self.killed_for:
+            self.executor.protected_sessions.add(self.proc.pid)
+        for fd in self.kept:  # whatever the killed processes wrote last, without blocking
+            while self.is_watched(fd) and sum(self.seen.values()) <= self.max_drain and select_ready(fd):
+                if not self.read(fd):
+                    break
+        if self.keep_background and not self.killed_for:
+            # Kept processes may still write to the command's pipes: drain them in the background, so
+            # a server started with a plain `&` does not die of SIGPIPE on its first print.
+            for fd in self.kept:
+                if self.is_watched(fd):
+                    threading.Thread(target=discard_until_eof, args=(os.dup(fd),), daemon=True).start()
+        self.selector.close()
+        os.close(self.pidfd)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+    def reply(self):
+        """(header, stdout + stderr): each stream cut to max_output with a marker saying how much more there
+        was, and a note on stderr when the sandbox ended the command or a signal did."""
+        stdout, stderr = (self.output(fd) for fd in self.kept)  # stdout first, then stderr
+        truncated = any(self.seen[fd] > len(self.kept[fd]) for fd in self.kept)
+        return {
+            "exit_code": -9 if self.killed_for else self.exit_code,
+            "timed_out": self.killed_for == "timeout",
+            "truncated": truncated or self.killed_for == "flood",
+            "stdout_n": len(stdout),
+            "duration_s": self.duration,
+        }, stdout + stderr + self.notes()
+
+    # ---- helpers of the steps
+    def pipes_open(self):
+        return any(self.is_watched(fd) for fd in self.kept)
+
+    def is_watched(self, fd):
+        return fd in self.selector.get_map()
+
+    def memory_exceeded(self):
+        """Whether the sandbox's processes hold more memory than the watchdog allows (scanned once a period)."""
+        now = time.monotonic()
+        if now < self.next_watch:
+            return False
+        self.next_watch = now + WATCHDOG_PERIOD_S
+        return self.executor.resident_bytes() > self.executor.memory_watchdog
+
+    def on_event(self, fd, mask):
+        if fd == self.pidfd:
+            self.collect_exit()
+        elif mask & selectors.EVENT_WRITE:
+            self.feed_stdin(fd)
+        elif not self.read(fd):
+            self.selector.unregister(fd)
+
+    def collect_exit(self):
+        self.exited = True
+        self.selector.unregister(self.pidfd)
+        self.exit_code = self.proc.wait()  # collect the status before any clean-up reaps it
+        if not self.keep_background:
+            # Leftovers (`sleep 100 &`) hold the pipes open: kill them so the pipes reach EOF.
+            self.executor.kill_all(keep_protected=True)
+
+    def feed_stdin(self, fd):
+        try:
+            self.pending = self.pending[os.write(fd, self.pending[: 1 << 16]) :]
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            self.pending = self.pending[:0]  # the command will read no more: drop the rest
+        if not len(self.pending):
+            self.selector.unregister(fd)
+            self.proc.stdin.close()
+
+    def read(self, fd):
+        """Read what `fd` has (keeping what fits in max_output); False at end of file."""
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        if not chunk:
+            return False
+        self.seen[fd] += len(chunk)
+        room = self.max_output - len(self.kept[fd])
+        if room > 0:
+            self.kept[fd] += chunk[:room]
+        return True
+
+    def output(self, fd):
+        data = bytes(self.kept[fd])
+        if self.seen[fd] > len(data):
+            data += TRUNCATION_MARKER.format(omitted=self.seen[fd] - len(data)).encode()
+        return data
+
+    def notes(self):
+        if self.killed_for == "timeout":
+            return note("timed out after %gs; every process of the command was killed" % self.timeout)
+        if self.killed_for == "flood":
+            return note("command killed after writing more than %d bytes of output" % self.max_drain)
+        if self.killed_for == "memory":
+            mb = self.executor.memory_watchdog >> 20
+            return note("killed: the sandbox's processes used more than %d MB of memory" % mb)
+        if self.exit_code < 0:
+            signum = -self.exit_code
+            return note("command killed by %s%s" % (signal_name(signum), SIGNAL_HINTS.get(signum, "")))
+        return b""
 
 
 IPC_RMID = 0

@@ -3,7 +3,8 @@
 load_pretrained builds the model on the meta device, allocates it once, then copies tensors in one at a
 time (safe_open), so memory never holds two copies of the weights. FP8 block weights are dequantized on
 the way in; MTP layers (never released) are skipped. save_pretrained writes the same layout that
-transformers' MiniMaxM2ForCausalLM and vLLM load.
+transformers' MiniMaxM2ForCausalLM and vLLM load. read_state_dict gives a directory's tensors back as the
+module's state dict at their stored dtypes, bit for bit: training checkpoints resume through it.
 """
 
 from __future__ import annotations

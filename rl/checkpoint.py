@@ -5,7 +5,7 @@ Layout of <run>/checkpoints/step_000000042/ for an M2ForCausalLM:
     config.json, model.safetensors (or shards and an index), generation_config.json,
     tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja
         the model, written by m2rl.model.save_pretrained: official per-expert tensor names at the model's
-        dtypes, so transformers' MiniMaxM2ForCausalLM, vLLM and `model.init` load the step directory itself
+        dtypes, so transformers' MiniMaxM2ForCausalLM and `model.init` load the step directory itself
     optimizer.pt, scheduler.pt, rng.pt, trainer_state.pt, meta.json
         the learner state, read only to resume (meta.json: step, data position, sha256 of every file)
 

@@ -5,7 +5,7 @@ in optimizer steps, its maximum episode/sequence tokens, and overrides (dotted k
 `run_pipeline` walks the stages in order and hands the model from each stage to the next: an SFT stage
 learns from scripted-expert demonstrations of the stage's env (collected through the real agent loop), an
 RL stage runs the Trainer. Every stage writes its own run folder `runs/<name>-<stage>/`, and its model as a
-Hugging Face directory in `runs/<name>-<stage>/final/` (loadable by transformers, vLLM and `model.init`).
+Hugging Face directory in `runs/<name>-<stage>/final/` (loadable by transformers and `model.init`).
 """
 
 from __future__ import annotations

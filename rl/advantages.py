@@ -2,6 +2,9 @@
 
 - `group_advantages`: A_i = (R_i - mean(R_group)) / (std(R_group) + eps), the GRPO/M1 group baseline.
 - `group_advantages_by_id`: the same for ragged groups given as flat rewards plus group ids.
+- `group_baselines`: each group's (mean, scale, spread) from flat returns, group ids and which episodes
+  count; `GroupBaseline.advantages` applies it to an episode's return (`episode` mode) or to each of its
+  tokens' returns-to-go (`turn` mode).
 - `dynamic_sampling_keep`: DAPO/M1 dynamic sampling, drop groups whose rewards are all equal (zero signal).
 - `turn_rewards_to_go` / `turn_returns_to_tokens`: dense per-turn rewards to per-token returns.
 - `overlong_penalty`: DAPO's soft overlong punishment.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -64,6 +68,69 @@ def group_advantages_by_id(
         )[0]
         for k, a in zip(idx, adv.tolist()):
             out[k] = a
+    return out
+
+
+# episode: the episode's group-relative return on every sampled token (M1, GRPO).
+# turn: each turn's return-to-go against the same group baseline, on that turn's tokens, so a turn is not
+#   credited with rewards earned before it. With outcome-only rewards both modes give the same advantages.
+AdvantageMode = Literal["episode", "turn"]
+ADVANTAGE_MODES: tuple[str, ...] = ("episode", "turn")
+
+
+@dataclass(frozen=True)
+class GroupBaseline:
+    """A group's return statistics: an advantage is (return - mean) / scale, as in `group_advantages`.
+
+    The values are float32 numbers, and `advantages` computes in float32, so an episode's advantage equals
+    the element of `group_advantages` of its group's [1, G] float32 rewards bit for bit.
+    """
+
+    mean: float
+    scale: float  # std + eps, or 1.0 without std scaling (and for a group of one: no baseline, advantage 0)
+    spread: float  # max - min of the group's returns: 0 means the group carries no learning signal
+
+    def advantages(self, returns: Tensor) -> Tensor:
+        """(returns - mean) / scale, elementwise in float32."""
+        return (returns.to(torch.float32) - self.mean) / self.scale
+
+    def has_signal(self, atol: float = 1e-8) -> bool:
+        """Dynamic sampling's test (`dynamic_sampling_keep`): the returns are not all equal."""
+        return self.spread > float(torch.tensor(atol, dtype=torch.float32))  # compared in float32, as there
+
+
+def group_baselines(
+    returns: Sequence[float],
+    group_ids: Sequence[Hashable],
+    counted: Sequence[bool] | None = None,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+) -> dict[Hashable, GroupBaseline]:
+    """The baseline of each group from the returns of its `counted` members (default: all), in first-seen
+    order. A group with no counted member has no entry."""
+    if len(returns) != len(group_ids) or (counted is not None and len(counted) != len(returns)):
+        raise ValueError(f"got {len(returns)} returns, {len(group_ids)} group ids"
+                         + ("" if counted is None else f" and {len(counted)} counted flags"))
+    members: dict[Hashable, list[float]] = {}
+    for k, gid in enumerate(group_ids):
+        members.setdefault(gid, [])
+        if counted is None or counted[k]:
+            members[gid].append(float(returns[k]))
+    out: dict[Hashable, GroupBaseline] = {}
+    for gid, values in members.items():
+        if not values:
+            continue
+        r = torch.tensor([values], dtype=torch.float32)  # [1, G]
+        if not torch.isfinite(r).all():
+            raise ValueError(f"group {gid!r} has a NaN or inf return")
+        mean = r.mean(dim=1, keepdim=True)
+        if len(values) == 1 or not scale_by_std:
+            scale = 1.0  # one sample has no baseline: (R - R) / 1 = 0
+        else:
+            scale = float(r.std(dim=1, keepdim=True, unbiased=unbiased) + eps)
+        spread = float(r.max(dim=1).values - r.min(dim=1).values)
+        out[gid] = GroupBaseline(mean=float(mean), scale=scale, spread=spread)
     return out
 
 

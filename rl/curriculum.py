@@ -118,19 +118,25 @@ class DifficultyCurriculum:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: per task, the (decayed) attempts and successes and the raw attempt count."""
         return {
             "attempts": dict(self.attempts),
             "successes": dict(self.successes),
             "raw_attempts": dict(self.raw_attempts),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore `state_dict()`. The task pool stays this curriculum's: with `strict`, a pool task missing
+        from the state is an error; without it (a resumed run whose pool changed), such a task starts
+        unmeasured and state for tasks outside the pool is ignored."""
         missing = set(self.attempts) - set(state["attempts"])
-        if missing:
+        if missing and strict:
             raise ValueError(
                 f"curriculum state lacks {len(missing)} tasks, e.g. {sorted(map(str, missing))[:3]}"
             )
         for task in self.attempts:
+            if task in missing:
+                continue
             self.attempts[task] = float(state["attempts"][task])
             self.successes[task] = float(state["successes"][task])
             self.raw_attempts[task] = int(state["raw_attempts"][task])

@@ -6,10 +6,11 @@ concurrent generate calls itself (LocalPolicy) or the server does (vLLM).
 
 A failing episode (its env's reset or step raised, a tool bug, the policy failed mid-episode) ends that
 episode only, so one broken sandbox never stops `m2rl train` or an evaluation:
-- it becomes a failed `Episode` (`error` set, `exit_reason` "error", reward 0, not resolved) in its place,
-  so every group keeps its G members;
+- it becomes a failed `ScoredTrajectory` (`error` set, `exit_reason` "error", reward 0, not resolved) in its
+  place, so every group keeps its G members;
 - its trajectory is one EOS token with loss mask 0: it adds no tokens to the loss (zero-mask rows count
-  in no normaliser), while its zero reward still takes part in its group's reward statistics;
+  in no normaliser), and the trainer leaves it out of its group's reward statistics and of the curriculum
+  (a crash says nothing about the policy);
 - the env it ran on is closed and replaced by a fresh `make_env()` (kept if that fails, so nothing hangs);
 - the error is logged and counted (`rollout_metrics`: `rollout/failed_episodes`).
 If every episode of a call fails, `run` raises `RolloutError` instead of returning nothing to train on.
@@ -21,12 +22,11 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from m2rl.agent.loop import LoopConfig, arun_episode
+from m2rl.agent.loop import LoopConfig, TextEnv, Tokenizer, arun_episode
 from m2rl.agent.policy import Policy, SamplingParams
 from m2rl.agent.trajectory import Trajectory
-from m2rl.rewards import DETECTORS
+from m2rl.rewards import DETECTORS, Episode
 
 logger = logging.getLogger(__name__)
 
@@ -36,60 +36,71 @@ class RolloutError(RuntimeError):
 
 
 @dataclass
-class Episode:
-    """One finished episode with what the learner and the metrics need."""
+class ScoredTrajectory:
+    """One finished episode as the learner and the metrics read it: the token-exact trajectory, the env's
+    record of its steps (`episode`, typed StepInfos), and the group it was sampled in."""
 
     task_id: str
-    group: int  # index of the task in this batch: the G samples of one task share it
+    group: int  # the group of this batch it belongs to: the G samples of one task share it
     trajectory: Trajectory
-    reward: float  # sum of the env's per-step rewards
-    resolved: bool  # the grader's verdict on the final state/answer
-    exit_reason: str
-    reward_breakdown: dict[str, float] = field(default_factory=dict)
-    detectors: dict[str, int] = field(default_factory=dict)  # detector -> steps it fired on
+    episode: Episode = field(default_factory=lambda: Episode(steps=()))  # no steps when it failed
+    exit_reason: str = ""
     error: str | None = None  # why the episode failed (see the module docstring); None when it ran
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    @property
+    def reward(self) -> float:
+        """The episode's return: the sum of the env's per-step rewards."""
+        return float(sum(self.trajectory.rewards))
+
+    @property
+    def turn_rewards(self) -> list[float]:
+        """One reward per sampled turn (0 for a last turn the env never scored, e.g. cut by a time limit)."""
+        rewards = list(self.trajectory.rewards)
+        return rewards + [0.0] * (self.trajectory.num_turns - len(rewards))
+
+    @property
+    def resolved(self) -> bool:
+        """The grader's verdict on the final state/answer."""
+        return self.episode.resolved
+
+    @property
+    def reward_breakdown(self) -> dict[str, float]:
+        return self.episode.reward_breakdown()
+
+    @property
+    def detectors(self) -> dict[str, int]:
+        """{detector: steps it fired on}."""
+        return self.episode.detector_steps()
 
     @property
     def sampled_tokens(self) -> int:
         return int(sum(self.trajectory.loss_mask))
 
 
-def failed_episode(task_id: str, group: int, error: str, eos_id: int) -> Episode:
+def failed_episode(task_id: str, group: int, error: str, eos_id: int) -> ScoredTrajectory:
     """The stand-in for an episode that raised: one EOS token (loss mask 0), reward 0, not resolved."""
     trajectory = Trajectory()
     trajectory.append_prompt([eos_id])
     trajectory.metadata.update(exit_reason="error", exit_message=error, steps=[])
-    return Episode(task_id=task_id, group=group, trajectory=trajectory, reward=0.0, resolved=False,
-                   exit_reason="error", error=error)
+    return ScoredTrajectory(task_id=task_id, group=group, trajectory=trajectory, exit_reason="error", error=error)
 
 
-def episode_from_trajectory(task_id: str, group: int, trajectory: Trajectory) -> Episode:
-    steps = trajectory.metadata.get("steps", [])
-    resolved = False
-    breakdown: dict[str, float] = {}
-    detectors: dict[str, int] = {}
-    for step in steps:
-        verification = step.get("verification")
-        if isinstance(verification, dict):
-            resolved = bool(verification.get("resolved", False))
-        for name, value in (step.get("reward_breakdown") or {}).items():
-            breakdown[name] = breakdown.get(name, 0.0) + float(value)
-        for name, evidence in (step.get("detectors") or {}).items():
-            if evidence:
-                detectors[name] = detectors.get(name, 0) + 1
-    return Episode(
+def scored_trajectory(task_id: str, group: int, trajectory: Trajectory) -> ScoredTrajectory:
+    """A finished episode, its step records read back as StepInfos."""
+    return ScoredTrajectory(
         task_id=task_id,
         group=group,
         trajectory=trajectory,
-        reward=float(sum(trajectory.rewards)),
-        resolved=resolved,
+        episode=Episode.from_infos(trajectory.metadata.get("steps", [])),
         exit_reason=str(trajectory.metadata.get("exit_reason", "")),
-        reward_breakdown=breakdown,
-        detectors=detectors,
     )
 
 
-def rollout_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float]:
+def rollout_metrics(episodes: Sequence[ScoredTrajectory], prefix: str) -> dict[str, float]:
     """Failed episodes (a count) and, per detector, the share of episodes it fired in.
 
     Training rollouts (`prefix` "train") log `rollout/failed_episodes` and `detectors/<name>`; any other
@@ -108,7 +119,7 @@ def rollout_metrics(episodes: Sequence[Episode], prefix: str) -> dict[str, float
 class EpisodeRunner:
     """Owns a set of reusable envs and runs episodes on them against one policy."""
 
-    def __init__(self, make_env: Callable[[], Any], num_envs: int, tokenizer: Any) -> None:
+    def __init__(self, make_env: Callable[[], TextEnv], num_envs: int, tokenizer: Tokenizer) -> None:
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.make_env = make_env
@@ -122,13 +133,13 @@ class EpisodeRunner:
         group_size: int,
         params: SamplingParams,
         loop_config: LoopConfig,
-    ) -> list[Episode]:
-        """`group_size` episodes of every task; results ordered by (task, sample)."""
-        free: asyncio.Queue[Any] = asyncio.Queue()
+    ) -> list[ScoredTrajectory]:
+        """`group_size` episodes of every task; results ordered by (task, sample), group = the task's index."""
+        free: asyncio.Queue[TextEnv] = asyncio.Queue()
         for env in self.envs:
             free.put_nowait(env)
 
-        async def one(group: int, sample: int, task_id: str) -> Episode:
+        async def one(group: int, sample: int, task_id: str) -> ScoredTrajectory:
             env = await free.get()
             try:
                 # One SamplingParams for all episodes so the policy can batch their turns together.
@@ -142,7 +153,7 @@ class EpisodeRunner:
                 return failed_episode(task_id, group, error, self.tokenizer.eos_id)
             finally:
                 free.put_nowait(env)
-            return episode_from_trajectory(task_id, group, trajectory)
+            return scored_trajectory(task_id, group, trajectory)
 
         jobs = [
             one(group, sample, task_id)
@@ -155,7 +166,7 @@ class EpisodeRunner:
             raise RolloutError(f"all {len(episodes)} episodes failed; the first: {errors[0]}")
         return episodes
 
-    def _replace(self, env: Any) -> Any:
+    def _replace(self, env: TextEnv) -> TextEnv:
         """Close an env whose episode failed and put a fresh one in its place; keep it if none can be made
         (its next reset may recover: a ToolEnv replaces a sandbox that cannot be reset)."""
         try:

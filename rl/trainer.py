@@ -25,20 +25,22 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import yaml
 
 from m2rl.agent.local_policy import LocalPolicy
-from m2rl.agent.loop import LoopConfig
+from m2rl.agent.loop import LoopConfig, TextEnv, Tokenizer
 from m2rl.agent.policy import SamplingParams
 from m2rl.config import ConfigError, changed_settings, read_yaml, to_dict
-from m2rl.rl.advantages import dynamic_sampling_keep, group_advantages
-from m2rl.rl.batch import collate
+from m2rl.rewards import RewardSpec
+from m2rl.rl.advantages import AdvantageMode, GroupBaseline, group_baselines, turn_returns_to_tokens
+from m2rl.rl.batch import RolloutBatch, collate
 from m2rl.rl.checkpoint import (
     CHECKPOINTS_DIR,
     EXPORT_DIR,
@@ -52,10 +54,13 @@ from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interru
 from m2rl.rl.learner import Learner, LearnerConfig
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
-from m2rl.rl.rollout import Episode, EpisodeRunner, rollout_metrics
+from m2rl.rl.rollout import EpisodeRunner, ScoredTrajectory, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
 from m2rl.rl.trajectory_samples import trajectory_sample
 from m2rl.runs import LoggingConfig, Run, atomic_write, default_run_name, progress, read_jsonl
+
+if TYPE_CHECKING:
+    from m2rl.envs.tasks.base import TaskSet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,6 +109,9 @@ class RolloutSection:
     """Drop groups whose rewards are all equal: they carry no learning signal (DAPO)."""
     scale_by_std: bool = True
     """Divide group-relative advantages by the group's reward std (GRPO); false: only subtract the mean."""
+    advantage: AdvantageMode = "episode"
+    """episode: the episode's group-relative return on all its sampled tokens (M1); turn: each turn's
+    return-to-go against the same group baseline, on that turn's tokens (uses the env's per-step rewards)."""
     batch_warmup: BatchSizeWarmup = field(default_factory=lambda: BatchSizeWarmup(32, 64, 0, 8))
     """Episodes per training step, warmed up from start_size to target_size."""
     context: ContextLengthSchedule = field(default_factory=lambda: ContextLengthSchedule([(0, 1024)]))
@@ -170,6 +178,9 @@ class TrainConfig:
     """The policy: a preset from random weights or a warm start."""
     env: EnvSection = field(default_factory=EnvSection)
     """The environment the policy plays and its sandbox."""
+    rewards: str | dict[str, Any] = field(default_factory=dict)
+    """The RewardSpec the envs score each step with: a mapping in the YAML form of rewards/spec.py, or the
+    path of a YAML file holding one (configs/rewards/default.yaml writes the default out); empty: the default."""
     rollout: RolloutSection = field(default_factory=RolloutSection)
     """How episodes are sampled for training, and how their advantages are computed."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -188,6 +199,10 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.rollout.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2 for group-relative advantages")
+        try:  # a bad reward spec is a config error now, not after the model has loaded
+            reward_spec_of(self.rewards)
+        except ValueError as exc:  # RewardSpecError, or a ConfigError naming the file
+            raise ValueError(f"rewards: {exc}") from None
 
 
 def seed_everything(seed: int) -> None:
@@ -210,24 +225,72 @@ def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch
     return model, tokenizer
 
 
-def make_env_factory(section: EnvSection, split: str) -> Any:
-    import gymnasium
+def reward_spec_of(rewards: str | dict[str, Any]) -> RewardSpec | None:
+    """The `rewards` section as a RewardSpec: a mapping (RewardSpec's YAML form) or the path of a YAML file
+    (relative: the working directory, then the repo root); empty: None, the env's own default spec."""
+    if not rewards:
+        return None
+    if isinstance(rewards, str):
+        path = Path(rewards)
+        if not path.is_absolute() and not path.exists():
+            path = REPO_ROOT / path
+        return RewardSpec.from_dict(read_yaml(path))
+    return RewardSpec.from_dict(rewards)
 
-    import m2rl.envs  # noqa: F401  (registers the m2rl/* ids)
 
+class EnvFactory:
+    """Makes the run's envs, `gymnasium.make(env_id, **kwargs)`, and lists the tasks they play.
+
+    The tasks come from the envs' own task set (`ToolEnv.task_set`), taken from the first env made, so
+    listing them needs no env of its own: the trainer lists them once its runners have made their envs.
+    """
+
+    def __init__(self, env_id: str, kwargs: dict[str, Any]) -> None:
+        self.env_id, self.kwargs = env_id, kwargs
+        self._task_set: TaskSet | None = None
+
+    def __call__(self) -> TextEnv:
+        import gymnasium
+
+        import m2rl.envs  # noqa: F401  (registers the m2rl/* ids)
+
+        env = gymnasium.make(self.env_id, **self.kwargs)
+        if self._task_set is None:
+            self._task_set = env.unwrapped.task_set
+        return env
+
+    @property
+    def task_set(self) -> TaskSet:
+        if self._task_set is None:
+            raise RuntimeError(f"no {self.env_id} env has been made yet, so its task set is not known")
+        return self._task_set
+
+    def task_ids(self, split: str, count: int, kinds: Sequence[str] | None = None) -> list[str]:
+        """The first `count` tasks of `split` (a fixed list, cycling through `kinds`; None: all kinds)."""
+        return task_ids_of(self.task_set, split, count, kinds)
+
+
+def task_ids_of(task_set: TaskSet, split: str, count: int, kinds: Sequence[str] | None = None) -> list[str]:
+    return [task.id for task in task_set.tasks(split, count, kinds=tuple(kinds) if kinds else None)]
+
+
+def make_env_factory(section: EnvSection, split: str, reward_spec: RewardSpec | None = None) -> EnvFactory:
     kwargs: dict[str, Any] = {"backend": section.sandbox, "split": split, "max_steps": section.max_steps,
                               "enable_thinking": section.enable_thinking}
     if section.kinds:
         kwargs["kinds"] = tuple(section.kinds)
-    return lambda: gymnasium.make(section.id, **kwargs)
+    if reward_spec is not None:  # None: the env's default spec (custom envs need not take the argument)
+        kwargs["reward_spec"] = reward_spec
+    return EnvFactory(section.id, kwargs)
 
 
-def task_pool(env: Any, split: str, count: int, kinds: list[str] | None) -> list[str]:
-    task_set = env.unwrapped.task_set
-    return [task.id for task in task_set.tasks(split, count, kinds=tuple(kinds) if kinds else None)]
+def task_pool(env: TextEnv, split: str, count: int, kinds: list[str] | None) -> list[str]:
+    """The tasks of an env already made (prefer `EnvFactory.task_ids`)."""
+    return task_ids_of(env.unwrapped.task_set, split, count, kinds)
 
 
-def episodes_to_batch(episodes: list[Episode], advantages: list[float], pad_id: int) -> Any:
+def episodes_to_batch(episodes: list[ScoredTrajectory], advantages: Sequence[float | Sequence[float]],
+                      pad_id: int) -> RolloutBatch:
     trajectories = [e.trajectory for e in episodes]
     return collate(
         [t.ids for t in trajectories],
@@ -238,13 +301,54 @@ def episodes_to_batch(episodes: list[Episode], advantages: list[float], pad_id: 
     )
 
 
-def tool_calls(episode: Episode) -> int:
+def learner_advantages(
+    episodes: Sequence[ScoredTrajectory],
+    mode: AdvantageMode = "episode",
+    scale_by_std: bool = True,
+    dynamic_sampling: bool = True,
+) -> list[tuple[ScoredTrajectory, float | list[float]]]:
+    """The episodes the learner trains on, each with its advantage (see `episode_advantage`).
+
+    Each group (`ScoredTrajectory.group`: the episodes of one task) gets its baseline from the returns of its
+    episodes that ran; a failed one is a crash, not an outcome of the policy, so it counts in no baseline and
+    is not trained on (it has no loss tokens anyway). With dynamic sampling, groups whose returns are all
+    equal are dropped.
+    """
+    baselines = group_baselines([e.reward for e in episodes], [e.group for e in episodes],
+                                [not e.failed for e in episodes], scale_by_std=scale_by_std)
+    kept: list[tuple[ScoredTrajectory, float | list[float]]] = []
+    for episode in episodes:
+        baseline = baselines.get(episode.group)
+        if episode.failed or baseline is None or (dynamic_sampling and not baseline.has_signal()):
+            continue
+        kept.append((episode, episode_advantage(episode, baseline, mode)))
+    return kept
+
+
+def episode_advantage(episode: ScoredTrajectory, baseline: GroupBaseline, mode: AdvantageMode) -> float | list[float]:
+    """`episode`: one float, the advantage of the episode's return, for all its sampled tokens. `turn`: one
+    value per token, the advantage of the return-to-go of the token's turn (0 off the sampled tokens)."""
+    if mode == "episode":
+        return float(baseline.advantages(torch.tensor([episode.reward], dtype=torch.float32))[0])
+    trajectory = episode.trajectory
+    spans = [(span.start, span.end) for span in trajectory.sampled_spans()]
+    returns = turn_returns_to_tokens(episode.turn_rewards, spans, len(trajectory.ids))
+    return (baseline.advantages(returns) * torch.tensor(trajectory.loss_mask, dtype=torch.float32)).tolist()
+
+
+def record_attempts(curriculum: DifficultyCurriculum, episodes: Sequence[ScoredTrajectory]) -> None:
+    """Each episode that ran is an attempt at its task; a failed one (a crash) says nothing of its difficulty."""
+    for episode in episodes:
+        if not episode.failed:
+            curriculum.update(episode.task_id, 1.0 if episode.resolved else 0.0)
+
+
+def tool_calls(episode: ScoredTrajectory) -> int:
     """Tool calls the episode made, not counting `submit` (which only hands in the answer)."""
-    steps = episode.trajectory.metadata.get("steps", [])
-    return sum(name != "submit" for step in steps for name in step.get("tools", []))
+    return sum(name != "submit" for name in episode.episode.tool_names())
 
 
-def summarize_episodes(episodes: list[Episode], prefix: str) -> dict[str, float]:
+def summarize_episodes(episodes: list[ScoredTrajectory], prefix: str) -> dict[str, float]:
     if not episodes:
         return {}
     n = len(episodes)
@@ -319,13 +423,14 @@ class Trainer:
             parameter.requires_grad_(False)
         self.policy = LocalPolicy(self.generator, self.tokenizer, max_batch_size=config.rollout.num_envs)
         self.learner = Learner(self.model, config.learner)
-        self.train_runner = EpisodeRunner(self._tracked(make_env_factory(config.env, "train")),
-                                          config.rollout.num_envs, self.tokenizer)
-        self.eval_runner = EpisodeRunner(self._tracked(make_env_factory(config.env, "test")),
-                                         min(config.rollout.num_envs, config.eval.num_tasks), self.tokenizer)
-        probe = self.train_runner.envs[0]
-        self.train_tasks = task_pool(probe, "train", config.env.num_train_tasks, config.env.kinds)
-        self.eval_tasks = task_pool(probe, "test", config.eval.num_tasks, config.env.kinds)
+        reward_spec = reward_spec_of(config.rewards)
+        train_envs = make_env_factory(config.env, "train", reward_spec)
+        eval_envs = make_env_factory(config.env, "test", reward_spec)
+        self.train_runner = EpisodeRunner(self._tracked(train_envs), config.rollout.num_envs, self.tokenizer)
+        self.eval_runner = EpisodeRunner(self._tracked(eval_envs), min(config.rollout.num_envs, config.eval.num_tasks),
+                                         self.tokenizer)
+        self.train_tasks = train_envs.task_ids("train", config.env.num_train_tasks, config.env.kinds)
+        self.eval_tasks = eval_envs.task_ids("test", config.eval.num_tasks, config.env.kinds)
         self.curriculum = DifficultyCurriculum(self.train_tasks, config.rollout.curriculum_config)
         self.rng = random.Random(config.seed)
         self._rng_after_step = self.rng.getstate()  # the trainer RNG as the last completed step left it
@@ -333,8 +438,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.initial_eval: dict[str, float] = {}  # the run's first held-out evaluation (kept across resumes)
 
-    def _tracked(self, make_env: Any) -> Any:
-        def make() -> Any:
+    def _tracked(self, make_env: Callable[[], TextEnv]) -> Callable[[], TextEnv]:
+        def make() -> TextEnv:
             env = make_env()
             self._envs.append(env)
             return env
@@ -347,8 +452,7 @@ class Trainer:
         return {
             "rng": self._rng_after_step,
             "learner": self.learner.state_dict(),
-            "curriculum": {"attempts": self.curriculum.attempts, "successes": self.curriculum.successes,
-                           "raw_attempts": self.curriculum.raw_attempts},
+            "curriculum": self.curriculum.state_dict(),
             "policy_version": self.policy.policy_version,
             "initial_eval": self.initial_eval,
         }
@@ -374,9 +478,8 @@ class Trainer:
         self.rng.setstate((version, tuple(internal), gauss))
         self._rng_after_step = self.rng.getstate()
         self.learner.load_state_dict(trainer_state["learner"])
-        self.curriculum.attempts.update(trainer_state["curriculum"]["attempts"])
-        self.curriculum.successes.update(trainer_state["curriculum"]["successes"])
-        self.curriculum.raw_attempts.update(trainer_state["curriculum"]["raw_attempts"])
+        # Not strict: a resumed run may have another task pool (its changed settings are reported).
+        self.curriculum.load_state_dict(trainer_state["curriculum"], strict=False)
         self._sync_weights(version=int(trainer_state["policy_version"]))
         records = self._metrics_up_to(self.step)
         dropped = len(read_jsonl(self.run.metrics_path)) - len(records)
@@ -443,7 +546,7 @@ class Trainer:
         return metrics
 
     async def _collect(self, runner: EpisodeRunner, tasks: list[str], group: int,
-                       params: SamplingParams) -> list[Episode]:
+                       params: SamplingParams) -> list[ScoredTrajectory]:
         try:
             return await runner.run(self.policy, tasks, group, params, self._loop_config())
         finally:
@@ -459,29 +562,28 @@ class Trainer:
         episodes = run_async(self._collect(self.train_runner, tasks, r.group_size, self._sampling()))
         rollout_s = time.perf_counter() - t0
         with deferred_interrupts():
-            for episode in episodes:
-                self.curriculum.update(episode.task_id, 1.0 if episode.resolved else 0.0)
-            rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32).view(len(tasks), r.group_size)
-            keep = dynamic_sampling_keep(rewards) if r.dynamic_sampling else torch.ones(len(tasks), dtype=torch.bool)
-            advantages = group_advantages(rewards, scale_by_std=r.scale_by_std)
+            record_attempts(self.curriculum, episodes)
+            kept = learner_advantages(episodes, r.advantage, r.scale_by_std, r.dynamic_sampling)
             metrics = summarize_episodes(episodes, "train")
-            metrics.update({"rollout_s": rollout_s, "groups_kept": float(keep.sum()), "groups": float(len(tasks))})
-            kept = [(e, float(advantages[e.group, i % r.group_size]))
-                    for i, e in enumerate(episodes) if bool(keep[e.group])]
-            if kept:
-                batch = episodes_to_batch([e for e, _ in kept], [a for _, a in kept], pad_id=self.tokenizer.eos_id)
-                update = self.learner.update(batch)
-                metrics.update({f"learner/{k}": v for k, v in update.items()})
-                metrics["policy_version"] = float(self._sync_weights())
-            else:
-                metrics["learner/skipped_no_signal"] = 1.0
+            metrics.update({"rollout_s": rollout_s, "groups_kept": float(len({e.group for e, _ in kept})),
+                            "groups": float(len(tasks))})
+            metrics.update(self._update(kept))
             self.step += 1
             self._rng_after_step = self.rng.getstate()
             self._save_trajectory_sample(episodes)
         metrics["step_s"] = time.perf_counter() - t0
         return metrics
 
-    def _save_trajectory_sample(self, episodes: list[Episode]) -> None:
+    def _update(self, kept: list[tuple[ScoredTrajectory, float | list[float]]]) -> dict[str, float]:
+        """One learner update on the kept episodes, then the weight sync; none when no group has a signal."""
+        if not kept:
+            return {"learner/skipped_no_signal": 1.0}
+        batch = episodes_to_batch([e for e, _ in kept], [a for _, a in kept], pad_id=self.tokenizer.eos_id)
+        metrics = {f"learner/{k}": v for k, v in self.learner.update(batch).items()}
+        metrics["policy_version"] = float(self._sync_weights())
+        return metrics
+
+    def _save_trajectory_sample(self, episodes: list[ScoredTrajectory]) -> None:
         """A few of this step's episodes, as text, in trajectories/step_NNNNNN.jsonl (logging.trajectory_*)."""
         c = self.config.logging
         records = trajectory_sample(episodes, self.tokenizer, self.step, c.trajectory_samples, c.trajectory_max_chars)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ from m2rl.config import load_config
 from m2rl.rl.checkpoint import latest_checkpoint
 from m2rl.runs import read_jsonl as read_metrics
 from m2rl.agent.trajectory import Trajectory
-from m2rl.rl.rollout import Episode
+from m2rl.rewards.episode import Episode, StepInfo, ToolResultInfo, Verification
+from m2rl.rl.rollout import ScoredTrajectory
 from m2rl.rl.trainer import TrainConfig, Trainer, summarize_episodes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,9 +90,12 @@ def test_resume_continues_from_the_checkpoint(tmp_path: Path) -> None:
     assert summary["steps"] == 2
 
 
-def _episode(resolved: bool, tools_per_step: list[list[str]]) -> Episode:
-    trajectory = Trajectory(metadata={"steps": [{"tools": tools} for tools in tools_per_step]})
-    return Episode("python/arith/1", 0, trajectory, reward=float(resolved), resolved=resolved, exit_reason="terminated")
+def _episode(resolved: bool, tools_per_step: list[list[str]]) -> ScoredTrajectory:
+    steps = [StepInfo(tool_results=tuple(ToolResultInfo(name, ok=True) for name in tools)) for tools in tools_per_step]
+    if steps:
+        steps[-1] = dataclasses.replace(steps[-1], verification=Verification(resolved, float(resolved)))
+    trajectory = Trajectory(rewards=[0.0] * (len(steps) - 1) + [float(resolved)] if steps else [])
+    return ScoredTrajectory("python/arith/1", 0, trajectory, Episode(tuple(steps)), exit_reason="terminated")
 
 
 def test_summary_counts_tool_calls_but_not_submit() -> None:
@@ -285,3 +290,40 @@ def test_a_signal_during_async_work_cancels_it_and_is_raised_after() -> None:
         run_async(work())
     assert info.value.signum == signal.SIGINT and cancelled == ["child"]
     assert time.monotonic() - start < 10
+
+
+def test_the_rewards_section_is_the_default_spec_and_checked_at_load(tmp_path: Path) -> None:
+    """Before: configs/rewards/default.yaml was read by no code (and differed from the default: it voided the
+    outcome on fake_test_output), and `m2rl train` could not set a RewardSpec."""
+    from m2rl.config import ConfigError
+    from m2rl.rewards import RewardSpec
+    from m2rl.rl.trainer import reward_spec_of
+
+    config = load_config(TrainConfig, REPO / "configs" / "train.yaml")
+    assert config.rewards == "configs/rewards/default.yaml" and config.rollout.advantage == "episode"
+    assert reward_spec_of(config.rewards) == RewardSpec.default()  # the main job scores as before
+    assert reward_spec_of({}) is None  # an empty section: the env's own default
+    custom = load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rewards={shaping: none}"])
+    assert reward_spec_of(custom.rewards) == RewardSpec(shaping="none")
+    (tmp_path / "mine.yaml").write_text("components: {resolved: 2.0}\n")
+    assert reward_spec_of(str(tmp_path / "mine.yaml")).weights == {"resolved": 2.0}
+    with pytest.raises(ConfigError, match="rewards: .*unknown reward component 'resolve'"):
+        load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rewards={components: {resolve: 1}}"])
+    with pytest.raises(ConfigError, match="rewards: config file not found"):
+        load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rewards=configs/rewards/nothing.yaml"])
+
+
+def test_the_env_factory_passes_the_spec_and_lists_tasks_without_a_probe_env() -> None:
+    from m2rl.rewards import RewardSpec
+    from m2rl.rl.trainer import make_env_factory
+
+    config = load_config(TrainConfig, REPO / "configs" / "train.yaml")
+    factory = make_env_factory(config.env, "test", RewardSpec(shaping="none"))
+    with pytest.raises(RuntimeError, match="no m2rl/Python-v0 env has been made yet"):
+        factory.task_ids("test", 2)
+    env = factory()
+    try:
+        assert env.unwrapped.reward_spec == RewardSpec(shaping="none")
+        assert factory.task_ids("test", 3, ["arith"]) == [t.id for t in env.unwrapped.task_set.tasks("test", 3, ("arith",))]
+    finally:
+        env.close()

@@ -27,7 +27,6 @@ with the format's structure markers plus `config.control_tokens`, so it never en
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 import gymnasium as gym
 from m2rl.agent.format import EOS, neutralize_markers, parse, render, render_tool_suffix
+from m2rl.config import from_dict as config_from_dict
 from m2rl.envs.spaces import UnicodeText
 from m2rl.envs.tasks.base import Task, TaskSet, Verification
 from m2rl.envs.tool import Tool, ToolError, ToolOutput, closed_spec
@@ -136,16 +136,9 @@ class ToolEnv(gym.Env[str, str]):
         config: ToolEnvConfig | None = None,
         **overrides: Any,
     ) -> None:
-        config = config or ToolEnvConfig()
-        valid = {f.name for f in dataclasses.fields(ToolEnvConfig)}
-        unknown = sorted(set(overrides) - valid)
-        if unknown:
-            raise TypeError(f"unknown ToolEnv options {unknown}; valid: {sorted(valid)}")
-        if "kinds" in overrides and overrides["kinds"] is not None:
-            overrides["kinds"] = tuple(overrides["kinds"])
-        if "control_tokens" in overrides:
-            overrides["control_tokens"] = tuple(str(t) for t in overrides["control_tokens"] or ())
-        self.config = dataclasses.replace(config, **overrides)
+        # Options are checked by m2rl.config like every config: an unknown option, a wrong type or a bad value
+        # is a ConfigError naming the option (lists become the tuples the fields hold).
+        self.config = config_from_dict(ToolEnvConfig, overrides, source="ToolEnv options", base=config or ToolEnvConfig())
         if self.config.split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {self.config.split!r}")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:

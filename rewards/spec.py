@@ -1,9 +1,10 @@
 """`RewardSpec`: which reward components count, with what weights, shaping and clipping.
 
-YAML form (every key optional; `components` replaces the default set when given):
+YAML form (`RewardConfig`, loaded by m2rl.config like every config; every key optional; `components`
+replaces the default set when given):
 
     components: {resolved: 1.0, valid_tool_call: 0.05, invalid_tool_call: -0.05, ...}
-    shaping: dense            # dense | potential | none
+    shaping: dense            # dense | potential | none   (or {mode: potential, gamma: 0.99})
     gamma: 1.0                # discount of the potential-based shaping
     clip: {step: [-0.5, 0.5], dense_total: [-0.5, 0.5], total: null}
     detectors: [test_tampering, fake_test_output, hidden_test_access, network_attempt]
@@ -16,12 +17,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
+from m2rl.config import ConfigError
+from m2rl.config import from_dict as config_from_dict
 from m2rl.rewards.components import COMPONENTS
 from m2rl.rewards.detectors import DETECTORS, OUTCOME_VOIDING_DETECTORS
 
-SHAPING_MODES = ("dense", "potential", "none")
+ShapingMode = Literal["dense", "potential", "none"]
+SHAPING_MODES: tuple[str, ...] = ("dense", "potential", "none")
 
 # Weights from the design brief; format_error and repetition are not in the brief and are set to
 # the same scale as invalid_tool_call / a mild loop penalty.
@@ -43,8 +47,8 @@ DEFAULT_DENSE_TOTAL_CLIP = (-0.5, 0.5)
 Range = tuple[float, float]
 
 
-class RewardSpecError(ValueError):
-    """A reward configuration is invalid; the message names the offending key or value."""
+class RewardSpecError(ConfigError):
+    """A reward configuration is invalid; the message names the offending key or value (and the file)."""
 
 
 def _number(value: Any, where: str) -> float:
@@ -78,20 +82,27 @@ def _names(value: Any, known: Mapping[str, Any], where: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class RewardSpec:
+    """The reward of an episode as rewards/compute.py applies it; built from YAML through `RewardConfig`
+    (`RewardSpec.from_dict`), whose fields document each setting."""
+
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    # dense: weighted dense terms paid on the step that earns them.
-    # potential: the same terms as a potential Phi (cumulative weighted dense reward so far), paid as
-    #   F = gamma * Phi(s') - Phi(s) with Phi(terminal) = 0: credit arrives early but the optimal
-    #   policy is the outcome-only one (Ng et al. 1999).
-    # none: outcome components only.
+    """Component -> weight (`components` in YAML)."""
     shaping: str = "dense"
+    """dense | potential | none (see RewardConfig.shaping)."""
     gamma: float = 1.0
-    step_clip: Range | None = None  # bounds each step's dense reward
-    dense_total_clip: Range | None = DEFAULT_DENSE_TOTAL_CLIP  # bounds the episode's running dense sum
-    total_clip: Range | None = None  # bounds the episode's total reward
+    """Discount of the potential-based shaping."""
+    step_clip: Range | None = None
+    """Bounds each step's dense reward (`clip.step`)."""
+    dense_total_clip: Range | None = DEFAULT_DENSE_TOTAL_CLIP
+    """Bounds the episode's running dense sum (`clip.dense_total`)."""
+    total_clip: Range | None = None
+    """Bounds the episode's total reward (`clip.total`)."""
     detectors: tuple[str, ...] = tuple(DETECTORS)
+    """Detectors run on every step."""
     void_outcome_on: tuple[str, ...] = OUTCOME_VOIDING_DETECTORS
+    """Detectors whose hit zeroes the outcome components."""
     numeric_tolerance: float = 1e-6
+    """Tolerance of numeric answer matching."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -125,63 +136,19 @@ class RewardSpec:
         return cls()
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> RewardSpec:
+    def from_dict(cls, d: Mapping[str, Any] | None, source: str | None = None, prefix: str = "") -> RewardSpec:
+        """The spec of a mapping in the YAML form (`RewardConfig`), checked by m2rl.config: an unknown key,
+        a wrong type or a bad value is a RewardSpecError naming the key and `source` (the file)."""
         if d is None:
             return cls()
         if not isinstance(d, Mapping):
             raise RewardSpecError(f"reward spec must be a mapping, got {type(d).__name__}")
-        known = {
-            "components",
-            "shaping",
-            "gamma",
-            "clip",
-            "detectors",
-            "void_outcome_on",
-            "numeric_tolerance",
-        }
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RewardSpecError(f"unknown reward spec key(s) {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        if "components" in d:
-            comps = d["components"]
-            if not isinstance(comps, Mapping):
-                raise RewardSpecError(f"components must be a mapping name -> weight, got {comps!r}")
-            for name, w in comps.items():
-                if name not in COMPONENTS:
-                    raise RewardSpecError(f"unknown reward component {name!r}; known: {sorted(COMPONENTS)}")
-                kwargs.setdefault("weights", {})[name] = _number(w, f"weight of component {name!r}")
-            kwargs.setdefault("weights", {})
-        shaping = d.get("shaping", "dense")
-        if isinstance(shaping, Mapping):  # shaping: {mode: potential, gamma: 0.99}
-            extra = sorted(set(shaping) - {"mode", "gamma"})
-            if extra:
-                raise RewardSpecError(f"unknown shaping key(s) {extra}; known: ['gamma', 'mode']")
-            if "gamma" in shaping:
-                kwargs["gamma"] = _number(shaping["gamma"], "shaping.gamma")
-            shaping = shaping.get("mode", "dense")
-        kwargs["shaping"] = shaping
-        if "gamma" in d:
-            kwargs["gamma"] = _number(d["gamma"], "gamma")
-        if "clip" in d:
-            clip = d["clip"] or {}
-            if not isinstance(clip, Mapping):
-                raise RewardSpecError(f"clip must be a mapping with step/dense_total/total, got {clip!r}")
-            extra = sorted(set(clip) - {"step", "dense_total", "total"})
-            if extra:
-                raise RewardSpecError(f"unknown clip key(s) {extra}; known: ['dense_total', 'step', 'total']")
-            kwargs["step_clip"] = _range(clip.get("step"), "clip.step")
-            kwargs["dense_total_clip"] = _range(
-                clip.get("dense_total", DEFAULT_DENSE_TOTAL_CLIP), "clip.dense_total"
-            )
-            kwargs["total_clip"] = _range(clip.get("total"), "clip.total")
-        if "detectors" in d:
-            kwargs["detectors"] = _names(d["detectors"] or [], DETECTORS, "detectors")
-        if "void_outcome_on" in d:
-            kwargs["void_outcome_on"] = _names(d["void_outcome_on"] or [], DETECTORS, "void_outcome_on")
-        if "numeric_tolerance" in d:
-            kwargs["numeric_tolerance"] = _number(d["numeric_tolerance"], "numeric_tolerance")
-        return cls(**kwargs)
+        try:
+            return config_from_dict(RewardConfig, dict(d), source=source, prefix=prefix).build()
+        except RewardSpecError:
+            raise
+        except ConfigError as exc:  # the same message, as the error type callers of this class expect
+            raise RewardSpecError(str(exc)) from None
 
     def to_dict(self) -> dict[str, Any]:
         def rng(r: Range | None) -> list[float] | None:
@@ -200,3 +167,67 @@ class RewardSpec:
             "void_outcome_on": list(self.void_outcome_on),
             "numeric_tolerance": self.numeric_tolerance,
         }
+
+
+@dataclass
+class ClipConfig:
+    """Clipping of the reward: each range is [low, high], or null for none."""
+
+    step: tuple[float, float] | None = None
+    """Bounds each step's dense reward."""
+    dense_total: tuple[float, float] | None = DEFAULT_DENSE_TOTAL_CLIP
+    """Bounds the episode's running dense sum (by default dense terms never add up to half a solved task)."""
+    total: tuple[float, float] | None = None
+    """Bounds the episode's total reward."""
+
+
+@dataclass
+class ShapingConfig:
+    """Shaping written as a mapping: `shaping: {mode: potential, gamma: 0.99}`."""
+
+    mode: ShapingMode = "dense"
+    """dense | potential | none, as `shaping: MODE`."""
+    gamma: float | None = None
+    """Discount of the potential-based shaping; null: the top-level `gamma`."""
+
+
+@dataclass
+class RewardConfig:
+    """The YAML form of a `RewardSpec` (configs/rewards/default.yaml writes out the default)."""
+
+    components: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    """Reward components and their weights (rewards/components.py); given, it replaces the default set."""
+    shaping: ShapingMode | ShapingConfig = "dense"
+    """dense: weighted dense terms paid on the step that earns them; potential: the same terms as a
+    potential Phi (the weighted dense reward so far), paid as F = gamma * Phi(s') - Phi(s) with
+    Phi(terminal) = 0, so credit arrives early but the optimal policy is the outcome-only one (Ng et al.
+    1999); none: outcome components only."""
+    gamma: float = 1.0
+    """Discount of the potential-based shaping, in (0, 1]."""
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    """Clipping ranges of step, running dense and total rewards."""
+    detectors: list[str] = field(default_factory=lambda: list(DETECTORS))
+    """Anti-hacking detectors run on every step (their hits are logged as detectors/<name>)."""
+    void_outcome_on: list[str] = field(default_factory=lambda: list(OUTCOME_VOIDING_DETECTORS))
+    """Detectors whose hit zeroes the episode's outcome components."""
+    numeric_tolerance: float = 1e-6
+    """Tolerance of numeric answer matching, >= 0."""
+
+    def __post_init__(self) -> None:
+        self.build()  # the spec's own checks (component and detector names, ranges) at load time
+
+    def build(self) -> RewardSpec:
+        mode, gamma = self.shaping, self.gamma
+        if isinstance(mode, ShapingConfig):
+            mode, gamma = mode.mode, gamma if mode.gamma is None else mode.gamma
+        return RewardSpec(
+            weights=dict(self.components),
+            shaping=mode,
+            gamma=gamma,
+            step_clip=self.clip.step,
+            dense_total_clip=self.clip.dense_total,
+            total_clip=self.clip.total,
+            detectors=tuple(self.detectors),
+            void_outcome_on=tuple(self.void_outcome_on),
+            numeric_tolerance=self.numeric_tolerance,
+        )

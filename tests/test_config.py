@@ -270,3 +270,20 @@ def test_a_mapping_in_a_union_reports_the_nested_key() -> None:
         load_config(WithUnion, None, ["clip={lo: 1}"])
     with pytest.raises(ConfigError, match=r"config key 'shaping'.*: expected dense \| none \| Clip, got 'magic'"):
         load_config(WithUnion, None, ["shaping=magic"])
+
+
+def test_tool_env_options_are_checked_by_the_config_loader() -> None:
+    import gymnasium as gym
+
+    import m2rl.envs  # noqa: F401  (registers the m2rl/* ids)
+
+    env = gym.make("m2rl/Python-v0", kinds=["arith"], tool_timeout_s=4, control_tokens=["<x>"])
+    try:
+        config = env.unwrapped.config
+        assert (config.kinds, config.tool_timeout_s, config.control_tokens) == (("arith",), 4.0, ("<x>",))
+    finally:
+        env.close()
+    with pytest.raises(ConfigError, match=r"^config key 'max_steps' \(in ToolEnv options\): expected an integer"):
+        gym.make("m2rl/Python-v0", max_steps="many")
+    with pytest.raises(ConfigError, match=r"^unknown config key 'max_stepz' \(in ToolEnv options\); known keys here"):
+        gym.make("m2rl/Python-v0", max_stepz=3)

@@ -68,7 +68,7 @@ def test_make_accepts_backend_split_and_limits() -> None:
         assert env.unwrapped.config.max_steps == 3 and env.unwrapped.config.tool_timeout_s == 4
     finally:
         env.close()
-    with pytest.raises(TypeError, match="unknown ToolEnv options \\['max_stepz'\\]"):
+    with pytest.raises(ValueError, match="unknown config key 'max_stepz' \\(in ToolEnv options\\)"):
         gym.make("m2rl/Shell-v0", max_stepz=3)
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
         gym.make("m2rl/Shell-v0", split="dev")

@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+from m2rl.config import ConfigError
 from m2rl.rewards.spec import DEFAULT_WEIGHTS, RewardSpec, RewardSpecError
 
 
@@ -50,28 +51,55 @@ def test_partial_dict_keeps_defaults():
     "d, needle",
     [
         ({"components": {"resolvd": 1.0}}, "unknown reward component 'resolvd'"),
-        ({"components": {"resolved": "high"}}, "weight of component 'resolved' must be a number"),
-        ({"components": {"resolved": True}}, "weight of component 'resolved' must be a number"),
-        ({"components": {"resolved": None}}, "weight of component 'resolved'"),
+        ({"components": {"resolved": "high"}}, "config key 'components.resolved': expected a number"),
+        ({"components": {"resolved": True}}, "config key 'components.resolved': expected a number"),
+        ({"components": {"resolved": None}}, "config key 'components.resolved': expected a number"),
         ({"components": {"resolved": float("nan")}}, "must be finite"),
-        ({"components": ["resolved"]}, "components must be a mapping"),
+        ({"components": ["resolved"]}, "config key 'components': expected a mapping"),
         ({"clip": {"step": [1.0, -1.0]}}, r"clip.step: clip range \[1.0, -1.0\] is negative"),
-        ({"clip": {"dense_total": [0.5]}}, "clip.dense_total must be a"),
-        ({"clip": {"total": ["a", 1]}}, r"clip.total\[0\] must be a number"),
-        ({"clip": {"stp": [0, 1]}}, "unknown clip key"),
-        ({"shaping": "magic"}, "shaping must be one of"),
+        ({"clip": {"dense_total": [0.5]}}, "config key 'clip.dense_total': expected 2 items, got 1"),
+        ({"clip": {"total": ["a", 1]}}, r"config key 'clip.total\[0\]': expected a number"),
+        ({"clip": {"stp": [0, 1]}}, "unknown config key 'clip.stp'; known keys here: dense_total, step, total"),
+        ({"shaping": "magic"}, r"config key 'shaping': expected dense \| potential \| none \| ShapingConfig"),
         ({"shaping": {"mode": "potential", "gamma": 0}}, "gamma must be in"),
         ({"gamma": 1.5}, "gamma must be in"),
         ({"detectors": ["telepathy"]}, "unknown detector 'telepathy'"),
-        ({"void_outcome_on": "test_tampering"}, "void_outcome_on must be a list"),
+        ({"void_outcome_on": "test_tampering"}, "config key 'void_outcome_on': expected a list"),
         ({"numeric_tolerance": -1}, "numeric_tolerance must be >= 0"),
-        ({"weights": {}}, r"unknown reward spec key\(s\) \['weights'\]"),
+        ({"weights": {}}, r"unknown config key 'weights'; known keys here: clip, components, detectors"),
         ([1, 2], "reward spec must be a mapping"),
     ],
 )
 def test_bad_specs_are_clear_errors(d, needle):
     with pytest.raises(RewardSpecError, match=needle):
         RewardSpec.from_dict(d)
+
+
+def test_errors_name_the_file_and_section():
+    # RewardSpec is built by m2rl.config, so its errors read like every config error: key and file.
+    with pytest.raises(RewardSpecError, match=r"unknown config key 'rewards.shapin' \(in train.yaml\)"):
+        RewardSpec.from_dict({"shapin": "dense"}, source="train.yaml", prefix="rewards.")
+    with pytest.raises(RewardSpecError, match=r"\(in train.yaml\) at 'rewards.': unknown reward component 'resolvd'"):
+        RewardSpec.from_dict({"components": {"resolvd": 1.0}}, source="train.yaml", prefix="rewards.")
+    with pytest.raises(ConfigError):  # a RewardSpecError is a ConfigError: `m2rl` prints it as one line
+        RewardSpec.from_dict({"gamma": 2.0})
+
+
+def test_the_yaml_form_is_a_documented_config_dataclass():
+    from m2rl.config import schema_keys
+    from m2rl.rewards.spec import RewardConfig
+
+    keys = {k.key: k for k in schema_keys(RewardConfig)}
+    assert {"components", "shaping", "gamma", "clip.step", "clip.dense_total", "clip.total", "detectors",
+            "void_outcome_on", "numeric_tolerance"} <= set(keys)
+    assert all(k.doc for k in keys.values())
+    assert RewardSpec.from_dict(read_default_yaml()) == RewardSpec()
+
+
+def read_default_yaml():
+    from pathlib import Path
+
+    return yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "rewards" / "default.yaml").read_text())
 
 
 def test_direct_construction_is_validated_too():

@@ -331,7 +331,8 @@ def test_tool_output_round_trips_through_the_loop_without_control_ids(output_sou
     env = ToolEnv(SumTasks(), lambda _env: [shell, submit], backend=None)
     texts = [_call_text("shell", command=command), _call_text("submit", answer="9")]
     policy = ScriptedPolicy(texts, TOK)
-    traj = run_episode(policy, env, TOK, GREEDY)
+    # Room for the longest command hypothesis writes: a turn cut at max_tokens gets an env EOS before the reply.
+    traj = run_episode(policy, env, TOK, SamplingParams(max_tokens=4000, greedy=True))
     if traj.metadata["exit_reason"] != "terminated":  # the command itself did not parse as one call
         return
     specials = {TOK.token_to_id(t) for t in control_tokens(TOK)}

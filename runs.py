@@ -219,7 +219,7 @@ class Run:
     def create(
         cls, name: str, root: str | Path = "runs", config: Any = None, trackers: Sequence[str] = ("tensorboard",),
         project: str = "m2rl",
-    ) -> "Run":
+    ) -> Run:
         """A new run `root/name`; a name already in use is a RunError (runs never share a folder)."""
         problem = run_name_problem(name)
         if problem:
@@ -239,7 +239,7 @@ class Run:
 
     @classmethod
     def open(cls, name: str, root: str | Path = "runs", trackers: Sequence[str] = ("tensorboard",),
-             project: str = "m2rl") -> "Run":
+             project: str = "m2rl") -> Run:
         """An existing run, to continue: its config.yaml and metrics are kept; new records are appended."""
         problem = run_name_problem(name)
         if problem:
@@ -290,7 +290,7 @@ class Run:
         self._handler.close()
         self._tree.setLevel(self._level_before)
 
-    def __enter__(self) -> "Run":
+    def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -28,6 +28,7 @@ expected segment and counts as a violation, even though rendering the same raw t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -45,6 +46,8 @@ from m2rl.agent.render import (
 
 if TYPE_CHECKING:
     from m2rl.agent.trajectory import Trajectory
+
+logger = logging.getLogger(__name__)
 
 SNIPPET_TOKENS = 12
 
@@ -119,6 +122,7 @@ def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
     try:
         return tokenizer.decode(list(ids))
     except Exception:  # noqa: BLE001  a snippet is diagnostics only: fall back to raw ids rather than fail the check
+        logger.debug("ids %s do not decode; the snippet shows them raw", list(ids)[:8], exc_info=True)
         return repr(list(ids))
 
 

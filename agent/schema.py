@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 MAX_VALUE_DEPTH = 32  # nesting levels of one parameter value; real arguments use a handful
 MAX_LITERAL_CHARS = 100_000  # longer text is not read as a Python literal (its parser is slow and recursive)
@@ -163,8 +166,8 @@ def _lenient_readings(text: str) -> list[Any]:
                 warnings.simplefilter("ignore")
                 value = ast.literal_eval(text)
             out.append(list(value) if isinstance(value, tuple) else value)
-        except Exception:  # noqa: BLE001, S110  literal_eval raises many types (ValueError, SyntaxError, MemoryError, ...)
-            pass
+        except Exception:  # noqa: BLE001  literal_eval raises many types (ValueError, SyntaxError, MemoryError, ...)
+            logger.debug("not a Python literal; the text stays text", exc_info=True)
     return out
 
 

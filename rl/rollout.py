@@ -177,7 +177,7 @@ class EpisodeRunner:
         try:
             env.close()
         except Exception:  # noqa: BLE001  a broken env may fail to close; it is dropped either way
-            pass
+            logger.debug("closing the replaced env failed", exc_info=True)
         self.envs = [fresh if e is env else e for e in self.envs]
         return fresh
 
@@ -186,5 +186,5 @@ class EpisodeRunner:
             try:
                 env.close()
             except Exception:  # a dead sandbox must not stop the shutdown of the others
-                pass
+                logger.debug("closing an env failed", exc_info=True)
         self.envs = []

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import random
 import signal
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from m2rl.envs.tasks.base import TaskSet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -682,7 +684,7 @@ class Trainer:
             try:
                 env.close()
             except Exception:  # a dead sandbox must not stop the shutdown of the others
-                pass
+                logger.debug("closing an env failed", exc_info=True)
         self._envs.clear()
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ leaves nothing running. docs/sandboxes.md has the table of what is enforced and 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
@@ -27,6 +28,8 @@ from m2rl.sandboxes.errors import EngineUnavailable, SandboxError
 from m2rl.sandboxes.images import default_image
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.sandbox import EXECUTOR_PATH, EXECUTOR_SOCKET_DIR, HOME, Sandbox, executor_config
+
+logger = logging.getLogger(__name__)
 
 LABEL = "m2rl.sandbox"
 OWNER_PID_LABEL = "m2rl.owner_pid"
@@ -279,8 +282,8 @@ class DockerSandbox(Sandbox):
         if old is not None and old != self._committed:
             try:
                 self.client.api.remove_image(old, force=True)
-            except Exception:
-                pass
+            except Exception:  # a leftover image costs disk only; the new checkpoint is already in place
+                logger.warning("could not remove the previous checkpoint image %s", old, exc_info=True)
 
 
 def _json(obj: Any) -> str:

@@ -9,6 +9,7 @@ A sandbox that fails its health check or its reset is closed and replaced.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import deque
@@ -19,6 +20,8 @@ from m2rl.sandboxes.errors import SandboxError
 from m2rl.sandboxes.factory import make_sandbox, resolve_backend
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.sandbox import Sandbox
+
+logger = logging.getLogger(__name__)
 
 
 class SandboxPool:
@@ -177,7 +180,8 @@ class SandboxPool:
     def _recycle(self, sb: Sandbox) -> None:
         try:
             sb.reset()
-        except Exception:
+        except Exception:  # a sandbox that cannot be reset is never handed out again: it is replaced
+            logger.warning("a pooled sandbox could not be reset; replacing it", exc_info=True)
             self._discard(sb)
             return
         self._offer(sb)
@@ -195,8 +199,8 @@ class SandboxPool:
         """Close a broken sandbox and start a replacement."""
         try:
             sb.close()
-        except Exception:
-            pass
+        except Exception:  # it is broken already: starting its replacement is what matters
+            logger.debug("closing a broken pooled sandbox failed", exc_info=True)
         with self._cond:
             self._owned -= 1
             self.replaced += 1

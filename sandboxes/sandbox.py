@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import tarfile
 import time
@@ -20,6 +21,8 @@ from m2rl.sandboxes.channel import SOCKET_NAME, Channel
 from m2rl.sandboxes.errors import SandboxDead, SandboxError
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.result import ExecResult
+
+logger = logging.getLogger(__name__)
 
 WORKDIR = "/work"
 HOME = "/home/sandbox"
@@ -70,8 +73,8 @@ def _close_live_sandboxes() -> None:
     for sb in list(_LIVE):
         try:
             sb.close()
-        except Exception:
-            pass
+        except Exception:  # at exit nobody can act on it; `m2rl sandboxes gc` removes what is left
+            logger.debug("closing a sandbox at exit failed", exc_info=True)
 
 
 class Sandbox:
@@ -253,8 +256,8 @@ class Sandbox:
         if not getattr(self, "closed", True):
             try:
                 self.close()
-            except Exception:
-                pass
+            except Exception:  # __del__ must not raise; `m2rl sandboxes gc` removes what is left
+                logger.debug("closing a sandbox in __del__ failed", exc_info=True)
 
 
 class AsyncSandbox:

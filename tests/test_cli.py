@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from m2rl import doctor
 from m2rl.cli import main
 
@@ -116,7 +115,7 @@ def _overrides_in_command(words: list[str]) -> list[str]:
     return []
 
 
-_ABOUT_OVERRIDES = re.compile(r"m2rl (train|doctor|config)|override", re.I)
+_ABOUT_OVERRIDES = re.compile(r"m2rl (train|doctor|config)|override", re.IGNORECASE)
 
 
 def overrides_in_markdown(text: str) -> list[str]:
@@ -124,11 +123,11 @@ def overrides_in_markdown(text: str) -> list[str]:
     (in code blocks and inline code), and inline code spans made of key=value words only on a line that
     talks about those commands or overrides (elsewhere `network=True` is a Python argument)."""
     found: list[str] = []
-    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.DOTALL)
     for block in blocks:
         for line in block.splitlines():
             found += _overrides_in_command(line.split())
-    for line in re.sub(r"```.*?```", "", text, flags=re.S).splitlines():
+    for line in re.sub(r"```.*?```", "", text, flags=re.DOTALL).splitlines():
         for span in re.findall(r"`([^`]+)`", line):
             words = span.split()
             if words and all(_OVERRIDE.match(w) for w in words):

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
-
 from m2rl.config import ConfigError, apply_overrides, dump_yaml, load_config, parse_override, to_dict
 
 
@@ -274,7 +273,6 @@ def test_a_mapping_in_a_union_reports_the_nested_key() -> None:
 
 def test_tool_env_options_are_checked_by_the_config_loader() -> None:
     import gymnasium as gym
-
     import m2rl.envs  # noqa: F401  (registers the m2rl/* ids)
 
     env = gym.make("m2rl/Python-v0", kinds=["arith"], tool_timeout_s=4, control_tokens=["<x>"])

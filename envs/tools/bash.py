@@ -12,10 +12,13 @@ file there is refused). A spoiled list means no edits reported, never a hang.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any
 
 from m2rl.envs.tool import ToolError, ToolOutput
+
+logger = logging.getLogger(__name__)
 
 CHANGED_LIST_PREFIX = "/tmp/.m2rl_changed_"
 MAX_LIST_BYTES = 65536  # 200 paths; also what a pipe buffers, so a swapped-in FIFO never blocks the write
@@ -49,6 +52,7 @@ def changed_files(sandbox: Any, path: str) -> list[str]:
     try:
         listing = sandbox.read_file(path, max_bytes=MAX_LIST_BYTES).decode("utf-8", "replace")
     except Exception:  # killed (timeout) before writing the list, or a command spoiled it
+        logger.debug("no list of changed files at %s", path, exc_info=True)
         return []
     return [line for line in listing.splitlines() if line.startswith("/work/")]
 

@@ -12,6 +12,7 @@ from inside the agent's own event loop (the sync Playwright API refuses to run t
 
 from __future__ import annotations
 
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from urllib.parse import urljoin, urlsplit
 
 from m2rl.envs.tool import ToolError, ToolOutput
 from m2rl.envs.tools.background_loop import BackgroundLoop
+
+logger = logging.getLogger(__name__)
 
 CHROMIUM_PATH = "/usr/bin/chromium"
 # Flags that work as root in a container with no GPU and no network beyond loopback.
@@ -118,8 +121,8 @@ class ChromiumHost:
         try:
             if self.loop.alive:
                 self.loop.run(self._shutdown(), timeout=30.0)
-        except Exception:
-            pass  # Chromium is a child of the driver, which `pw.stop()` or our exit ends
+        except Exception:  # Chromium is a child of the driver, which `pw.stop()` or our exit ends
+            logger.debug("browser shutdown failed", exc_info=True)
         finally:
             self.loop.close()
 
@@ -203,8 +206,8 @@ class BrowserTool:
         try:
             if self._loop.alive and self.host.alive:
                 self._loop.run(self._close_context(), timeout=30.0)
-        except Exception:
-            pass  # a dead browser took the context with it
+        except Exception:  # a dead browser took the context with it
+            logger.debug("closing the browser context failed", exc_info=True)
         finally:
             if self._own_host:
                 self.host.close()
@@ -342,7 +345,8 @@ class BrowserTool:
         try:
             locator = page.locator(wanted)
             count = await locator.count()
-        except Exception:
+        except Exception:  # not a selector either: the error below lists the links
+            logger.debug("%r is not a usable selector", wanted, exc_info=True)
             count = 0
         if count == 0:
             names = ", ".join(repr(link["text"]) for link in links[:30])
@@ -378,8 +382,9 @@ class BrowserTool:
             try:
                 if await locator.count() > 0:
                     return locator.first
-            except Exception:
-                continue  # not a valid selector: try the next reading of `field`
+            except Exception:  # not a valid selector: try the next reading of `field`
+                logger.debug("a reading of the field name is not a valid selector", exc_info=True)
+                continue
         fields = (await self._state())["fields"]
         names = ", ".join(repr(f["name"] or f["id"]) for f in fields)
         raise ToolError(

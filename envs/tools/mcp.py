@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self, TextIO
 
 from m2rl.envs.tool import Tool, ToolError, ToolOutput
 from m2rl.envs.tools.background_loop import BackgroundLoop
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -183,8 +186,8 @@ class MCPClient:
         try:
             if self._loop.alive:
                 self._loop.run(self._shutdown(), timeout=30.0)
-        except Exception:
-            pass  # best effort: the loop is closed next whatever happened
+        except Exception:  # best effort: the loop is closed next whatever happened
+            logger.debug("MCP session shutdown failed", exc_info=True)
         finally:
             self._loop.close()
             if self._errlog is not None:

@@ -12,12 +12,14 @@ says so.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
 
 from m2rl.envs.tool import ToolError, ToolOutput
 
+logger = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 
 
@@ -140,4 +142,4 @@ class PythonTool:
                 timeout=10.0,
             )
         except Exception:  # a dead sandbox has no interpreter left to stop
-            pass
+            logger.debug("stopping the python interpreter failed", exc_info=True)

@@ -393,11 +393,11 @@ def _fresh_tmp(destination: Path) -> Path:
     return tmp
 
 
-def model_directory(path: str | os.PathLike) -> Path:
+def model_directory(path: str | os.PathLike, check_files: bool = True) -> Path:
     """The Hugging Face model directory `path` names: `path` itself when it holds config.json (a model
     directory or a checkpoint), else a run's final export (<run>/final), else the newest checkpoint of the
-    run (or of the checkpoints directory) it names.
-    A checkpoint directory's files are checked against the sha256 it recorded. Raises CheckpointError."""
+    run (or of the checkpoints directory) it names. `check_files`: a checkpoint's model files are checked
+    against the sha256 it recorded (they are read whole: once per run is enough). Raises CheckpointError."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {path}")
@@ -416,7 +416,7 @@ def model_directory(path: str | os.PathLike) -> Path:
     if not (found / "config.json").is_file():
         raise CheckpointError(f"checkpoint {found} holds no Hugging Face model (config.json), only "
                               f"{MODEL_STATE} (format 1): use a newer checkpoint or the run's {EXPORT_DIR}/")
-    if (found / "meta.json").is_file():
+    if check_files and (found / "meta.json").is_file():
         _check_recorded_files(found)
     return found
 

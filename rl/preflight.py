@@ -23,10 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_NAMESPACE = "m2rl/"
 
 
-def resolve_init(init: str) -> Path:
+def resolve_init(init: str, check_files: bool = True) -> Path:
     """The Hugging Face model directory `model.init` names: a model directory, a training checkpoint
     (runs/X/checkpoints/step_N) or a run (runs/X: its final/ export, else its newest checkpoint). A relative
     path is looked up in the working directory, then in the repository (where the shipped assets live).
+    `check_files`: check a checkpoint's recorded sha256 (the preflight does; the trainer, after it, need not).
     Raises CheckpointError with one line saying what is wrong."""
     from m2rl.model.checkpoint import CheckpointError
     from m2rl.rl.checkpoint import model_directory
@@ -37,7 +38,7 @@ def resolve_init(init: str) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint directory not found: {path} (build one with "
                               "`python -m m2rl.rl.warm_start all --out PATH` or set model.init=null)")
-    return model_directory(path)
+    return model_directory(path, check_files)
 
 
 def config_problems(config: TrainConfig, run_directory: bool = True) -> list[str]:

@@ -217,7 +217,8 @@ def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch
     from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, load_pretrained
 
     if section.init:
-        path = resolve_init(section.init)  # the model directory, or a one-line CheckpointError
+        # the model directory, or a one-line CheckpointError; the preflight has checked its files
+        path = resolve_init(section.init, check_files=False)
         model = load_pretrained(path, dtype=torch.float32, device=device)
         tokenizer_file = path / "tokenizer.json"
         tokenizer = M2Tokenizer.from_file(tokenizer_file) if tokenizer_file.exists() else M2Tokenizer.tiny()

@@ -41,12 +41,11 @@ from m2rl.envs.spaces import UnicodeText
 from m2rl.envs.tasks.base import Task, TaskSet, Verification
 from m2rl.envs.tool import Tool, ToolError, ToolOutput, closed_spec
 from m2rl.rewards import RewardSpec, RewardTask, StepInfo, compute_episode_rewards
+from m2rl.rewards.episode import ERROR_KINDS
 from m2rl.rewards.detectors import DetectorHit, run_detectors
 from m2rl.sandboxes import SandboxDead, SandboxError, make_sandbox
 
 logger = logging.getLogger(__name__)
-
-ERROR_KINDS = ("format", "unknown_tool", "schema", "timeout", "tool", "sandbox")
 
 # Builds an episode's tools, called at every reset with the env (after the sandbox is ready and the task
 # is set: read env.sandbox, env.task, env.config). Returns callables (typed functions, bound methods) or
@@ -90,18 +89,13 @@ def clean_text(text: str) -> str:
 
 
 def empty_info() -> dict[str, Any]:
+    """The info of a step before it did anything: the dict form of an empty `StepInfo`, the contract
+    (rewards/episode.py) that `step()` fills and checks its info against before returning it."""
+    info = StepInfo().to_dict()
     # Timings hold only work that happened (tool calls, grading): a step that ran nothing reports 0.0, so
     # identical actions give identical infos (Gymnasium's step-determinism check compares infos).
-    return {
-        "tool_calls": [],
-        "tool_results": [],
-        "errors": [],
-        "edits": [],
-        "files_viewed": [],
-        "commands": [],
-        "detectors": {},
-        "timings": {"sandbox_s": 0.0},
-    }
+    info["timings"]["sandbox_s"] = 0.0
+    return info
 
 
 class ToolEnv(gym.Env[str, str]):
@@ -225,8 +219,7 @@ class ToolEnv(gym.Env[str, str]):
         if self._done or self.task is None:
             msg = "The episode is over; call reset() to start a new one."
             info["errors"].append({"kind": "format", "message": msg})
-            info["reward_breakdown"] = {}
-            return msg, 0.0, True, False, info
+            return msg, 0.0, True, False, StepInfo.from_dict(info).to_dict()
         text = action if isinstance(action, str) else str(action)
         self._steps += 1
         responses, terminated, truncated = self._act(text, info)
@@ -247,7 +240,9 @@ class ToolEnv(gym.Env[str, str]):
         # A refused over-long action is kept clipped: render() is for reading, not a copy of every byte.
         self._transcript.append(clip_middle(text, self.config.max_action_chars))
         self._transcript.append(obs)
-        return obs, reward, terminated, truncated, info
+        # What leaves the env is a StepInfo's dict form: an info that breaks the contract raises here, in the
+        # env that built it, not later in the learner.
+        return obs, reward, terminated, truncated, StepInfo.from_dict(info, self._steps - 1).to_dict()
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":

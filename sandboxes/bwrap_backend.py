@@ -34,11 +34,18 @@ from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import SandboxError
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.network import UserNet, slirp_available
-from m2rl.sandboxes.sandbox import EXECUTOR_PATH, EXECUTOR_SOCKET_DIR, HOME, Sandbox, executor_config
+from m2rl.sandboxes.sandbox import (
+    EXECUTOR_DIR,
+    EXECUTOR_PATH,
+    EXECUTOR_SOCKET_DIR,
+    HOME,
+    Sandbox,
+    executor_config,
+    stage_executor,
+)
 
 log = logging.getLogger(__name__)
 
-EXECUTOR_SOURCE = Path(__file__).with_name("executor.py")
 STATE_ROOT = Path(tempfile.gettempdir()) / "m2rl-bwrap"
 # /etc entries a shell and Python need; everything else on the host stays invisible.
 ETC_ALLOW = (
@@ -148,7 +155,7 @@ class BwrapSandbox(Sandbox):
             if self.own_uid
             else os.geteuid()
         )
-        shutil.copy(EXECUTOR_SOURCE, self.state_dir / EXECUTOR_SOURCE.name)
+        self.executor_dir = stage_executor(self.state_dir)
         self._write_identity()
         self._proc: subprocess.Popen | None = None
         self._net: UserNet | None = None
@@ -385,8 +392,8 @@ class BwrapSandbox(Sandbox):
         # anything there (connecting to a unix socket needs no write access to its file system).
         cmd += [
             "--ro-bind",
-            str(self.state_dir / EXECUTOR_SOURCE.name),
-            EXECUTOR_PATH,
+            str(self.executor_dir),
+            EXECUTOR_DIR,
             "--ro-bind",
             str(self.state_dir / "run"),
             EXECUTOR_SOCKET_DIR,

@@ -27,14 +27,21 @@ from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import EngineUnavailable, SandboxError
 from m2rl.sandboxes.images import default_image
 from m2rl.sandboxes.limits import Limits
-from m2rl.sandboxes.sandbox import EXECUTOR_PATH, EXECUTOR_SOCKET_DIR, HOME, Sandbox, executor_config
+from m2rl.sandboxes.sandbox import (
+    EXECUTOR_DIR,
+    EXECUTOR_PATH,
+    EXECUTOR_SOCKET_DIR,
+    HOME,
+    Sandbox,
+    executor_config,
+    stage_executor,
+)
 
 logger = logging.getLogger(__name__)
 
 LABEL = "m2rl.sandbox"
 OWNER_PID_LABEL = "m2rl.owner_pid"
 OWNER_HOST_LABEL = "m2rl.owner_host"
-EXECUTOR_SOURCE = Path(__file__).with_name("executor.py")
 STATE_ROOT = Path(tempfile.gettempdir()) / "m2rl-docker"
 # snapshot: the executor restores the tmpfs mounts from an in-memory tar (kept: fastest, see the benchmark);
 # overlay: a new container from the image, discarding the old one's overlay2 writable layer;
@@ -120,7 +127,7 @@ class DockerSandbox(Sandbox):
         self._committed: str | None = None  # the image `commit` resets return to
         STATE_ROOT.mkdir(mode=0o755, exist_ok=True)
         self.state_dir.mkdir(mode=0o755)
-        shutil.copy(EXECUTOR_SOURCE, self.state_dir / EXECUTOR_SOURCE.name)
+        self.executor_dir = stage_executor(self.state_dir)
         try:
             self._start(self.image)
             if reset_strategy == "commit":
@@ -163,7 +170,7 @@ class DockerSandbox(Sandbox):
                 # Read-only: a host directory must not store what the sandbox writes (connecting to the
                 # unix socket in it needs no write access to the file system).
                 str(run_dir): {"bind": EXECUTOR_SOCKET_DIR, "mode": "ro"},
-                str(self.state_dir / EXECUTOR_SOURCE.name): {"bind": EXECUTOR_PATH, "mode": "ro"},
+                str(self.executor_dir): {"bind": EXECUTOR_DIR, "mode": "ro"},
             },
             tmpfs=tmpfs,
             read_only=self.reset_strategy == "snapshot",

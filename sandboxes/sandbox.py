@@ -10,15 +10,16 @@ import asyncio
 import atexit
 import logging
 import os
+import shutil
 import tarfile
 import time
 import weakref
 from pathlib import Path
 from typing import Any
 
-from m2rl.sandboxes.executor import RefusedFile, extract_tar, tar_path
 from m2rl.sandboxes.channel import SOCKET_NAME, Channel
 from m2rl.sandboxes.errors import SandboxDead, SandboxError
+from m2rl.sandboxes.executor_files import RefusedFile, extract_tar, tar_path
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.result import ExecResult
 
@@ -27,7 +28,10 @@ logger = logging.getLogger(__name__)
 WORKDIR = "/work"
 HOME = "/home/sandbox"
 WRITABLE_ROOTS = (WORKDIR, "/tmp", HOME)
-EXECUTOR_PATH = "/opt/m2rl/executor.py"
+# The executor's files (stdlib-only modules), staged per sandbox and bound read-only at EXECUTOR_DIR.
+EXECUTOR_FILES = ("executor.py", "executor_files.py")
+EXECUTOR_DIR = "/opt/m2rl/executor"
+EXECUTOR_PATH = f"{EXECUTOR_DIR}/executor.py"
 EXECUTOR_SOCKET_DIR = "/run/m2rl"
 # Host-side grace beyond an exec's own timeout before a silent executor counts as dead.
 EXEC_GRACE_S = 15.0
@@ -61,6 +65,17 @@ def executor_config(
         config["memory_bytes"] = limits.memory_mb << 20
         config["max_transfer_bytes"] = limits.max_drain_bytes
     return config
+
+
+def stage_executor(state_dir: Path) -> Path:
+    """Copy the executor's files into `state_dir/executor`, the directory a backend binds read-only at
+    EXECUTOR_DIR: a sandbox keeps the code it started with, and sees none of the host's other sources."""
+    target = state_dir / "executor"
+    target.mkdir()
+    target.chmod(0o755)  # the sandbox's user (another uid) reads it, whatever the umask
+    for name in EXECUTOR_FILES:
+        shutil.copy(Path(__file__).with_name(name), target / name)
+    return target
 
 
 # Sandboxes never closed by their owner are closed at interpreter exit (their executors would exit on

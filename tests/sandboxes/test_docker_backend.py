@@ -39,7 +39,7 @@ def test_container_is_hardened_and_labelled():
         assert hc["PidsLimit"] == 77 and hc["NanoCpus"] == 500_000_000
         assert all(f"nr_inodes={limits.inode_limit}" in options for options in hc["Tmpfs"].values())
         assert set(hc["Tmpfs"]) == {"/work", "/tmp", "/home/sandbox", "/dev/shm"}
-        assert all(bind.endswith(":ro") for bind in hc["Binds"])  # executor.py and the socket directory
+        assert all(bind.endswith(":ro") for bind in hc["Binds"])  # the executor's and the socket's directories
         r = sb.exec(
             "ulimit -n; df -m /work | tail -1 | awk '{print $2}'; cat /proc/net/dev | tail -n +3 | wc -l"
         )

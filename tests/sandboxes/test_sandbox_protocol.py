@@ -52,6 +52,16 @@ def test_exec_missing_program_and_bad_input(sandbox):
     assert r.exit_code == 127 and "does/not/exist" in r.stderr
 
 
+def test_the_executor_runs_from_its_own_read_only_directory(sandbox):
+    """Both backends ship the executor's two modules, and nothing else, where the sandbox cannot change them."""
+    from m2rl.sandboxes.sandbox import EXECUTOR_DIR, EXECUTOR_FILES
+
+    assert sandbox.exec(["ls", EXECUTOR_DIR]).stdout.split() == sorted(EXECUTOR_FILES)
+    r = sandbox.exec(f"echo x >> {EXECUTOR_DIR}/executor_files.py; touch {EXECUTOR_DIR}/new")
+    assert r.exit_code != 0 and "Read-only file system" in r.stderr
+    assert sandbox.exec("echo still answers").stdout == "still answers\n"
+
+
 def test_files_roundtrip(sandbox, tmp_path):
     payload = bytes(range(256)) * 1000
     sandbox.write_file("/work/deep/dir/blob.bin", payload)

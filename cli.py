@@ -139,7 +139,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
     config_path = Path(args.config) if args.config else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
     raw = read_yaml(config_path) if config_path else {}
-    raw = apply_overrides(raw, args.overrides)
+    raw = apply_overrides(raw, args.overrides, str(config_path) if config_path else None)
     source = f"{config_path or 'defaults'}" + (" + command-line overrides" if args.overrides else "")
     problems = doctor.config_problems(raw, source)
     required = doctor.required_components(raw)

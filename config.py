@@ -366,7 +366,9 @@ def format_schema(cls: type, config: Any = None, width: int = 100) -> str:
             head = f"{entry.key}: {entry.type} (section)"
         else:
             default = "(required)" if entry.default is dataclasses.MISSING else _show_value(entry.default)
-            if entry.key in values and _show_value(values[entry.key]) != default:
+            if entry.default is dataclasses.MISSING and entry.key not in values:
+                head = f"{entry.key}: {entry.type} (required)"
+            elif entry.key in values and _show_value(values[entry.key]) != default:
                 head = f"{entry.key}: {entry.type} = {_show_value(values[entry.key])}  (default {default})"
             else:
                 head = f"{entry.key}: {entry.type} = {default}"

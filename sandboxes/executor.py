@@ -53,6 +53,7 @@ SIGNAL_HINTS = {
 }
 
 
+# ---- protocol framing and messages --------------------------------------------------------------------
 def signal_name(signum):
     try:
         return signal.Signals(signum).name
@@ -218,6 +219,13 @@ class Executor:
             self.kill_all(keep_protected=False)
         self.reap()
 
+    def kill_processes(self):
+        """Every process of the sandbox gone, kept background sessions included: only the executor is left."""
+        self.kill_all(keep_protected=False)
+        left = [pid for pid, _ in self.sessions()]
+        if left:
+            raise RuntimeError("%d processes survived SIGKILL: %s" % (len(left), left[:10]))
+
     def exec(self, req, stdin):
         """Run one command (see `Command`) and reply with its exit code and output."""
         command = Command(self, req, stdin)
@@ -238,13 +246,7 @@ class Executor:
         remove_ipc_objects()
         files.restore_snapshot(self.snapshot)
 
-    def kill_processes(self):
-        """Every process of the sandbox gone, kept background sessions included: only the executor is left."""
-        self.kill_all(keep_protected=False)
-        left = [pid for pid, _ in self.sessions()]
-        if left:
-            raise RuntimeError("%d processes survived SIGKILL: %s" % (len(left), left[:10]))
-
+    # ---- requests ----------------------------------------------------------------------------------
     def handle(self, req, payload):
         op = req.get("op")
         if op == "ping":
@@ -501,6 +503,7 @@ class Command:
         return b""
 
 
+# ---- process and memory helpers ---------------------------------------------------------------------
 IPC_RMID = 0
 # /proc/sysvipc file -> the libc call that removes one of its objects (semctl takes a semaphore index).
 SYSV_IPC = (("shm", "shmctl"), ("msg", "msgctl"), ("sem", "semctl"))
@@ -588,6 +591,7 @@ def root_sizes(roots, disk_bytes=None):
     return sizes
 
 
+# ---- start-up -----------------------------------------------------------------------------------------
 def seed_work(seed_dir):
     """Derived images place files for /work in seed_dir: /work is a fresh tmpfs that hides the image's."""
     if os.path.isdir(seed_dir) and os.path.isdir("/work") and not os.listdir("/work"):

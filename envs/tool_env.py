@@ -16,7 +16,7 @@ timeouts become tool responses plus `info["errors"]`; a dead sandbox truncates w
 Every step costs at most what its size limits allow:
 - an action longer than `max_action_chars` is not parsed: its reply is one format error, nothing runs, and
   the episode goes on (a step like any other: it counts towards `max_steps`);
-- argument values nest at most 32 levels (the parser's `MAX_VALUE_DEPTH`; deeper is a schema error);
+- argument values nest at most 32 levels (`m2rl.agent.schema.MAX_VALUE_DEPTH`; deeper is a schema error);
 - rewards are scored incrementally: the detectors read the new step only (earlier hits are kept), and
   their hits on this step are `info["detectors"]` ({detector: [evidence]}, empty when clean);
 - each tool response is clipped to `max_output_chars` and the whole observation fits

@@ -327,3 +327,17 @@ def test_the_env_factory_passes_the_spec_and_lists_tasks_without_a_probe_env() -
         assert factory.task_ids("test", 3, ["arith"]) == [t.id for t in env.unwrapped.task_set.tasks("test", 3, ("arith",))]
     finally:
         env.close()
+
+
+@pytest.mark.bwrap
+def test_turn_advantages_and_the_curriculum_train_and_resume(tmp_path: Path) -> None:
+    """rollout.advantage=turn trains end to end; the curriculum goes through its own state_dict into the
+    checkpoint and back (before: the trainer copied its three dicts by hand)."""
+    extra = ["rollout.advantage=turn", "rollout.curriculum=true", "eval.every=0"]
+    first = Trainer(small_config(tmp_path, "steps=1", *extra))
+    first.train()
+    saved = first.curriculum.state_dict()
+    assert sum(saved["raw_attempts"].values()) > 0
+    resumed = Trainer(small_config(tmp_path, "steps=2", "resume=true", *extra))
+    assert resumed.curriculum.state_dict() == saved
+    assert resumed.train()["steps"] == 2

@@ -213,7 +213,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch.nn.Module, Any]:
+def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch.nn.Module, Tokenizer]:
     from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, load_pretrained
 
     if section.init:
@@ -388,7 +388,8 @@ class ResumeReport:
 class Trainer:
     """One RL stage. `model`/`tokenizer` may be handed over by an earlier pipeline stage."""
 
-    def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None,
+                 tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         check_config(config)  # before anything is built or written
         self.name = config.name or default_run_name("train", config.run_root)
@@ -412,7 +413,7 @@ class Trainer:
                 self.run.close()
             raise
 
-    def _build(self, model: torch.nn.Module | None, tokenizer: Any) -> None:
+    def _build(self, model: torch.nn.Module | None, tokenizer: Tokenizer | None) -> None:
         config = self.config
         if model is None:
             self.model, self.tokenizer = build_model_and_tokenizer(config.model, config.device)

@@ -29,14 +29,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import yaml
 
 from m2rl.agent.local_policy import LocalPolicy
-from m2rl.agent.loop import LoopConfig, TextEnv, Tokenizer
+from m2rl.agent.loop import LoopConfig, TextEnv
 from m2rl.agent.policy import SamplingParams
 from m2rl.config import ConfigError, changed_settings, read_yaml, to_dict
 from m2rl.rewards import RewardSpec
@@ -62,6 +62,7 @@ from m2rl.runs import LoggingConfig, Run, atomic_write, default_run_name, progre
 
 if TYPE_CHECKING:
     from m2rl.envs.tasks.base import TaskSet
+    from m2rl.model.tokenizer import M2Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch.nn.Module, Tokenizer]:
+def build_model_and_tokenizer(section: ModelSection, device: str) -> tuple[torch.nn.Module, M2Tokenizer]:
     from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, load_pretrained
 
     if section.init:
@@ -241,6 +242,13 @@ def reward_spec_of(rewards: str | dict[str, Any]) -> RewardSpec | None:
     return RewardSpec.from_dict(rewards)
 
 
+@runtime_checkable
+class TaskSetEnv(Protocol):
+    """An env whose tasks come from a task set (ToolEnv)."""
+
+    task_set: TaskSet
+
+
 class EnvFactory:
     """Makes the run's envs, `gymnasium.make(env_id, **kwargs)`, and lists the tasks they play.
 
@@ -259,7 +267,11 @@ class EnvFactory:
 
         env = gymnasium.make(self.env_id, **self.kwargs)
         if self._task_set is None:
-            self._task_set = env.unwrapped.task_set
+            unwrapped = env.unwrapped
+            if not isinstance(unwrapped, TaskSetEnv):
+                env.close()
+                raise TypeError(f"{self.env_id} has no task set (env.unwrapped.task_set) to draw tasks from")
+            self._task_set = unwrapped.task_set
         return env
 
     @property
@@ -389,7 +401,7 @@ class Trainer:
     """One RL stage. `model`/`tokenizer` may be handed over by an earlier pipeline stage."""
 
     def __init__(self, config: TrainConfig, model: torch.nn.Module | None = None,
-                 tokenizer: Tokenizer | None = None) -> None:
+                 tokenizer: M2Tokenizer | None = None) -> None:
         self.config = config
         check_config(config)  # before anything is built or written
         self.name = config.name or default_run_name("train", config.run_root)
@@ -413,7 +425,7 @@ class Trainer:
                 self.run.close()
             raise
 
-    def _build(self, model: torch.nn.Module | None, tokenizer: Tokenizer | None) -> None:
+    def _build(self, model: torch.nn.Module | None, tokenizer: M2Tokenizer | None) -> None:
         config = self.config
         if model is None:
             self.model, self.tokenizer = build_model_and_tokenizer(config.model, config.device)

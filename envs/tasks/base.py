@@ -140,7 +140,9 @@ class TaskSet(ABC):
 
     def setup(self, task: Task, sandbox: TaskSandbox | None) -> None:
         """Prepare the sandbox for the task (at reset, after the sandbox was cleaned): write its files."""
-        if task.files and sandbox is None:
+        if not task.files:
+            return
+        if sandbox is None:
             raise ValueError(f"task {task.id} has files but the env has no sandbox (backend=None)")
         for path, content in task.files.items():
             sandbox.write_file(path, content.encode())

@@ -60,7 +60,9 @@ class TextEnv(Protocol):
     @property
     def unwrapped(self) -> Any: ...
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]: ...
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[str, dict[str, Any]]: ...
 
     def step(self, action: str) -> tuple[str, SupportsFloat, bool, bool, dict[str, Any]]: ...
 
@@ -142,7 +144,8 @@ class EpisodeRun:
 
     def __init__(self, policy: Policy, env: TextEnv, tokenizer: Tokenizer, params: SamplingParams,
                  config: LoopConfig, trajectory_path: str | Path | None = None) -> None:
-        self.policy, self.env, self.tokenizer, self.params, self.config = policy, env, tokenizer, params, config
+        self.policy, self.env, self.tokenizer = policy, env, tokenizer
+        self.params, self.config = params, config
         self.trajectory_path = trajectory_path
         thinking = config.enable_thinking
         if thinking is None:
@@ -185,7 +188,9 @@ class EpisodeRun:
         ids = render_ids(self.tokenizer, self.traj.messages, self.traj.tools, add_generation_prompt=True,
                          enable_thinking=self.thinking)
         # The env shows the same prompt as text; a mismatch means its renderer and ours disagree.
-        self.traj.metadata["reset_observation_matches"] = isinstance(obs, str) and self.tokenizer.encode(obs) == ids
+        self.traj.metadata["reset_observation_matches"] = (
+            isinstance(obs, str) and self.tokenizer.encode(obs) == ids
+        )
         return ids
 
     async def step(self) -> bool:
@@ -236,14 +241,18 @@ class EpisodeRun:
         body, lead = obs, []
         if obs.startswith(EOS):  # the env closed a length-cut segment itself
             if ended_with_eos:
-                raise EnvProtocolError("observation starts with [e~[ after a segment that already ended with it")
+                raise EnvProtocolError(
+                    "observation starts with [e~[ after a segment that already ended with it"
+                )
             body, lead = obs[len(EOS):], [self.tokenizer.eos_id]
         elif not ended_with_eos:
             lead = [self.tokenizer.eos_id]  # close the cut assistant message (env token, loss mask 0)
         gen = generation_prompt(self.thinking)
         if not body.startswith(f"\n{MESSAGE_OPEN}") or not body.endswith(f"{EOS}\n{gen}"):
-            raise EnvProtocolError(f"observation is not a rendered suffix ('\\n]~b]ROLE\\n...[e~[\\n' + {gen!r}): "
-                                   f"{obs[:120]!r}...{obs[-60:]!r}")
+            raise EnvProtocolError(
+                f"observation is not a rendered suffix ('\\n]~b]ROLE\\n...[e~[\\n' + {gen!r}): "
+                f"{obs[:120]!r}...{obs[-60:]!r}"
+            )
         return body, lead
 
     def ended_with_eos(self, out: PolicyOutput) -> bool:
@@ -276,7 +285,8 @@ class EpisodeRun:
         try:
             return await asyncio.wait_for(awaitable, timeout=max(self.deadline - time.monotonic(), 0.0))
         except TimeoutError:
-            raise TimeLimitExceeded(f"time limit of {self.config.time_limit_s} s reached during {what}") from None
+            limit = self.config.time_limit_s
+            raise TimeLimitExceeded(f"time limit of {limit} s reached during {what}") from None
 
 
 def suffix_messages(body: str, responses: Sequence[str], thinking: bool) -> list[dict[str, Any]]:

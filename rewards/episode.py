@@ -60,7 +60,9 @@ def _as_number(value: Any, key: str, where: str) -> float:
     return float(value)
 
 
-def _entries(d: Mapping[str, Any], key: str, where: str, read: Callable[[Mapping[str, Any]], T]) -> tuple[T, ...]:
+def _entries(
+    d: Mapping[str, Any], key: str, where: str, read: Callable[[Mapping[str, Any]], T]
+) -> tuple[T, ...]:
     """Each dict entry of the list `d[key]`, read by `read`."""
     return tuple(read(_as_mapping(item, key, where)) for item in _as_list(d, key, where))
 
@@ -169,7 +171,8 @@ class EditInfo:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str) -> EditInfo:
         ok = d.get("syntax_ok")
-        return cls(path=_as_str(d.get("path"), "edits.path", where), syntax_ok=None if ok is None else bool(ok))
+        path = _as_str(d.get("path"), "edits.path", where)
+        return cls(path=path, syntax_ok=None if ok is None else bool(ok))
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "syntax_ok": self.syntax_ok}
@@ -192,7 +195,9 @@ class Verification:
         try:
             score = float(d.get("score", 1.0 if d.get("resolved") else 0.0))
         except (TypeError, ValueError):
-            raise EpisodeInfoError(f"{where}: verification.score must be a number, got {d.get('score')!r}") from None
+            raise EpisodeInfoError(
+                f"{where}: verification.score must be a number, got {d.get('score')!r}"
+            ) from None
         exit_code = d.get("exit_code")
         return cls(
             resolved=bool(d.get("resolved", False)),

@@ -118,7 +118,7 @@ class DifficultyCurriculum:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps: per task, the (decayed) attempts and successes and the raw attempt count."""
+        """What a checkpoint keeps: per task, the (decayed) attempts and successes, and the raw attempts."""
         return {
             "attempts": dict(self.attempts),
             "successes": dict(self.successes),

@@ -8,9 +8,8 @@ A failing episode (its env's reset or step raised, a tool bug, the policy failed
 episode only, so one broken sandbox never stops `m2rl train` or an evaluation:
 - it becomes a failed `ScoredTrajectory` (`error` set, `exit_reason` "error", reward 0, not resolved) in its
   place, so every group keeps its G members;
-- its trajectory is one EOS token with loss mask 0: it adds no tokens to the loss (zero-mask rows count
-  in no normaliser), and the trainer leaves it out of its group's reward statistics and of the curriculum
-  (a crash says nothing about the policy);
+- its trajectory is one EOS token with loss mask 0 (no tokens to learn from), and the trainer leaves it
+  out of its group's baseline, the batch and the curriculum: a crash says nothing about the policy;
 - the env it ran on is closed and replaced by a fresh `make_env()` (kept if that fails, so nothing hangs);
 - the error is logged and counted (`rollout_metrics`: `rollout/failed_episodes`).
 If every episode of a call fails, `run` raises `RolloutError` instead of returning nothing to train on.
@@ -86,7 +85,8 @@ def failed_episode(task_id: str, group: int, error: str, eos_id: int) -> ScoredT
     trajectory = Trajectory()
     trajectory.append_prompt([eos_id])
     trajectory.metadata.update(exit_reason="error", exit_message=error, steps=[])
-    return ScoredTrajectory(task_id=task_id, group=group, trajectory=trajectory, exit_reason="error", error=error)
+    return ScoredTrajectory(task_id=task_id, group=group, trajectory=trajectory, exit_reason="error",
+                            error=error)
 
 
 def scored_trajectory(task_id: str, group: int, trajectory: Trajectory) -> ScoredTrajectory:
@@ -134,7 +134,7 @@ class EpisodeRunner:
         params: SamplingParams,
         loop_config: LoopConfig,
     ) -> list[ScoredTrajectory]:
-        """`group_size` episodes of every task; results ordered by (task, sample), group = the task's index."""
+        """`group_size` episodes of every task, ordered by (task, sample); group = the task's index."""
         free: asyncio.Queue[TextEnv] = asyncio.Queue()
         for env in self.envs:
             free.put_nowait(env)

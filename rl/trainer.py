@@ -3,7 +3,7 @@
     for step:
         tasks   = curriculum.sample(batch_size(step) / G)            # difficulty curriculum, warm-up
         groups  = G episodes per task from the policy on the env      # token-exact trajectories
-        A       = group-relative advantages of episode rewards        # dynamic sampling drops flat groups
+        A       = group-relative advantages, per episode or per turn  # dynamic sampling drops flat groups
         learner.update(batch)                                         # CISPO (or a baseline) on sampled tokens
         policy.update_weights(learner weights)                        # in-process weight sync, version + 1
         every k steps: held-out success, checkpoint, curve
@@ -183,7 +183,8 @@ class TrainConfig:
     """The environment the policy plays and its sandbox."""
     rewards: str | dict[str, Any] = field(default_factory=dict)
     """The RewardSpec the envs score each step with: a mapping in the YAML form of rewards/spec.py, or the
-    path of a YAML file holding one (configs/rewards/default.yaml writes the default out); empty: the default."""
+    path of a YAML file holding one (configs/rewards/default.yaml is the default, written out); empty: the
+    env's default."""
     rollout: RolloutSection = field(default_factory=RolloutSection)
     """How episodes are sampled for training, and how their advantages are computed."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -340,7 +341,9 @@ def learner_advantages(
     return kept
 
 
-def episode_advantage(episode: ScoredTrajectory, baseline: GroupBaseline, mode: AdvantageMode) -> float | list[float]:
+def episode_advantage(
+    episode: ScoredTrajectory, baseline: GroupBaseline, mode: AdvantageMode
+) -> float | list[float]:
     """`episode`: one float, the advantage of the episode's return, for all its sampled tokens. `turn`: one
     value per token, the advantage of the return-to-go of the token's turn (0 off the sampled tokens)."""
     if mode == "episode":
@@ -352,7 +355,7 @@ def episode_advantage(episode: ScoredTrajectory, baseline: GroupBaseline, mode: 
 
 
 def record_attempts(curriculum: DifficultyCurriculum, episodes: Sequence[ScoredTrajectory]) -> None:
-    """Each episode that ran is an attempt at its task; a failed one (a crash) says nothing of its difficulty."""
+    """Each episode that ran is an attempt at its task; a failed one (a crash) says nothing about the task."""
     for episode in episodes:
         if not episode.failed:
             curriculum.update(episode.task_id, 1.0 if episode.resolved else 0.0)
@@ -443,8 +446,8 @@ class Trainer:
         train_envs = make_env_factory(config.env, "train", reward_spec)
         eval_envs = make_env_factory(config.env, "test", reward_spec)
         self.train_runner = EpisodeRunner(self._tracked(train_envs), config.rollout.num_envs, self.tokenizer)
-        self.eval_runner = EpisodeRunner(self._tracked(eval_envs), min(config.rollout.num_envs, config.eval.num_tasks),
-                                         self.tokenizer)
+        eval_envs_count = min(config.rollout.num_envs, config.eval.num_tasks)
+        self.eval_runner = EpisodeRunner(self._tracked(eval_envs), eval_envs_count, self.tokenizer)
         self.train_tasks = train_envs.task_ids("train", config.env.num_train_tasks, config.env.kinds)
         self.eval_tasks = eval_envs.task_ids("test", config.eval.num_tasks, config.env.kinds)
         self.curriculum = DifficultyCurriculum(self.train_tasks, config.rollout.curriculum_config)

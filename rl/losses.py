@@ -57,6 +57,7 @@ DEFAULT_AGGREGATION: dict[str, Aggregation] = {
 @dataclass
 class LossConfig:
     kind: LossKind = "cispo"
+    """The objective: cispo (MiniMax-M1), grpo (PPO-clip), dapo (clip-higher, token-mean) or gspo (sequence ratio)."""
     eps_low: float | None = None  # None: DEFAULT_EPS[kind][0]
     eps_high: float | None = None  # None: DEFAULT_EPS[kind][1]
     aggregation: Aggregation | None = None  # None: DEFAULT_AGGREGATION[kind]

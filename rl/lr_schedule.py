@@ -16,7 +16,9 @@ import torch
 @dataclass
 class LRScheduleConfig:
     kind: Literal["constant", "warmup_cosine"] = "constant"
+    """constant, or a linear warm-up then a cosine decay to min_lr_ratio at total_steps."""
     warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to the base learning rate (both kinds)."""
     total_steps: int = 1000  # used by warmup_cosine only
     min_lr_ratio: float = 0.1  # final LR / base LR for warmup_cosine
 

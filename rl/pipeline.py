@@ -34,9 +34,13 @@ StageKind = Literal["sft", "rl"]
 @dataclass
 class StageConfig:
     name: str
+    """The stage's name; its run is `<pipeline name>-<stage name>`."""
     kind: StageKind
+    """sft (imitate demonstrations) or rl (train on rewards)."""
     steps: int
+    """Optimizer steps in this stage."""
     max_tokens: int
+    """Maximum tokens of one episode (context length) in this stage."""
     overrides: dict[str, Any] = field(default_factory=dict)  # "key.sub" -> value, applied by `stage_config`
 
     def __post_init__(self) -> None:
@@ -143,7 +147,8 @@ def run_sft_stage(config: TrainConfig, stage: StageConfig, model: torch.nn.Modul
                       enable_thinking=config.env.enable_thinking)
     demos = asyncio.run(collect_demonstrations(make_env, EXPERTS[family], task_ids, tokenizer, loop,
                                                concurrency=config.rollout.num_envs))
-    with Run.create(config.name, root=config.run_root, config=config) as run:
+    with Run.create(config.name, root=config.run_root, config=config, trackers=config.logging.trackers,
+                    project=config.logging.project) as run:
         sft = SFTConfig(steps=stage.steps, batch_size=config.sft.batch_size, lr=config.sft.lr,
                         warmup_steps=config.sft.warmup_steps, seed=config.seed)
         losses = train_sft(model, demos, sft, pad_id=tokenizer.eos_id,

@@ -30,6 +30,7 @@ class ContextLengthSchedule:
     """
 
     stages: list[tuple[int, int]] = field(default_factory=lambda: [(0, 8192)])
+    """(first step, max episode tokens) pairs in increasing step order; the first must start at step 0."""
 
     def __post_init__(self) -> None:
         self.stages = [tuple(s) for s in self.stages]  # YAML gives lists
@@ -63,9 +64,13 @@ class BatchSizeWarmup:
     rounded down to a multiple of `multiple_of` (e.g. the group size), never below it."""
 
     start_size: int = 8
+    """Rollout batch size (episodes) at step 0."""
     target_size: int = 64
+    """Rollout batch size once the warm-up is over."""
     warmup_steps: int = 0
+    """Steps over which the size grows linearly from start_size to target_size (0: target at once)."""
     multiple_of: int = 1
+    """Sizes are rounded down to a multiple of this (e.g. the group size), never below it."""
 
     def __post_init__(self) -> None:
         if self.multiple_of < 1:

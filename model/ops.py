@@ -1,9 +1,10 @@
 """The seam where fused kernels replace PyTorch code: a tiny registry of named implementations per op.
 
-Only the `torch` implementations live here. Triton kernels (m2rl.kernels) register themselves:
+Only the `torch` implementations exist today: `m2rl.kernels` holds no kernel yet, so nothing else is
+registered and every op runs its PyTorch code. A fused kernel would plug in like this:
 
     from m2rl.model import ops
-    ops.register("moe_experts", "triton", triton_moe_experts)
+    ops.register("moe_experts", "triton", triton_moe_experts)   # a kernel module would do this on import
     ops.use("moe_experts", "triton")            # or: with ops.using(moe_experts="triton"): ...
 
 The model calls `ops.rms_norm(...)` / `ops.moe_experts(...)`, which dispatch to the selected implementation.

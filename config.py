@@ -5,7 +5,7 @@ literal right after it (an attribute docstring, as CleanRL and tyro read them), 
 and `m2rl train --help-config` print with the field's type and default. Entry points build them from a
 YAML file in `configs/` plus command-line overrides:
 
-    cfg = load_config(TrainConfig, "configs/train.yaml", ["learner.loss.kind=grpo", "+env.kinds=[add]"])
+    cfg = load_config(TrainConfig, "configs/train.yaml", ["learner.loss.kind=grpo", "+eval.temperature=0.7"])
 
 Overrides use Hydra's spelling:
 - `key.sub=value` sets a key of the schema, whether or not the file sets it;

@@ -1,11 +1,11 @@
 """Advantages and reward shaping for group-sampled rollouts (pure functions, no I/O).
 
-- `group_advantages`: A_i = (R_i - mean(R_group)) / (std(R_group) + eps), the GRPO/M1 group baseline.
-- `group_advantages_by_id`: the same for ragged groups given as flat rewards plus group ids.
-- `group_baselines`: each group's (mean, scale, spread) from flat returns, group ids and which episodes
-  count; `GroupBaseline.advantages` applies it to an episode's return (`episode` mode) or to each of its
-  tokens' returns-to-go (`turn` mode).
+- `group_advantages`: A_i = (R_i - mean(R_group)) / (std(R_group) + eps), the GRPO/M1 group baseline
+  (`group_baseline` gives the mean and the scale).
 - `dynamic_sampling_keep`: DAPO/M1 dynamic sampling, drop groups whose rewards are all equal (zero signal).
+- `group_baselines`: both of them per group for episodes given as a flat list with group ids (and which
+  episodes count); `GroupBaseline.advantages` applies it to an episode's return (`rollout.advantage:
+  episode`) or to each of its tokens' returns-to-go (`turn`).
 - `turn_rewards_to_go` / `turn_returns_to_tokens`: dense per-turn rewards to per-token returns.
 - `overlong_penalty`: DAPO's soft overlong punishment.
 - `broadcast_to_tokens`: a per-sequence advantage onto that sequence's loss tokens.
@@ -22,116 +22,32 @@ import torch
 from torch import Tensor
 
 
+def group_baseline(
+    rewards: Tensor, scale_by_std: bool = True, eps: float = 1e-6, unbiased: bool = True
+) -> tuple[Tensor, Tensor]:
+    """(mean, scale), each [num_groups, 1], of rewards shaped [num_groups, group_size]: the group-relative
+    advantage is (R - mean) / scale, scale = std + eps (or 1: Dr. GRPO's mean-centring, and for a group of
+    one sample, which has no baseline: its advantage is 0)."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    if rewards.shape[1] == 1 or not scale_by_std:
+        return mean, torch.ones_like(mean)
+    return mean, rewards.std(dim=1, keepdim=True, unbiased=unbiased) + eps
+
+
 def group_advantages(
     rewards: Tensor, scale_by_std: bool = True, eps: float = 1e-6, unbiased: bool = True
 ) -> Tensor:
-    """Group-relative advantages for rewards shaped [num_groups, group_size].
+    """Group-relative advantages for rewards shaped [num_groups, group_size] (see `group_baseline`).
 
-    `unbiased=True` uses the sample std (torch.std, as TRL and verl do). Dr. GRPO's variant is
-    `scale_by_std=False` (mean-centring only). A group of one sample has no baseline: its advantage is 0.
+    `unbiased=True` uses the sample std (torch.std, as TRL and verl do).
     """
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be [num_groups, group_size], got shape {tuple(rewards.shape)}")
     if not torch.isfinite(rewards).all():
         raise ValueError("rewards contain NaN or inf")
     rewards = rewards.to(torch.float64) if rewards.dtype not in (torch.float32, torch.float64) else rewards
-    group_size = rewards.shape[1]
-    if group_size == 1:
-        return torch.zeros_like(rewards)
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if not scale_by_std:
-        return centred
-    std = rewards.std(dim=1, keepdim=True, unbiased=unbiased)
-    return centred / (std + eps)
-
-
-def group_advantages_by_id(
-    rewards: Sequence[float],
-    group_ids: Sequence[Hashable],
-    scale_by_std: bool = True,
-    eps: float = 1e-6,
-    unbiased: bool = True,
-) -> list[float]:
-    """`group_advantages` for ragged groups: rewards[k] belongs to group group_ids[k]; order is kept."""
-    if len(rewards) != len(group_ids):
-        raise ValueError(f"got {len(rewards)} rewards but {len(group_ids)} group ids")
-    members: dict[Hashable, list[int]] = {}
-    for k, gid in enumerate(group_ids):
-        members.setdefault(gid, []).append(k)
-    out = [0.0] * len(rewards)
-    for idx in members.values():
-        adv = group_advantages(
-            torch.tensor([[float(rewards[k]) for k in idx]], dtype=torch.float64),
-            scale_by_std=scale_by_std,
-            eps=eps,
-            unbiased=unbiased,
-        )[0]
-        for k, a in zip(idx, adv.tolist()):
-            out[k] = a
-    return out
-
-
-# episode: the episode's group-relative return on every sampled token (M1, GRPO).
-# turn: each turn's return-to-go against the same group baseline, on that turn's tokens, so a turn is not
-#   credited with rewards earned before it. With outcome-only rewards both modes give the same advantages.
-AdvantageMode = Literal["episode", "turn"]
-ADVANTAGE_MODES: tuple[str, ...] = ("episode", "turn")
-
-
-@dataclass(frozen=True)
-class GroupBaseline:
-    """A group's return statistics: an advantage is (return - mean) / scale, as in `group_advantages`.
-
-    The values are float32 numbers, and `advantages` computes in float32, so an episode's advantage equals
-    the element of `group_advantages` of its group's [1, G] float32 rewards bit for bit.
-    """
-
-    mean: float
-    scale: float  # std + eps, or 1.0 without std scaling (and for a group of one: no baseline, advantage 0)
-    spread: float  # max - min of the group's returns: 0 means the group carries no learning signal
-
-    def advantages(self, returns: Tensor) -> Tensor:
-        """(returns - mean) / scale, elementwise in float32."""
-        return (returns.to(torch.float32) - self.mean) / self.scale
-
-    def has_signal(self, atol: float = 1e-8) -> bool:
-        """Dynamic sampling's test (`dynamic_sampling_keep`): the returns are not all equal."""
-        return self.spread > float(torch.tensor(atol, dtype=torch.float32))  # compared in float32, as there
-
-
-def group_baselines(
-    returns: Sequence[float],
-    group_ids: Sequence[Hashable],
-    counted: Sequence[bool] | None = None,
-    scale_by_std: bool = True,
-    eps: float = 1e-6,
-    unbiased: bool = True,
-) -> dict[Hashable, GroupBaseline]:
-    """The baseline of each group from the returns of its `counted` members (default: all), in first-seen
-    order. A group with no counted member has no entry."""
-    if len(returns) != len(group_ids) or (counted is not None and len(counted) != len(returns)):
-        raise ValueError(f"got {len(returns)} returns, {len(group_ids)} group ids"
-                         + ("" if counted is None else f" and {len(counted)} counted flags"))
-    members: dict[Hashable, list[float]] = {}
-    for k, gid in enumerate(group_ids):
-        members.setdefault(gid, [])
-        if counted is None or counted[k]:
-            members[gid].append(float(returns[k]))
-    out: dict[Hashable, GroupBaseline] = {}
-    for gid, values in members.items():
-        if not values:
-            continue
-        r = torch.tensor([values], dtype=torch.float32)  # [1, G]
-        if not torch.isfinite(r).all():
-            raise ValueError(f"group {gid!r} has a NaN or inf return")
-        mean = r.mean(dim=1, keepdim=True)
-        if len(values) == 1 or not scale_by_std:
-            scale = 1.0  # one sample has no baseline: (R - R) / 1 = 0
-        else:
-            scale = float(r.std(dim=1, keepdim=True, unbiased=unbiased) + eps)
-        spread = float(r.max(dim=1).values - r.min(dim=1).values)
-        out[gid] = GroupBaseline(mean=float(mean), scale=scale, spread=spread)
-    return out
+    mean, scale = group_baseline(rewards, scale_by_std, eps, unbiased)
+    return (rewards - mean) / scale
 
 
 def dynamic_sampling_keep(rewards: Tensor, atol: float = 1e-8) -> Tensor:
@@ -142,16 +58,54 @@ def dynamic_sampling_keep(rewards: Tensor, atol: float = 1e-8) -> Tensor:
     return spread > atol
 
 
-def dynamic_sampling_keep_ids(
-    rewards: Sequence[float], group_ids: Sequence[Hashable], atol: float = 1e-8
-) -> set:
-    """The group ids (ragged form) whose rewards are not all equal."""
-    if len(rewards) != len(group_ids):
-        raise ValueError(f"got {len(rewards)} rewards but {len(group_ids)} group ids")
-    by_group: dict[Hashable, list[float]] = {}
-    for r, gid in zip(rewards, group_ids):
-        by_group.setdefault(gid, []).append(float(r))
-    return {gid for gid, rs in by_group.items() if max(rs) - min(rs) > atol}
+# episode: the episode's group-relative return on every sampled token (M1, GRPO).
+# turn: each turn's return-to-go against the same group baseline, on that turn's tokens, so a turn is not
+#   credited with rewards earned before it. With outcome-only rewards both modes give the same advantages.
+AdvantageMode = Literal["episode", "turn"]
+
+
+@dataclass(frozen=True)
+class GroupBaseline:
+    """One group's `group_baseline` and dynamic-sampling verdict, for episodes given as a flat list.
+
+    The numbers are float32 values and `advantages` computes in float32, so an episode's advantage equals
+    its element of `group_advantages` over the group's float32 [1, G] rewards, bit for bit.
+    """
+
+    mean: float
+    scale: float
+    has_signal: bool  # the group's returns are not all equal (`dynamic_sampling_keep`)
+
+    def advantages(self, returns: Tensor) -> Tensor:
+        """(returns - mean) / scale, elementwise in float32."""
+        return (returns.to(torch.float32) - self.mean) / self.scale
+
+
+def group_baselines(
+    returns: Sequence[float],
+    group_ids: Sequence[Hashable],
+    counted: Sequence[bool] | None = None,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+    unbiased: bool = True,
+) -> dict[Hashable, GroupBaseline]:
+    """The baseline of each group (groups may differ in size) from the returns of its `counted` members
+    (default: all). A group with no counted member has no entry."""
+    if len(returns) != len(group_ids) or (counted is not None and len(counted) != len(returns)):
+        raise ValueError(f"got {len(returns)} returns, {len(group_ids)} group ids"
+                         + ("" if counted is None else f" and {len(counted)} counted flags"))
+    members: dict[Hashable, list[float]] = {}
+    for k, gid in enumerate(group_ids):
+        if counted is None or counted[k]:
+            members.setdefault(gid, []).append(float(returns[k]))
+    out: dict[Hashable, GroupBaseline] = {}
+    for gid, values in members.items():
+        r = torch.tensor([values], dtype=torch.float32)  # [1, G]
+        if not torch.isfinite(r).all():
+            raise ValueError(f"group {gid!r} has a NaN or inf return")
+        mean, scale = group_baseline(r, scale_by_std, eps, unbiased)
+        out[gid] = GroupBaseline(float(mean), float(scale), bool(dynamic_sampling_keep(r)[0]))
+    return out
 
 
 def turn_rewards_to_go(turn_rewards: Sequence[float], gamma: float = 1.0) -> list[float]:

@@ -335,7 +335,7 @@ def learner_advantages(
     kept: list[tuple[ScoredTrajectory, float | list[float]]] = []
     for episode in episodes:
         baseline = baselines.get(episode.group)
-        if episode.failed or baseline is None or (dynamic_sampling and not baseline.has_signal()):
+        if episode.failed or baseline is None or (dynamic_sampling and not baseline.has_signal):
             continue
         kept.append((episode, episode_advantage(episode, baseline, mode)))
     return kept

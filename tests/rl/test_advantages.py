@@ -11,9 +11,8 @@ from m2rl.rl.advantages import (
     OverlongPenaltyConfig,
     broadcast_to_tokens,
     dynamic_sampling_keep,
-    dynamic_sampling_keep_ids,
     group_advantages,
-    group_advantages_by_id,
+    group_baselines,
     overlong_penalty,
     turn_returns_to_tokens,
     turn_rewards_to_go,
@@ -50,21 +49,30 @@ def test_equal_rewards_give_zero_advantage_and_single_sample_groups():
 
 
 def test_ragged_groups_match_tensor_version():
-    rewards = [1.0, 0.0, 3.0, 1.0, 1.0, 0.0, 2.0]
-    ids = ["a", "a", "b", "a", "b", "c", "c"]
-    got = group_advantages_by_id(rewards, ids)
-    a = group_advantages(torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64))[0].tolist()
-    b = group_advantages(torch.tensor([[3.0, 1.0]], dtype=torch.float64))[0].tolist()
-    c = group_advantages(torch.tensor([[0.0, 2.0]], dtype=torch.float64))[0].tolist()
-    assert got == pytest.approx([a[0], a[1], b[0], a[2], b[1], c[0], c[1]])
+    rewards = [1.0, 0.0, 3.0, 1.0, 1.0, 0.0, 2.0, 5.0]
+    ids = ["a", "a", "b", "a", "b", "c", "c", "d"]
+    baselines = group_baselines(rewards, ids)
+    got = [float(baselines[g].advantages(torch.tensor([r]))[0]) for r, g in zip(rewards, ids)]
+    a = group_advantages(torch.tensor([[1.0, 0.0, 1.0]]))[0].tolist()
+    b = group_advantages(torch.tensor([[3.0, 1.0]]))[0].tolist()
+    c = group_advantages(torch.tensor([[0.0, 2.0]]))[0].tolist()
+    assert got == [a[0], a[1], b[0], a[2], b[1], c[0], c[1], 0.0]  # float32 both ways: exactly equal
+    assert [baselines[g].has_signal for g in "abcd"] == [True, True, True, False]
     with pytest.raises(ValueError, match="group ids"):
-        group_advantages_by_id([1.0], ["a", "b"])
+        group_baselines([1.0], ["a", "b"])
+
+
+def test_uncounted_members_are_in_no_baseline():
+    baselines = group_baselines([1.0, 0.0, 0.0, 5.0], ["a", "a", "a", "b"], counted=[True, True, False, False])
+    assert set(baselines) == {"a"}  # b has no counted member
+    assert baselines["a"].mean == 0.5 and baselines["a"].has_signal
+    unscaled = group_baselines([1.0, 0.0], ["a", "a"], scale_by_std=False)["a"]
+    assert unscaled.advantages(torch.tensor([1.0, 0.0])).tolist() == [0.5, -0.5]
 
 
 def test_dynamic_sampling_drops_all_equal_groups():
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.50001]])
     assert dynamic_sampling_keep(rewards).tolist() == [False, True, False, True]
-    assert dynamic_sampling_keep_ids([1, 1, 0, 1, 0, 0], ["x", "x", "y", "y", "z", "z"]) == {"y"}
 
 
 def test_reward_to_go_and_token_broadcast():

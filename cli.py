@@ -1,10 +1,11 @@
 """The `m2rl` command line.
 
-Subcommands are registered by `register(subparsers)` functions in `m2rl/<package>/cli.py` modules
-so each package owns its commands. Every error is one line `m2rl: error: <message>` on stderr, printed by
-`print_error` here (the one place that prefix is written): errors the user can fix (bad config, bad
-files, a run name in use, bad arguments) exit 2, anything unexpected exits 1. `--debug` (anywhere on the
-command line) or M2RL_DEBUG=1 also prints the traceback.
+Subcommands are registered by `register(subparsers)` functions in the modules of `COMMAND_MODULES`
+(`<package>/cli.py`, or the module a command runs) so each package owns its commands. Every error is one
+line `m2rl: error: <message>` on stderr, printed by `print_error` here (the one place that prefix is
+written): errors the user can fix (bad config, bad files, a run name in use, bad arguments) exit 2,
+anything unexpected exits 1. `--debug` (anywhere on the command line) or M2RL_DEBUG=1 also prints the
+traceback.
 
 Logging: every module logs to `logging.getLogger(__name__)`, under the `m2rl` logger; `console_logging`
 attaches the console handler there (a run adds its run.log handler there too, see m2rl.runs). The console
@@ -32,8 +33,7 @@ from m2rl.config import apply_overrides, format_schema, load_config, read_yaml
 # Packages that contribute subcommands, in the order they appear in --help.
 COMMAND_MODULES = [
     "m2rl.rl.cli",         # train
-    "m2rl.evaluation.cli",  # eval
-    "m2rl.serving.cli",    # serve
+    "m2rl.rl.warm_start",  # warm-start
     "m2rl.envs.cli",       # tasks
     "m2rl.sandboxes.cli",  # sandboxes, images
 ]
@@ -198,14 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="key.sub=value, +key.sub=value or ++key.sub=value overrides")
     show.set_defaults(func=_cmd_config_show)
 
-    for module_name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and module_name.startswith(exc.name):
-                continue  # that package has no commands (yet)
-            raise
-        module.register(sub)
+    for module_name in COMMAND_MODULES:  # each must exist: a listed module that is missing is an error
+        importlib.import_module(module_name).register(sub)
     return parser
 
 

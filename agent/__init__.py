@@ -26,7 +26,10 @@ _EXPORTS: dict[str, str] = {
     "Trajectory": "m2rl.agent.trajectory",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # the keys of _EXPORTS (tests/test_docs.py checks both lists agree)
+    "LocalPolicy", "LoopConfig", "OpenAIPolicy", "Policy", "PolicyOutput", "SamplingParams", "ScriptedPolicy",
+    "Trajectory", "arun_episode", "run_episode",
+]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
     from m2rl.agent.local_policy import LocalPolicy

@@ -1,8 +1,11 @@
 """Build the shipped SFT warm-start checkpoint of the `tiny` policy (reproducible: script + seed).
 
-    python -m m2rl.rl.warm_start collect --demos 4096 --out demos.pt     # CPU: real env + bwrap sandboxes
-    python -m m2rl.rl.warm_start train --demos-file demos.pt --out DIR   # any device (cuda is faster)
-    python -m m2rl.rl.warm_start all --out model/assets/tiny-python-sft  # both, here
+    m2rl warm-start collect --demos 4096 --out demos.pt     # CPU: real env + bwrap sandboxes
+    m2rl warm-start train --demos-file demos.pt --out DIR   # any device (cuda is faster)
+    m2rl warm-start all --out model/assets/tiny-python-sft  # both, here
+
+`python -m m2rl.rl.warm_start ...` is the same command (the spelling model/assets/tiny-python-sft/
+warm_start.json records), kept as an alias of `m2rl warm-start ...`.
 
 Demonstrations are scripted-expert episodes of the Python env's `arith` tasks (train split), collected
 through the real agent loop, so their ids and loss masks are exactly what RL will produce. They mix two
@@ -18,12 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-
 from m2rl.rl.sft import SFTConfig, train_sft
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "model/assets/tiny-python-sft"
@@ -44,7 +47,6 @@ def collect(count: int, sandbox: str = "bwrap", tool_fraction: float = TOOL_FRAC
     if not 0.0 <= tool_fraction <= 1.0:
         raise ValueError(f"tool_fraction must be in [0, 1], got {tool_fraction}")
     import gymnasium
-
     import m2rl.envs  # noqa: F401  (registers the env ids)
     from m2rl.agent.loop import LoopConfig
     from m2rl.envs.experts import mixture, python_expert, python_mental_arith
@@ -117,10 +119,15 @@ def build_warm_start(out: Path, demos: int, steps: int, batch_size: int = 32, lr
                  tool_fraction=tool_fraction)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["collect", "train", "all"])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="checkpoint dir (train/all) or demos file (collect)")
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """`m2rl warm-start collect|train|all [flags]` (the m2rl CLI registers every package's commands this way)."""
+    parser = subparsers.add_parser("warm-start", help="build the SFT warm start of the tiny policy "
+                                   "(collect scripted demonstrations, train on them)",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("warm_start_command", metavar="{collect,train,all}", choices=["collect", "train", "all"],
+                        help="collect: demonstrations to a file; train: a checkpoint from that file; all: both")
+    parser.add_argument("--out", type=Path, help="demos file (collect, default demos.pt) or checkpoint dir "
+                        "(train/all, default model/assets/tiny-python-sft)")
     parser.add_argument("--demos", type=int, default=8192, help="demonstrations to collect")
     parser.add_argument("--demos-file", type=Path, help="demonstrations collected earlier (train)")
     parser.add_argument("--steps", type=int, default=3000)
@@ -132,21 +139,38 @@ def main() -> None:
     parser.add_argument("--sandbox", default="bwrap")
     parser.add_argument("--tool-fraction", type=float, default=TOOL_FRACTION,
                         help="share of demonstrations that compute with the python tool (the rest answer mentally)")
-    args = parser.parse_args()
+    parser.set_defaults(func=cmd_warm_start)
+
+
+def cmd_warm_start(args: argparse.Namespace) -> int:
+    from m2rl.cli import UserError
+
+    command = args.warm_start_command
+    if command == "train" and args.demos_file is None:
+        raise UserError("warm-start train needs --demos-file (written by `m2rl warm-start collect --out FILE`)")
     torch.manual_seed(args.seed)
-    if args.command == "collect":
+    if command == "collect":
+        out = args.out or Path("demos.pt")
         demos = collect(args.demos, args.sandbox, args.tool_fraction)
-        save_demos(demos, args.out, args.tool_fraction)
-        print(json.dumps({"demonstrations": len(demos), "file": str(args.out)}))
-        return
-    if args.command == "train":
+        save_demos(demos, out, args.tool_fraction)
+        print(json.dumps({"demonstrations": len(demos), "file": str(out)}))
+        return 0
+    if command == "train":
         demos, tool_fraction = load_demos(args.demos_file)
     else:
         demos, tool_fraction = collect(args.demos, args.sandbox, args.tool_fraction), args.tool_fraction
-    info = train(demos, args.out, args.steps, args.batch_size, args.lr, args.seed, args.device, args.save_every,
-                 tool_fraction)
+    info = train(demos, args.out or DEFAULT_OUT, args.steps, args.batch_size, args.lr, args.seed, args.device,
+                 args.save_every, tool_fraction)
     print(json.dumps(info))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m m2rl.rl.warm_start ARGS` is `m2rl warm-start ARGS` (same parser, same one-line errors)."""
+    from m2rl.cli import main as m2rl_main
+
+    return m2rl_main(["warm-start", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

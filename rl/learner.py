@@ -101,8 +101,19 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
     return groups
 
 
+# How each metric combines over micro-batches and optimizer steps, named metric by metric: these keep
+# their extreme; every other metric is a weighted mean (by tokens over micro-batches, by step over steps).
+METRIC_EXTREMES: dict[str, Callable[[float, float], float]] = {
+    "ratio_max": max,  # losses.py: the largest importance ratio of the update
+    "ratio_min": min,
+    "is_weight_max": max,  # losses.py: the largest (truncated) importance-sampling weight
+    "is_weight_min": min,
+    "grad_norm_max": max,  # the largest gradient norm over the update's optimizer steps
+}
+
+
 class _MetricMean:
-    """Token-weighted means; *_max / *_min keys keep the extreme; sums for counts."""
+    """Weighted means, except the `METRIC_EXTREMES`, which keep their extreme."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -112,10 +123,9 @@ class _MetricMean:
     def add(self, metrics: Mapping[str, Tensor | float], weight: float) -> None:
         for key, value in metrics.items():
             v = float(value)
-            if key.endswith("_max"):
-                self.extremes[key] = max(self.extremes.get(key, -math.inf), v)
-            elif key.endswith("_min"):
-                self.extremes[key] = min(self.extremes.get(key, math.inf), v)
+            extreme = METRIC_EXTREMES.get(key)
+            if extreme is not None:
+                self.extremes[key] = extreme(self.extremes[key], v) if key in self.extremes else v
             elif weight > 0:
                 self.sums[key] = self.sums.get(key, 0.0) + v * weight
                 self.weights[key] = self.weights.get(key, 0.0) + weight

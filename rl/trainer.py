@@ -203,10 +203,7 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.rollout.group_size < 2:
             raise ValueError("rollout.group_size must be >= 2 for group-relative advantages")
-        try:  # a bad reward spec is a config error now, not after the model has loaded
-            reward_spec_of(self.rewards)
-        except ValueError as exc:  # RewardSpecError, or a ConfigError naming the file
-            raise ValueError(f"rewards: {exc}") from None
+        reward_spec_of(self.rewards)  # a bad reward spec is a config error now, not after the model has loaded
 
 
 def seed_everything(seed: int) -> None:
@@ -239,8 +236,8 @@ def reward_spec_of(rewards: str | dict[str, Any]) -> RewardSpec | None:
         path = Path(rewards)
         if not path.is_absolute() and not path.exists():
             path = REPO_ROOT / path
-        return RewardSpec.from_dict(read_yaml(path))
-    return RewardSpec.from_dict(rewards)
+        return RewardSpec.from_dict(read_yaml(path), source=str(path))
+    return RewardSpec.from_dict(rewards, prefix="rewards.")
 
 
 @runtime_checkable

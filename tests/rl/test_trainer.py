@@ -307,9 +307,11 @@ def test_the_rewards_section_is_the_default_spec_and_checked_at_load(tmp_path: P
     assert reward_spec_of(custom.rewards) == RewardSpec(shaping="none")
     (tmp_path / "mine.yaml").write_text("components: {resolved: 2.0}\n")
     assert reward_spec_of(str(tmp_path / "mine.yaml")).weights == {"resolved": 2.0}
-    with pytest.raises(ConfigError, match="rewards: .*unknown reward component 'resolve'"):
+    with pytest.raises(ConfigError, match="'rewards.clip.step': expected 2 items"):
+        load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rewards={clip: {step: [1]}}"])
+    with pytest.raises(ConfigError, match="'rewards.': unknown reward component 'resolve'"):
         load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rewards={components: {resolve: 1}}"])
-    with pytest.raises(ConfigError, match="rewards: config file not found"):
+    with pytest.raises(ConfigError, match="config file not found: .*configs/rewards/nothing.yaml"):
         load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rewards=configs/rewards/nothing.yaml"])
 
 

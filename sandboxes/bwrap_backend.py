@@ -18,7 +18,6 @@ inode cap, and sandboxes share the caller's uid. `network=True` gives the sandbo
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import resource
@@ -34,15 +33,7 @@ from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import SandboxError
 from m2rl.sandboxes.limits import Limits
 from m2rl.sandboxes.network import UserNet, slirp_available
-from m2rl.sandboxes.sandbox import (
-    EXECUTOR_DIR,
-    EXECUTOR_PATH,
-    EXECUTOR_SOCKET_DIR,
-    HOME,
-    Sandbox,
-    executor_config,
-    stage_executor,
-)
+from m2rl.sandboxes.sandbox import HOME, SHM, Sandbox, executor_binds, executor_command, stage_executor
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +71,6 @@ ETC_ALLOW = (
 HOST_UID_RANGE = (200_000, 2_000_000)
 MARKER_ENV = "M2RL_BWRAP_SANDBOX"
 RESET_STRATEGIES = ("snapshot", "overlay")
-SHM = "/dev/shm"
 # Writable tmpfs mounts: sandbox path -> (name of the host mount in the state dir, mode).
 WRITABLE = {"/work": ("work", 0o755), "/tmp": ("tmp", 0o1777), HOME: ("home", 0o755), SHM: ("shm", 0o1777)}
 _warned: set[str] = set()  # degraded-enforcement messages already logged by this process
@@ -388,15 +378,9 @@ class BwrapSandbox(Sandbox):
             else:  # bwrap's tmpfs: a size cap, no inode cap
                 size = (lim.shm_mb if path == SHM else lim.disk_mb) << 20
                 cmd += ["--perms", f"{mode:04o}", "--size", str(size), "--tmpfs", path]
-        # The executor's socket directory is a host directory: read-only, so the sandbox cannot store
-        # anything there (connecting to a unix socket needs no write access to its file system).
+        for host_dir, sandbox_dir in executor_binds(self.executor_dir, self.state_dir / "run"):
+            cmd += ["--ro-bind", host_dir, sandbox_dir]
         cmd += [
-            "--ro-bind",
-            str(self.executor_dir),
-            EXECUTOR_DIR,
-            "--ro-bind",
-            str(self.state_dir / "run"),
-            EXECUTOR_SOCKET_DIR,
             "--remount-ro",
             "/dev",  # only this mount: /dev/shm and /dev/pts below it stay as they are
             "--remount-ro",
@@ -404,20 +388,13 @@ class BwrapSandbox(Sandbox):
             "--chdir",
             "/work",
             "--clearenv",
-            python,
-            "-I",
-            "-S",
-            EXECUTOR_PATH,
-            json.dumps(self._executor_config()),
+            *executor_command(python, self._command_rlimits(), self._memory_watchdog(), self.limits),
         ]
         return cmd
 
-    def _executor_config(self) -> dict:
+    def _memory_watchdog(self) -> int | None:
         # With a cgroup the kernel counts every page exactly; the watchdog only stands in for it.
-        watchdog = None if self.cgroup is not None else self.limits.memory_mb << 20
-        config = executor_config(self._command_rlimits(), watchdog, limits=self.limits)
-        config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
-        return config
+        return None if self.cgroup is not None else self.limits.memory_mb << 20
 
     def _death_reason(self) -> str | None:
         if self._proc is None:

@@ -27,15 +27,7 @@ from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import EngineUnavailable, SandboxError
 from m2rl.sandboxes.images import default_image
 from m2rl.sandboxes.limits import Limits
-from m2rl.sandboxes.sandbox import (
-    EXECUTOR_DIR,
-    EXECUTOR_PATH,
-    EXECUTOR_SOCKET_DIR,
-    HOME,
-    Sandbox,
-    executor_config,
-    stage_executor,
-)
+from m2rl.sandboxes.sandbox import HOME, SHM, Sandbox, executor_binds, executor_command, stage_executor
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +39,6 @@ STATE_ROOT = Path(tempfile.gettempdir()) / "m2rl-docker"
 # overlay: a new container from the image, discarding the old one's overlay2 writable layer;
 # commit: `docker commit` at checkpoint, a new container from that image at reset.
 RESET_STRATEGIES = ("snapshot", "overlay", "commit")
-SHM = "/dev/shm"
 START_HINT = (
     "start it with `sudo dockerd >/var/log/dockerd.log 2>&1 &` (no systemd) or "
     "`sudo systemctl start docker`, or use make_sandbox('bwrap')"
@@ -166,12 +157,8 @@ class DockerSandbox(Sandbox):
                 }
             )
         host_config = self.client.api.create_host_config(
-            binds={
-                # Read-only: a host directory must not store what the sandbox writes (connecting to the
-                # unix socket in it needs no write access to the file system).
-                str(run_dir): {"bind": EXECUTOR_SOCKET_DIR, "mode": "ro"},
-                str(self.executor_dir): {"bind": EXECUTOR_DIR, "mode": "ro"},
-            },
+            binds={host_dir: {"bind": sandbox_dir, "mode": "ro"}
+                   for host_dir, sandbox_dir in executor_binds(self.executor_dir, run_dir)},
             tmpfs=tmpfs,
             read_only=self.reset_strategy == "snapshot",
             network_mode="bridge" if lim.network else "none",
@@ -191,11 +178,9 @@ class DockerSandbox(Sandbox):
         rlimits = {"RLIMIT_FSIZE": lim.disk_mb << 20}
         if lim.cpu_seconds:
             rlimits["RLIMIT_CPU"] = lim.cpu_seconds
-        config = executor_config(rlimits, limits=self.limits)
-        config["writable_roots"] = [*config["writable_roots"], SHM]  # reset() clears /dev/shm too
         created = self.client.api.create_container(
             image,
-            command=["python3", "-I", "-S", EXECUTOR_PATH, _json(config)],
+            command=executor_command("python3", rlimits, limits=self.limits),
             user="1000:1000",
             working_dir="/",
             hostname="sandbox",
@@ -291,9 +276,3 @@ class DockerSandbox(Sandbox):
                 self.client.api.remove_image(old, force=True)
             except Exception:  # a leftover image costs disk only; the new checkpoint is already in place
                 logger.warning("could not remove the previous checkpoint image %s", old, exc_info=True)
-
-
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj)

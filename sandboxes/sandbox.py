@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 WORKDIR = "/work"
 HOME = "/home/sandbox"
-WRITABLE_ROOTS = (WORKDIR, "/tmp", HOME)
+SHM = "/dev/shm"
+WRITABLE_ROOTS = (WORKDIR, "/tmp", HOME, SHM)  # what reset() restores
 # The executor's files (stdlib-only modules), staged per sandbox and bound read-only at EXECUTOR_DIR.
 EXECUTOR_FILES = ("executor.py", "executor_files.py")
 EXECUTOR_DIR = "/opt/m2rl/executor"
@@ -68,14 +70,33 @@ def executor_config(
 
 
 def stage_executor(state_dir: Path) -> Path:
-    """Copy the executor's files into `state_dir/executor`, the directory a backend binds read-only at
-    EXECUTOR_DIR: a sandbox keeps the code it started with, and sees none of the host's other sources."""
+    """Copy the executor's files into `state_dir/executor`, the directory `executor_binds` shares: a sandbox
+    keeps the code it started with, and sees none of the host's other sources."""
     target = state_dir / "executor"
     target.mkdir()
     target.chmod(0o755)  # the sandbox's user (another uid) reads it, whatever the umask
     for name in EXECUTOR_FILES:
         shutil.copy(Path(__file__).with_name(name), target / name)
     return target
+
+
+def executor_binds(executor_dir: Path, socket_dir: Path) -> list[tuple[str, str]]:
+    """(host directory, path in the sandbox) of what every backend binds READ-ONLY: the staged executor, and
+    the directory of the socket it connects to (connecting needs no write access to the file system, and a
+    host directory must not store what the sandbox writes)."""
+    return [(str(executor_dir), EXECUTOR_DIR), (str(socket_dir), EXECUTOR_SOCKET_DIR)]
+
+
+def executor_command(
+    python: str,
+    rlimits: dict[str, int] | None = None,
+    memory_watchdog_bytes: int | None = None,
+    limits: Limits | None = None,
+) -> list[str]:
+    """The command that starts the executor: isolated (`-I -S`: no environment variables, user site or
+    working directory on its import path), its `executor_config` as JSON."""
+    config = executor_config(rlimits, memory_watchdog_bytes, limits)
+    return [python, "-I", "-S", EXECUTOR_PATH, json.dumps(config)]
 
 
 # Sandboxes never closed by their owner are closed at interpreter exit (their executors would exit on

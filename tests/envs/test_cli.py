@@ -69,3 +69,49 @@ def test_errors_are_one_line_and_exit_2(capsys, argv: list[str], message: str) -
 def test_counts_out_of_range_are_errors(capsys, argv: list[str], message: str) -> None:
     assert run(argv) == 2
     assert capsys.readouterr().err == f"m2rl: error: {message}\n"
+
+
+# ------------------------------------------------------------------ --env: any env's own task set
+
+JSON_FIXER = "m2rl.envs.examples.json_fixer:m2rl/JsonFixer-v0"
+
+
+def test_a_custom_env_lists_shows_and_samples_its_tasks(capsys) -> None:
+    from m2rl.envs.examples.json_fixer import JsonFixerTasks
+
+    assert run(["tasks", "list", "--env", JSON_FIXER, "--count", "3"]) == 0
+    ids = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert ids == [task.id for task in JsonFixerTasks().tasks("test", 3)]  # the env's own listing
+    assert run(["tasks", "show", ids[0], "--env", JSON_FIXER, "--json"]) == 0
+    task = json.loads(capsys.readouterr().out)
+    assert task["split"] == "test" and task["checker"] and "/work/config.json" in task["files"]
+    assert run(["tasks", "sample", "--env", JSON_FIXER, "--seed", "1", "-n", "2"]) == 0
+    assert capsys.readouterr().out.count("json_fixer/fix/") == 2
+
+
+def test_env_takes_a_registered_id_too(capsys) -> None:
+    assert run(["tasks", "list", "--env", "m2rl/Python-v0", "--count", "2"]) == 0
+    by_env = capsys.readouterr().out
+    assert run(["tasks", "list", "--family", "python", "--count", "2"]) == 0
+    assert capsys.readouterr().out == by_env
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tasks", "list", "--env", "m2rl/Nope-v0"], "unknown env 'm2rl/Nope-v0'"),
+        (["tasks", "list", "--env", "no_such_module:m2rl/X-v0"], "unknown env 'no_such_module:m2rl/X-v0'"),
+        (["tasks", "list", "--env", "CartPole-v1"], "env 'CartPole-v1' has no task set"),
+        (["tasks", "show", "json_fixer/fix/3"], "(the tasks of another env: --env module:ID)"),
+    ],
+)
+def test_env_errors_are_one_line(capsys, argv: list[str], message: str) -> None:
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_family_and_env_exclude_each_other(capsys) -> None:
+    with pytest.raises(SystemExit):
+        run(["tasks", "list", "--family", "python", "--env", "m2rl/Python-v0"])
+    assert "not allowed with argument" in capsys.readouterr().err

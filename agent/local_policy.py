@@ -2,7 +2,7 @@
 
 Many episodes run concurrently (`arun_episode`), each awaiting one `generate` at a time. A single
 worker task collects the requests that arrive within `batch_window_s` of the first into one batched
-`m2rl.model.generate` call (run in a thread so the event loop keeps serving envs), then hands each
+`m2rl.model.generation` call (run in a thread so the event loop keeps serving envs), then hands each
 request its own output. `update_weights` swaps weights between batches and bumps `policy_version`,
 which every output carries so the learner knows how stale a segment is.
 """
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import torch
 from m2rl.agent.policy import PolicyOutput, SamplingParams, validate_prompt_ids
-from m2rl.model.generate import generate
+from m2rl.model.generation import generate
 from m2rl.model.tokenizer import M2Tokenizer
 
 _Request = tuple[list[int], SamplingParams, "asyncio.Future[PolicyOutput]"]

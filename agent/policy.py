@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
 # One sampling-parameter type for the whole project: the model's own generate() defines it.
-from m2rl.model.generate import SamplingParams
+from m2rl.model.generation import SamplingParams
 
 FinishReason = Literal["stop", "length"]
 

@@ -1,4 +1,4 @@
-"""CPU inference throughput: m2rl.model.generate vs transformers' generate on the same tiny M2 checkpoint.
+"""CPU inference throughput: m2rl.model.generation vs transformers' generate on the same tiny M2 checkpoint.
 
 Both load one random `tiny` checkpoint written by save_pretrained; both decode greedily with a KV cache.
 prefill tok/s = B * prompt_len / time(generate 1 token); decode tok/s = B * (N - 1) / (time(generate N) -

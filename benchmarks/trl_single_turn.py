@@ -154,7 +154,7 @@ def single_turn_success(model: torch.nn.Module, tokenizer: Any, tasks: list[Sing
                         tools: list[dict[str, Any]], max_new_tokens: int, batch_size: int = 16,
                         enable_thinking: bool = True) -> float:
     """Greedy single-turn success of an `M2ForCausalLM` on `tasks` (our generator, for every row alike)."""
-    from m2rl.model.generate import SamplingParams, generate
+    from m2rl.model.generation import SamplingParams, generate
 
     if not tasks:
         raise ValueError("single_turn_success needs at least one task")

@@ -68,8 +68,11 @@ def checker_exit(steps: Sequence[StepInfo], task: RewardTask) -> list[float]:
 
 
 def valid_tool_call(steps: Sequence[StepInfo], task: RewardTask) -> list[float]:
-    """Number of the step's tool calls that named a known tool with schema-valid arguments."""
-    return [float(max(0, len(s.tool_calls) - s.error_count(*INVALID_CALL_KINDS))) for s in steps]
+    """Number of the step's tool calls that named a known tool with schema-valid arguments.
+
+    `StepInfo.tool_calls` holds exactly those (the parser validates before anything runs); invalid calls
+    appear only as `unknown_tool`/`schema` errors, counted by `invalid_tool_call`."""
+    return [float(len(s.tool_calls)) for s in steps]
 
 
 def invalid_tool_call(steps: Sequence[StepInfo], task: RewardTask) -> list[float]:

@@ -223,8 +223,9 @@ class StepInfo:
     Its dict form (`to_dict()`, Gymnasium's `info`) has these keys; lists and mappings are always
     present (empty when nothing happened), the optional keys only when they apply:
 
-    - ``tool_calls`` (list[dict]): ``{"name": str, "arguments": dict}`` per call parsed from the action,
-      in the order written.
+    - ``tool_calls`` (list[dict]): ``{"name": str, "arguments": dict}`` per valid call parsed from the
+      action (a known tool, schema-valid arguments), in the order written; an invalid call is only an
+      ``unknown_tool``/``schema`` error.
     - ``tool_results`` (list[dict]): ``{"name": str, "ok": bool, "output": str, "timed_out": bool,
       "duration_s": float}`` per call, in the same order.
     - ``errors`` (list[dict]): ``{"kind": str, "message": str}``, kind one of `ERROR_KINDS`.

@@ -136,6 +136,17 @@ def test_bad_input_is_an_observation_with_a_penalty(python_env) -> None:
     assert obs.startswith("[e~[\n]~b]tool\n<response>1\n</response>")
 
 
+def test_a_valid_call_beside_an_invalid_one_counts_as_valid(python_env) -> None:
+    """`info["tool_calls"]` holds the calls that ran; the invalid ones are only in `info["errors"]`."""
+    env = python_env.unwrapped
+    env.reset(seed=1)
+    _, _, _, _, info = env.step(action_text([("python", {"code": "print(2)"}), ("shell", {"command": "ls"})]))
+    assert [c["name"] for c in info["tool_calls"]] == ["python"]
+    assert [e["kind"] for e in info["errors"]] == ["unknown_tool"]
+    assert info["reward_breakdown"]["valid_tool_call"] > 0
+    assert info["reward_breakdown"]["invalid_tool_call"] < 0
+
+
 def test_tool_output_cannot_forge_markers(python_env) -> None:
     env = python_env.unwrapped
     env.reset(seed=2)

@@ -59,7 +59,7 @@ def test_answer_match_exact_numeric_and_missing():
 def test_valid_and_invalid_tool_calls():
     s = steps(
         {
-            "tool_calls": [call("bash", cmd="ls"), call("nope")],
+            "tool_calls": [call("bash", cmd="ls")],  # the call to "nope" is only an error
             "errors": [{"kind": "unknown_tool", "message": ""}],
         },
         {"tool_calls": [call("bash", cmd="ls")], "errors": [{"kind": "tool", "message": "exit 1"}]},

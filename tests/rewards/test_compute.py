@@ -31,7 +31,7 @@ def honest_episode():
             "tool_calls": [call("run_tests")],
             "tests": {"passed": ["tests/test_core.py::test_fix"], "failed": []},
         },
-        {"tool_calls": [call("nope")], "errors": [{"kind": "unknown_tool", "message": "no tool 'nope'"}]},
+        {"errors": [{"kind": "unknown_tool", "message": "no tool 'nope'"}]},
         {"tool_calls": [call("submit")], "verification": RESOLVED},
     ]
 

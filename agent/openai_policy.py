@@ -22,6 +22,7 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 import httpx
+from m2rl.model.tokenizer import THINK_CLOSE, THINK_OPEN
 from m2rl.agent.policy import (
     PolicyOutput,
     PolicyRequestError,
@@ -96,10 +97,10 @@ def server_message(resp: httpx.Response) -> str:
 
 def split_inline_reasoning(content: str) -> tuple[str, str]:
     """Servers without a reasoning parser return M2's `...reasoning</think>\\n\\ncontent` as content."""
-    if "</think>" not in content:
+    if THINK_CLOSE not in content:
         return "", content
-    before, _, after = content.rpartition("</think>")
-    reasoning = before.rsplit("<think>", 1)[-1]
+    before, _, after = content.rpartition(THINK_CLOSE)
+    reasoning = before.rsplit(THINK_OPEN, 1)[-1]
     return reasoning.strip("\n"), after.strip("\n")
 
 

@@ -22,6 +22,7 @@ import torch
 from m2rl.agent.loop import LoopConfig, arun_episode
 from m2rl.agent.policy import PolicyOutput, SamplingParams
 from m2rl.agent.trajectory import Trajectory
+from m2rl.rewards.episode import Episode
 from m2rl.rl.batch import collate
 
 
@@ -106,11 +107,7 @@ async def collect_demonstrations(
 
 
 def _resolved(trajectory: Trajectory) -> bool:
-    for step in trajectory.metadata.get("steps", []):
-        verification = step.get("verification")
-        if isinstance(verification, dict) and verification.get("resolved"):
-            return True
-    return False
+    return Episode.from_infos(trajectory.metadata.get("steps", [])).resolved
 
 
 @dataclass

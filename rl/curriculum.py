@@ -23,7 +23,9 @@ from typing import Any
 @dataclass
 class CurriculumConfig:
     target_low: float = 0.2
+    """Lower edge of the learning band: tasks solved at least this often (and at most target_high) come first."""
     target_high: float = 0.6
+    """Upper edge of the learning band; tasks solved more often than this are drawn last."""
     min_attempts: int = 4  # fewer attempts: the task counts as unknown
     explore_fraction: float = 0.1  # share of each draw reserved for unknown tasks
     decay: float = 1.0  # weight kept by old attempts at each new attempt (< 1 follows a changing policy)

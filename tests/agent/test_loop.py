@@ -325,9 +325,6 @@ def test_tool_output_round_trips_through_the_loop_without_control_ids(output_sou
     # The action must not hold markers itself ({} become <> in the tool); [ and ] are written as ( and ).
     command = output_source.replace("[", "(").replace("]", ")")
     command = command.replace("(e~(", "(e~ (")  # keep the action's own text free of markers
-    # The parser drops one newline at each end of a value, so such a call cannot re-render exactly
-    # (a sampled-text mismatch this test is not about).
-    command = command.strip("\n")
     env = ToolEnv(SumTasks(), lambda _env: [shell, submit], backend=None)
     texts = [_call_text("shell", command=command), _call_text("submit", answer="9")]
     policy = ScriptedPolicy(texts, TOK)

@@ -138,7 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--save-every", type=int, default=0, help="also save intermediate checkpoints")
     parser.add_argument("--sandbox", default="bwrap")
     parser.add_argument("--tool-fraction", type=float, default=TOOL_FRACTION,
-                        help="share of demonstrations that compute with the python tool (the rest answer mentally)")
+                        help="share of demonstrations using the python tool (the rest answer mentally)")
     parser.set_defaults(func=cmd_warm_start)
 
 
@@ -147,7 +147,7 @@ def cmd_warm_start(args: argparse.Namespace) -> int:
 
     command = args.warm_start_command
     if command == "train" and args.demos_file is None:
-        raise UserError("warm-start train needs --demos-file (written by `m2rl warm-start collect --out FILE`)")
+        raise UserError("warm-start train needs --demos-file (from `m2rl warm-start collect --out FILE`)")
     torch.manual_seed(args.seed)
     if command == "collect":
         out = args.out or Path("demos.pt")

@@ -50,7 +50,7 @@ def json_fixer_expert(task: Task) -> Script:
             "new_str": f',\n  "{task.meta["key"]}": {task.meta["value"]}\n}}'}
     yield [("str_replace_editor", {"command": "view", "path": "/work/config.json"})]
     yield [("str_replace_editor", edit)]
-    outputs = yield [("bash", {"command": "python3 -m json.tool /work/config.json > /dev/null && echo parses"})]
+    outputs = yield [("bash", {"command": "python3 -m json.tool /work/config.json && echo parses"})]
     yield [("submit", {"answer": "done" if "parses" in outputs[0] else "it still does not parse"})]
 
 

@@ -56,7 +56,8 @@ def test_the_commands_the_asset_records_parse_as_m2rl_warm_start() -> None:
         assert args.func is cmd_warm_start
         parsed.append(args)
     collect_args, train_args = parsed
-    assert (collect_args.warm_start_command, collect_args.demos, collect_args.tool_fraction) == ("collect", 8192, 0.5)
+    assert collect_args.warm_start_command == "collect" and collect_args.demos == 8192
+    assert collect_args.tool_fraction == 0.5
     assert (train_args.warm_start_command, train_args.demos_file, train_args.device) == (
         "train", Path("demos.pt"), "cuda")
 
@@ -66,8 +67,8 @@ def test_m2rl_warm_start_train_writes_a_checkpoint(tmp_path: Path) -> None:
 
     eos = M2Tokenizer.tiny().eos_id
     save_demos([Demo([3, 4, 5, eos], [0, 1, 1, 1]), Demo([6, 7, eos], [0, 1, 1])], tmp_path / "d.pt", 0.5)
-    argv = ["warm-start", "train", "--demos-file", str(tmp_path / "d.pt"), "--steps", "2", "--batch-size", "2",
-            "--out", str(tmp_path / "ckpt")]
+    argv = ["warm-start", "train", "--demos-file", str(tmp_path / "d.pt"), "--steps", "2",
+            "--batch-size", "2", "--out", str(tmp_path / "ckpt")]
     assert main(argv) == 0
     assert json.loads((tmp_path / "ckpt" / "warm_start.json").read_text())["tool_fraction"] == 0.5
 
@@ -77,7 +78,7 @@ def test_python_m_alias_is_the_same_command(capsys: pytest.CaptureFixture[str]) 
 
     assert main(["train"]) == 2  # through m2rl's parser and error handling: one line, exit 2
     assert capsys.readouterr().err == (
-        "m2rl: error: warm-start train needs --demos-file (written by `m2rl warm-start collect --out FILE`)\n")
+        "m2rl: error: warm-start train needs --demos-file (from `m2rl warm-start collect --out FILE`)\n")
     done = subprocess.run([sys.executable, "-m", "m2rl.rl.warm_start", "--help"], capture_output=True,
                           text=True, check=False, cwd=ROOT, timeout=120)
     assert done.returncode == 0 and "usage: m2rl warm-start" in done.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import warnings
 from pathlib import Path
 
@@ -84,3 +85,17 @@ def test_valid_json_that_drops_a_key_or_misses_the_value_fails() -> None:
             assert info["verification"]["details"].startswith("config.json holds"), name
     finally:
         env.close()
+
+
+@pytest.mark.slow
+@pytest.mark.bwrap
+def test_the_guides_train_command_trains(tmp_path: Path) -> None:
+    # The guide's `m2rl train env.id=module:ID ...` command, run as written (about 30 s on 2 CPU cores).
+    from m2rl.cli import main
+
+    guide = (ROOT / "docs" / "new_env.md").read_text().replace("\\\n", " ")
+    line = next(line for line in guide.splitlines() if line.startswith("m2rl train env.id="))
+    argv = shlex.split(line)[1:]
+    assert main([*argv, f"run_root={tmp_path}"]) == 0
+    summary = json.loads((tmp_path / "json-fixer" / "summary.json").read_text())
+    assert summary["steps"] == 2 and (tmp_path / "json-fixer" / "final" / "config.json").exists()

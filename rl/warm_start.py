@@ -24,10 +24,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from m2rl.rl.sft import SFTConfig, train_sft
+if TYPE_CHECKING:
+    import torch
+
+# torch and the SFT loop are imported where they are used: `m2rl` imports this module to register its
+# command, and `m2rl tasks` must not pay for torch.
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "model/assets/tiny-python-sft"
 KINDS = ("arith",)
@@ -69,12 +72,16 @@ def collect(count: int, sandbox: str = "bwrap", tool_fraction: float = TOOL_FRAC
 
 
 def save_demos(demos: list[Demo], path: Path, tool_fraction: float) -> None:
+    import torch
+
     torch.save({"ids": [d.ids for d in demos], "loss_mask": [d.loss_mask for d in demos],
                 "tool_fraction": tool_fraction}, path)
 
 
 def load_demos(path: Path) -> tuple[list[Demo], float | None]:
     """The demonstrations and the tool fraction they were collected with (None in older files)."""
+    import torch
+
     data = torch.load(path, weights_only=True)
     return [Demo(ids, mask) for ids, mask in zip(data["ids"], data["loss_mask"])], data.get("tool_fraction")
 
@@ -82,6 +89,7 @@ def load_demos(path: Path) -> tuple[list[Demo], float | None]:
 def train(demos: list[Demo], out: Path, steps: int, batch_size: int, lr: float, seed: int,
           device: str = "cpu", save_every: int = 0, tool_fraction: float | None = None) -> dict[str, Any]:
     from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, save_pretrained
+    from m2rl.rl.sft import SFTConfig, train_sft
 
     tokenizer = M2Tokenizer.tiny()
     model = M2ForCausalLM(M2Config.from_preset("tiny")).init_weights(seed=seed).to(device)
@@ -104,6 +112,8 @@ def train(demos: list[Demo], out: Path, steps: int, batch_size: int, lr: float, 
 
 
 def _save(model: torch.nn.Module, out: Path, tokenizer: Any, save_pretrained: Any) -> None:
+    import torch
+
     # bf16 on disk keeps the asset a few MB; the trainer loads it back as fp32.
     copy = type(model)(model.config).to(torch.bfloat16)
     copy.load_state_dict({k: v.detach().to("cpu", torch.bfloat16) for k, v in model.state_dict().items()})
@@ -113,6 +123,8 @@ def _save(model: torch.nn.Module, out: Path, tokenizer: Any, save_pretrained: An
 def build_warm_start(out: Path, demos: int, steps: int, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
                      sandbox: str = "bwrap", threads: int = 2, tool_fraction: float = TOOL_FRACTION) -> dict[str, Any]:
     """Collect demonstrations and train, here (the `all` command)."""
+    import torch
+
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     return train(collect(demos, sandbox, tool_fraction), Path(out), steps, batch_size, lr, seed,
@@ -143,6 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_warm_start(args: argparse.Namespace) -> int:
+    import torch
     from m2rl.cli import UserError
 
     command = args.warm_start_command

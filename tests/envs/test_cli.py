@@ -115,3 +115,19 @@ def test_family_and_env_exclude_each_other(capsys) -> None:
     with pytest.raises(SystemExit):
         run(["tasks", "list", "--family", "python", "--env", "m2rl/Python-v0"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_tasks_commands_do_not_import_torch() -> None:
+    """`m2rl tasks` is a quick look at the data: registering every command must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from m2rl.cli import main\n"
+        "code = main(['tasks', 'list', '--family', 'python', '--count', '1'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -27,7 +27,15 @@ from m2rl.sandboxes.channel import Channel
 from m2rl.sandboxes.errors import EngineUnavailable, SandboxError
 from m2rl.sandboxes.images import default_image
 from m2rl.sandboxes.limits import Limits
-from m2rl.sandboxes.sandbox import HOME, SHM, Sandbox, executor_binds, executor_command, stage_executor
+from m2rl.sandboxes.sandbox import (
+    HOME,
+    SHM,
+    Sandbox,
+    check_extra_roots,
+    executor_binds,
+    executor_command,
+    stage_executor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +105,16 @@ class DockerSandbox(Sandbox):
         limits: Limits | None = None,
         reset_strategy: str = "snapshot",
         start_timeout: float = 60.0,
+        extra_roots: tuple[str, ...] = (),
     ) -> None:
         super().__init__(limits)
         if reset_strategy not in RESET_STRATEGIES:
             raise SandboxError(f"unknown reset_strategy {reset_strategy!r}; choose one of {RESET_STRATEGIES}")
+        # Extra writable roots (SWE-bench's /testbed) are tmpfs mounts like /work: only snapshot resets
+        # restore them (a committed container layer does not hold tmpfs contents).
+        self.extra_roots = check_extra_roots(extra_roots)
+        if self.extra_roots and reset_strategy != "snapshot":
+            raise SandboxError(f"extra_roots {list(self.extra_roots)} need reset_strategy='snapshot'")
         self.client = docker_client()
         self.image = image or default_image()
         if not image_exists(self.image):
@@ -154,6 +168,7 @@ class DockerSandbox(Sandbox):
                 {
                     "/work": f"rw,{size},mode=755,uid=1000,gid=1000,exec,nosuid,nodev",
                     HOME: f"rw,{size},mode=755,uid=1000,gid=1000,exec,nosuid,nodev",
+                    **{root: f"rw,{size},mode=755,uid=1000,gid=1000,exec,nosuid,nodev" for root in self.extra_roots},
                 }
             )
         host_config = self.client.api.create_host_config(
@@ -180,7 +195,7 @@ class DockerSandbox(Sandbox):
             rlimits["RLIMIT_CPU"] = lim.cpu_seconds
         created = self.client.api.create_container(
             image,
-            command=executor_command("python3", rlimits, limits=self.limits),
+            command=executor_command("python3", rlimits, limits=self.limits, extra_roots=self.extra_roots),
             user="1000:1000",
             working_dir="/",
             hostname="sandbox",

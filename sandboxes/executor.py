@@ -592,11 +592,15 @@ def root_sizes(roots, disk_bytes=None):
 
 
 # ---- start-up -----------------------------------------------------------------------------------------
-def seed_work(seed_dir):
-    """Derived images place files for /work in seed_dir: /work is a fresh tmpfs that hides the image's."""
-    if os.path.isdir(seed_dir) and os.path.isdir("/work") and not os.listdir("/work"):
+def seed_roots(roots, seed_root):
+    """An image places the initial files of a writable root R under seed_root + R: each root is a fresh
+    tmpfs that hides the image's own R. A root already holding files (a restarted executor) is left as is."""
+    for root in roots:
+        seed_dir = seed_root + root
+        if not os.path.isdir(seed_dir) or not os.path.isdir(root) or os.listdir(root):
+            continue
         for name in os.listdir(seed_dir):
-            src, dst = os.path.join(seed_dir, name), os.path.join("/work", name)
+            src, dst = os.path.join(seed_dir, name), os.path.join(root, name)
             if os.path.isdir(src) and not os.path.islink(src):
                 shutil.copytree(src, dst, symlinks=True)
             else:
@@ -619,7 +623,7 @@ def main():
     signal.signal(signal.SIGINT, lambda signum, frame: None)
     for root in config["writable_roots"]:
         os.makedirs(root, exist_ok=True)
-    seed_work(config.get("seed_dir", "/opt/m2rl/seed/work"))
+    seed_roots(config["writable_roots"], config.get("seed_root", "/opt/m2rl/seed"))
     executor = Executor(config)
     executor.bound_own_memory()
     executor.take_snapshot()

@@ -30,6 +30,12 @@ WORKDIR = "/work"
 HOME = "/home/sandbox"
 SHM = "/dev/shm"
 WRITABLE_ROOTS = (WORKDIR, "/tmp", HOME, SHM)  # what reset() restores
+# An image seeds a writable root R (a fresh tmpfs hiding the image's R) with the files under SEED_ROOT + R.
+SEED_ROOT = "/opt/m2rl/seed"
+# Roots a sandbox may add beyond WRITABLE_ROOTS (e.g. /testbed, where SWE-bench keeps its repository):
+# absolute, one level deep, and never a directory the system or the executor needs read-only.
+RESERVED_ROOTS = frozenset({"/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/opt", "/proc", "/root",
+                            "/run", "/sbin", "/sys", "/usr", "/var", "/home"})
 # The executor's files (stdlib-only modules), staged per sandbox and bound read-only at EXECUTOR_DIR.
 EXECUTOR_FILES = ("executor.py", "executor_files.py")
 EXECUTOR_DIR = "/opt/m2rl/executor"
@@ -48,15 +54,33 @@ BASE_ENV = {
 }
 
 
+def check_extra_roots(extra_roots: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Validate a sandbox's extra writable roots: top-level absolute paths, not system directories."""
+    roots = tuple(extra_roots)
+    for root in roots:
+        if (not isinstance(root, str) or not root.startswith("/") or root.count("/") != 1 or len(root) < 2
+                or root in RESERVED_ROOTS or root in WRITABLE_ROOTS):
+            raise SandboxError(
+                f"extra writable root {root!r} must be a top-level directory like '/testbed', not one of "
+                f"{sorted(RESERVED_ROOTS | set(WRITABLE_ROOTS))}"
+            )
+    if len(set(roots)) != len(roots):
+        raise SandboxError(f"extra writable roots {list(roots)} name a directory twice")
+    return roots
+
+
 def executor_config(
     rlimits: dict[str, int] | None = None,
     memory_watchdog_bytes: int | None = None,
     limits: Limits | None = None,
+    extra_roots: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The executor's start-up configuration. `limits` size what it may hold in memory (see
-    `Executor.bound_own_memory`); without them it reads its mounts' sizes and its cgroup's memory limit."""
+    `Executor.bound_own_memory`); without them it reads its mounts' sizes and its cgroup's memory limit.
+    `extra_roots` are writable roots beyond the standard ones (seeded, snapshotted and reset the same way)."""
     config: dict[str, Any] = {
-        "writable_roots": list(WRITABLE_ROOTS),
+        "writable_roots": [*WRITABLE_ROOTS, *extra_roots],
+        "seed_root": SEED_ROOT,
         "socket": f"{EXECUTOR_SOCKET_DIR}/{SOCKET_NAME}",
         "rlimits": rlimits or {},
         "env": BASE_ENV,
@@ -92,10 +116,11 @@ def executor_command(
     rlimits: dict[str, int] | None = None,
     memory_watchdog_bytes: int | None = None,
     limits: Limits | None = None,
+    extra_roots: tuple[str, ...] = (),
 ) -> list[str]:
     """The command that starts the executor: isolated (`-I -S`: no environment variables, user site or
     working directory on its import path), its `executor_config` as JSON."""
-    config = executor_config(rlimits, memory_watchdog_bytes, limits)
+    config = executor_config(rlimits, memory_watchdog_bytes, limits, extra_roots)
     return [python, "-I", "-S", EXECUTOR_PATH, json.dumps(config)]
 
 
@@ -252,7 +277,8 @@ class Sandbox:
         self._request({"op": "kill"}, timeout=60.0)
 
     def reset(self) -> None:
-        """Kill every process and restore /work, /tmp and $HOME to the initial (or checkpointed) state."""
+        """Kill every process and restore the writable roots (/work, /tmp, $HOME, /dev/shm and any extra
+        root) to the initial (or checkpointed) state."""
         self._request({"op": "reset"}, timeout=120.0)
 
     def checkpoint(self) -> None:

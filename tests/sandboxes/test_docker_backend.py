@@ -150,3 +150,36 @@ def test_killed_owner_leaves_nothing_running(bwrap_ready):
     from m2rl.sandboxes.gc import collect
 
     collect(min_age_s=0)  # the dead owner's state directories
+
+
+def test_extra_root_is_seeded_from_the_image_writable_and_reset(tmp_path):
+    """An extra writable root (SWE-bench's /testbed) is a capped tmpfs seeded from the image's
+    /opt/m2rl/seed/<root>, restored by reset() and kept by checkpoint() like /work."""
+    from m2rl.sandboxes.images import ImageSpec, build_image
+
+    seed = tmp_path / "repo"
+    (seed / "pkg").mkdir(parents=True)
+    (seed / "pkg" / "mod.py").write_text("VALUE = 1\n")
+    tag = build_image(ImageSpec(name="m2rl-test-extra-root", files={"/opt/m2rl/seed/testbed": str(seed)}))
+    limits = Limits(disk_mb=30)
+    with make_sandbox("docker", image=tag, limits=limits, extra_roots=("/testbed",)) as sb:
+        hc = docker_backend.docker_client().api.inspect_container(sb.container_id)["HostConfig"]
+        assert f"nr_inodes={limits.inode_limit}" in hc["Tmpfs"]["/testbed"]
+        assert sb.read_file("/testbed/pkg/mod.py") == b"VALUE = 1\n"
+        r = sb.exec("echo 'VALUE = 2' > pkg/mod.py && touch new.txt && df -m . | tail -1 | awk '{print $2}'",
+                    cwd="/testbed")
+        assert r.ok and r.stdout.split() == ["30"], r
+        sb.reset()
+        assert sb.read_file("/testbed/pkg/mod.py") == b"VALUE = 1\n"
+        assert sb.exec("ls /testbed").stdout.split() == ["pkg"]
+        sb.write_file("/testbed/pkg/mod.py", "VALUE = 3\n")
+        sb.checkpoint()
+        sb.exec("rm -rf /testbed/pkg")
+        sb.reset()
+        assert sb.read_file("/testbed/pkg/mod.py") == b"VALUE = 3\n"
+
+
+@pytest.mark.parametrize("root", ["/usr", "/work", "testbed", "/a/b", "/opt"])
+def test_extra_root_must_be_a_free_top_level_directory(root):
+    with pytest.raises(SandboxError, match="extra writable root"):
+        make_sandbox("docker", extra_roots=(root,))

@@ -1,7 +1,8 @@
 """`bash`: run a shell command in the episode's sandbox.
 
-Each call is one `Sandbox.exec` (a fresh `bash -c` in /work: shell variables and `cd` do not carry over;
-files do). The command runs inside a small wrapper that lists the files under /work it created or modified,
+Each call is one `Sandbox.exec` (a fresh `bash -c` in the working directory, /work unless the env says
+otherwise: shell variables and `cd` do not carry over; files do). The command runs inside a small wrapper that
+lists the files under the working directory it created or modified,
 so the step's `info["edits"]` can report shell writes without another round trip per file.
 
 The list lives in /tmp, which the agent's commands can write: each call uses a fresh random name (nothing
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 CHANGED_LIST_PREFIX = "/tmp/.m2rl_changed_"
 MAX_LIST_BYTES = 65536  # 200 paths; also what a pipe buffers, so a swapped-in FIFO never blocks the write
-# $1 = the user's command, $2 = this call's list, $3 = the previous call's list (removed). File mtimes
+# $1 = the user's command, $2 = this call's list, $3 = the previous call's list (removed), $4 = the working
+# directory whose changes are listed. File mtimes
 # come from the kernel's coarse clock (one tick, a few ms), so a file written in the marker's tick would
 # not be "newer". Waiting until a probe file's mtime passes the marker's (at most one tick) makes every
 # write of the command strictly newer, and none before it. Hidden paths are skipped.
@@ -30,7 +32,7 @@ WRAPPER = (
     'rm -f -- "$3"; m=$(mktemp /tmp/.m2rl_mark.XXXXXX); p=$(mktemp /tmp/.m2rl_probe.XXXXXX); '
     'while ! [ "$p" -nt "$m" ]; do touch "$p"; done; '
     'bash -c "$1"; rc=$?; '
-    "find /work -newer \"$m\" -type f -not -path '*/.*' 2>/dev/null | head -n 200 "
+    "find \"$4\" -newer \"$m\" -type f -not -path '*/.*' 2>/dev/null | head -n 200 "
     f'| head -c {MAX_LIST_BYTES} 1<>"$2"; '
     'rm -f "$m" "$p"; exit $rc'
 )
@@ -48,23 +50,24 @@ def format_exec(stdout: str, stderr: str, exit_code: int, timed_out: bool, timeo
     return text if text.strip() else "[no output]"
 
 
-def changed_files(sandbox: Any, path: str) -> list[str]:
+def changed_files(sandbox: Any, path: str, workdir: str = "/work") -> list[str]:
     try:
         listing = sandbox.read_file(path, max_bytes=MAX_LIST_BYTES).decode("utf-8", "replace")
     except Exception:  # killed (timeout) before writing the list, or a command spoiled it
         logger.debug("no list of changed files at %s", path, exc_info=True)
         return []
-    return [line for line in listing.splitlines() if line.startswith("/work/")]
+    return [line for line in listing.splitlines() if line.startswith(workdir.rstrip("/") + "/")]
 
 
 class BashTool:
-    def __init__(self, sandbox: Any, timeout_s: float = 30.0) -> None:
+    def __init__(self, sandbox: Any, timeout_s: float = 30.0, workdir: str = "/work") -> None:
         self.sandbox = sandbox
         self.timeout_s = timeout_s
+        self.workdir = workdir
         self.last_list = ""  # the previous call's changed-files list, removed by the next call
 
     def bash(self, command: str) -> ToolOutput:
-        """Run a bash command in the sandbox (working directory /work) and return its stdout and stderr.
+        """Run a bash command in the sandbox and return its stdout and stderr.
 
         Args:
             command: The command line to run, e.g. `ls -la` or `grep -c ERROR logs/*.log`.
@@ -75,16 +78,16 @@ class BashTool:
             raise ToolError("the command contains a NUL byte, which a shell command cannot hold")
         changed_list = CHANGED_LIST_PREFIX + secrets.token_hex(8)
         result = self.sandbox.exec(
-            ["bash", "-c", WRAPPER, "m2rl", command, changed_list, self.last_list],
+            ["bash", "-c", WRAPPER, "m2rl", command, changed_list, self.last_list, self.workdir],
             timeout=self.timeout_s,
-            cwd="/work",
+            cwd=self.workdir,
         )
         self.last_list = changed_list
         text = format_exec(result.stdout, result.stderr, result.exit_code, result.timed_out, self.timeout_s)
         edits = (
             []
             if result.timed_out
-            else [{"path": p, "syntax_ok": None} for p in changed_files(self.sandbox, changed_list)]
+            else [{"path": p, "syntax_ok": None} for p in changed_files(self.sandbox, changed_list, self.workdir)]
         )
         return ToolOutput(
             output=text, ok=result.ok, timed_out=result.timed_out, edits=edits, commands=[command]

@@ -66,8 +66,9 @@ def python_syntax_ok(path: str, text: str) -> bool | None:
 
 
 class EditorTool:
-    def __init__(self, sandbox: Any) -> None:
+    def __init__(self, sandbox: Any, workdir: str = "/work") -> None:
         self.sandbox = sandbox
+        self.workdir = workdir  # where a relative path was probably meant to be
         self.history: dict[str, list[str]] = {}  # path -> earlier contents, for undo_edit
         self._history_order: list[str] = []  # the path of every history entry, oldest first
         self._capped_reads = "max_bytes" in inspect.signature(getattr(sandbox, "read_file", lambda path: b"")).parameters
@@ -119,7 +120,7 @@ class EditorTool:
     def _validate(self, command: str, path: str) -> tuple[str, int]:
         """(kind, size) of `path` after checking the command may run on it."""
         if not PurePosixPath(path).is_absolute():
-            suggested = str(PurePosixPath("/work") / path)
+            suggested = str(PurePosixPath(self.workdir) / path)
             raise ToolError(
                 f"The path {path} is not an absolute path, it should start with `/`. "
                 f"Maybe you meant {suggested}?"

@@ -24,8 +24,11 @@ HERE = Path(__file__).parent
 
 
 class PythonTool:
-    def __init__(self, sandbox: Any, timeout_s: float = 30.0, interrupt_grace_s: float = 3.0) -> None:
+    def __init__(
+        self, sandbox: Any, timeout_s: float = 30.0, interrupt_grace_s: float = 3.0, workdir: str = "/work"
+    ) -> None:
         self.sandbox = sandbox
+        self.workdir = workdir
         self.timeout_s = timeout_s
         self.grace_s = interrupt_grace_s
         self.directory: str | None = None
@@ -43,12 +46,13 @@ class PythonTool:
             [
                 "bash",
                 "-c",
-                'python3 -u "$1/server.py" "$1" </dev/null >/dev/null 2>&1 &',
+                'python3 -u "$1/server.py" "$1" "$2" </dev/null >/dev/null 2>&1 &',
                 "m2rl",
                 self.directory,
+                self.workdir,
             ],
             timeout=10.0,
-            cwd="/work",
+            cwd=self.workdir,
             keep_background=True,
         )
         if started.exit_code != 0:
@@ -61,7 +65,7 @@ class PythonTool:
         runs past the time limit is interrupted with KeyboardInterrupt; the interpreter keeps its state.
 
         Args:
-            code: Python source to execute (working directory /work).
+            code: Python source to execute.
         """
         note = ""
         if self.directory is None:
@@ -111,11 +115,12 @@ class PythonTool:
             str(self.cell),
             str(self.timeout_s),
             str(self.grace_s),
+            self.workdir,
         ]
         res = self.sandbox.exec(
             argv,
             timeout=self.timeout_s + self.grace_s + 15.0,
-            cwd="/work",
+            cwd=self.workdir,
             stdin=code.encode("utf-8", "replace"),
         )
         header, _, output = res.stdout.partition("\n")

@@ -45,7 +45,8 @@ def alive(pid):
 
 
 def changed_since(since_ns, root="/work", limit=200):
-    """Files under /work modified after `since_ns` (hidden paths skipped): the cell's writes."""
+    """Files under `root` (the working directory) modified after `since_ns` (hidden paths skipped): the
+    cell's writes."""
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -63,6 +64,7 @@ def changed_since(since_ns, root="/work", limit=200):
 
 def main():
     directory, n, timeout, grace = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    workdir = sys.argv[5] if len(sys.argv) > 5 else "/work"
     code = sys.stdin.buffer.read()
     pid = None
     for _ in range(2500):  # a just-started server writes its pid within milliseconds
@@ -118,7 +120,7 @@ def main():
     except OSError:
         pass
     truncated = len(data) > MAX_OUTPUT
-    changed = changed_since(since_ns)
+    changed = changed_since(since_ns, workdir)
     for name in (
         "req-%d.py",
         "out-%d.txt",

@@ -61,10 +61,10 @@ def on_sigint(signum, frame):
         raise KeyboardInterrupt
 
 
-def serve(directory):
+def serve(directory, workdir="/work"):
     signal.signal(signal.SIGINT, on_sigint)
     os.makedirs(directory, exist_ok=True)
-    os.chdir("/work" if os.path.isdir("/work") else directory)
+    os.chdir(workdir if os.path.isdir(workdir) else directory)
     sys.path.insert(0, "")  # like the interactive interpreter: modules in the working directory import
     sys.stdout.reconfigure(line_buffering=True, errors="replace")
     sys.stderr.reconfigure(line_buffering=True, errors="replace")
@@ -115,4 +115,4 @@ def serve(directory):
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "/work")

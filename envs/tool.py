@@ -47,6 +47,9 @@ class ToolOutput:
     commands: list[str] = field(default_factory=list)
     answer: str | None = None  # set by `submit`: the env ends the episode and grades it
     done: bool = False
+    # Test results the tool parsed from what it ran ({"passed": [ids], "failed": [ids]}); None: it ran no
+    # tests. Feeds info["tests"] and the `test_progress` reward.
+    tests: dict[str, list[str]] | None = None
 
 
 # ----------------------------------------------------------------------------- schema from signature

@@ -40,7 +40,8 @@ from m2rl.config import from_dict as config_from_dict
 from m2rl.envs.spaces import UnicodeText
 from m2rl.envs.tasks.base import Task, TaskSet, Verification
 from m2rl.envs.tool import Tool, ToolError, ToolOutput, closed_spec
-from m2rl.rewards import RewardSpec, RewardTask, StepInfo, compute_episode_rewards
+from m2rl.envs.tools.editor import python_syntax_ok
+from m2rl.rewards import RewardSpec, StepInfo, compute_episode_rewards
 from m2rl.rewards.episode import ERROR_KINDS
 from m2rl.rewards.detectors import DetectorHit, run_detectors
 from m2rl.sandboxes import SandboxDead, SandboxError, make_sandbox
@@ -69,6 +70,9 @@ class ToolEnvConfig:
     # Special tokens of the policy's tokenizer beyond the M2 markers (`control_tokens(tokenizer)` of
     # m2rl.agent.format): neutralised in env text too. The shipped tokenizers need none.
     control_tokens: tuple[str, ...] = ()
+    # Python files a shell command or code cell wrote are read back and compiled, so `syntax_error` and
+    # `valid_syntax` score them as they score the editor's edits (at most this many files per call).
+    max_syntax_checks: int = 16
 
 
 _CLIP_NOTE_CHARS = 48  # what `clip_middle` adds beyond its limit: "\n[... N characters truncated ...]\n"
@@ -421,12 +425,33 @@ class ToolEnv(gym.Env[str, str]):
         elif out.error is not None:
             info["errors"].append({"kind": "tool", "message": clip_middle(out.error, 2000)})
         info["tool_results"].append(_result(name, out.ok, text, out.timed_out, duration))
-        info["edits"].extend(dict(e) for e in out.edits)
+        info["edits"].extend(self._with_syntax(out.edits))
         info["files_viewed"].extend(out.files_viewed)
         info["commands"].extend(out.commands)
+        if out.tests is not None:
+            tests = info.setdefault("tests", {"passed": [], "failed": []})
+            for key in ("passed", "failed"):
+                tests[key].extend(t for t in out.tests.get(key, []) if t not in tests[key])
         if out.answer is not None:
             info["answer"] = out.answer
         return text, out.done or out.answer is not None
+
+    def _with_syntax(self, edits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The call's edits, with the syntax of unchecked Python files checked by reading them back (a file
+        that cannot be read, e.g. one already deleted, stays unchecked)."""
+        out, budget = [], self.config.max_syntax_checks
+        for edit in edits:
+            edit = dict(edit)
+            path = str(edit.get("path", ""))
+            if edit.get("syntax_ok") is None and path.endswith(".py") and budget > 0 and self.sandbox is not None:
+                budget -= 1
+                try:
+                    text = self.sandbox.read_file(path, max_bytes=1 << 20).decode("utf-8", "replace")
+                    edit["syntax_ok"] = python_syntax_ok(path, text)
+                except Exception:  # gone, not a regular file, too large, a dead sandbox: nothing to score
+                    logger.debug("could not read back %s for a syntax check", path, exc_info=True)
+            out.append(edit)
+        return out
 
     def _grade(self, info: dict[str, Any]) -> None:
         assert self.task is not None
@@ -453,7 +478,7 @@ class ToolEnv(gym.Env[str, str]):
         recompute rewards on the whole episode's infos (`compute_episode_rewards`).
         """
         assert self.task is not None
-        reward_task = RewardTask(expected_answer=self.task.answer)
+        reward_task = self.task_set.reward_task(self.task)
         view = StepInfo.from_dict(_deep_copy(info), len(self._step_views))
         new_hits = run_detectors([view], reward_task, self.reward_spec.detectors, first_step=len(self._step_views))
         self._step_views.append(view)

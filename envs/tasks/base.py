@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from m2rl.rewards.episode import Verification
+from m2rl.rewards.episode import RewardTask, Verification
 from m2rl.sandboxes.result import ExecResult
 
 Split = Literal["train", "test"]
@@ -137,6 +137,11 @@ class TaskSet(ABC):
             seed = rng.randrange(1 << 31)
             if split_of(self.family, seed) == split:
                 return self.generate(kind, seed)
+
+    def reward_task(self, task: Task) -> RewardTask:
+        """What the rewards may know of `task` (never shown to the agent): its expected answer here; task sets
+        with target tests or a reference fix (SWE) add them, for `test_progress` and `relevant_file`."""
+        return RewardTask(expected_answer=task.answer)
 
     def setup(self, task: Task, sandbox: TaskSandbox | None) -> None:
         """Prepare the sandbox for the task (at reset, after the sandbox was cleaned): write its files."""

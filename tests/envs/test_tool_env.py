@@ -306,6 +306,25 @@ def test_editor_and_bash_report_edits_and_views() -> None:
         env.close()
 
 
+def test_python_files_written_by_commands_get_their_syntax_checked() -> None:
+    """bash and python-cell writes of .py files are read back and compiled, so `syntax_error` scores them
+    like the editor's edits; other files stay unchecked."""
+    env = gym.make("m2rl/Shell-v0", reward_spec={"components": {"syntax_error": -0.5, "valid_syntax": 0.25}})
+    try:
+        env.reset(options={"task_id": "shell/csv_column/22"})
+        command = "printf 'def f(:\\n' > /work/bad.py; printf 'x = 1\\n' > /work/good.py; echo hi > /work/o.txt"
+        _, reward, _, _, info = env.step(action_text([("bash", {"command": command})]))
+        assert sorted(info["edits"], key=lambda e: e["path"]) == [
+            {"path": "/work/bad.py", "syntax_ok": False},
+            {"path": "/work/good.py", "syntax_ok": True},
+            {"path": "/work/o.txt", "syntax_ok": None},
+        ]
+        assert info["reward_breakdown"]["syntax_error"] == -0.5
+        assert info["reward_breakdown"]["valid_syntax"] == 0.25
+    finally:
+        env.close()
+
+
 MARKUP = st.sampled_from(
     [
         "<minimax:tool_call>",

@@ -42,8 +42,8 @@ from m2rl.envs.tasks.base import Task, TaskSet, Verification
 from m2rl.envs.tool import Tool, ToolError, ToolOutput, closed_spec
 from m2rl.envs.tools.editor import python_syntax_ok
 from m2rl.rewards import RewardSpec, StepInfo, compute_episode_rewards
-from m2rl.rewards.episode import ERROR_KINDS
 from m2rl.rewards.detectors import DetectorHit, run_detectors
+from m2rl.rewards.episode import ERROR_KINDS
 from m2rl.sandboxes import SandboxDead, SandboxError, make_sandbox
 
 logger = logging.getLogger(__name__)
@@ -330,7 +330,7 @@ class ToolEnv(gym.Env[str, str]):
             return [message], False, False
         try:
             return self._run_action(text, info)
-        except Exception as exc:  # noqa: BLE001  step() must never raise on an action
+        except Exception as exc:
             logger.exception("ToolEnv: the action of step %d could not be processed", self._steps)
             message = f"Error: the environment could not process this message ({type(exc).__name__})."
             info["errors"].append({"kind": "tool", "message": message})
@@ -448,7 +448,7 @@ class ToolEnv(gym.Env[str, str]):
                 try:
                     text = self.sandbox.read_file(path, max_bytes=1 << 20).decode("utf-8", "replace")
                     edit["syntax_ok"] = python_syntax_ok(path, text)
-                except Exception:  # gone, not a regular file, too large, a dead sandbox: nothing to score
+                except Exception:  # noqa: BLE001  gone, not a regular file, too large, a dead sandbox: nothing to score
                     logger.debug("could not read back %s for a syntax check", path, exc_info=True)
             out.append(edit)
         return out

@@ -2,19 +2,24 @@
 
 `grade_patch` resets the task repo to a clean copy, applies only the agent's diff restricted to
 non-test files, reverts pytest configuration changes in setup.cfg / pyproject.toml, restores the
-task's pristine (and hidden) test files, runs the task's tests and reads the log with the real
-SWE-bench log parsers and FAIL_TO_PASS / PASS_TO_PASS grading.
+task's pristine (and hidden) test files, runs the task's tests and grades the log exactly as the
+SWE-bench harness does: the log is laid out like an eval script's (start/end markers, the test command's
+exit code) and read by `swebench.harness.grading.get_eval_report`, so its checks hold here too (a run
+whose command failed while the log shows no failure, or a suite that never ran, is not trusted).
 
 Execution goes through any object with `exec(cmd, timeout=...) -> result(exit_code, stdout[, stderr,
-timed_out])` and `write_file(path, data)`: an m2rl sandbox in production, a local-directory executor
-in unit tests. All paths are absolute paths inside that executor (task.repo_dir).
+timed_out])` and `write_file(path, data)`, plus `read_file(path, max_bytes)` to read the test log whole
+(without it the command's output is used): an m2rl sandbox in production, a local-directory executor in
+unit tests. All paths are absolute paths inside that executor (task.repo_dir).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import shlex
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,11 +27,22 @@ from typing import Any, Protocol
 
 from m2rl.rewards.answer import grade_answer
 from m2rl.rewards.paths import is_mixed_config, is_test_path, normalize_path, pytest_config_section
-from swebench.harness.constants import FAIL_TO_PASS, PASS_TO_PASS, ResolvedStatus
+from swebench.harness.constants import (
+    END_TEST_OUTPUT,
+    FAIL_TO_PASS,
+    PASS_TO_PASS,
+    START_TEST_OUTPUT,
+    TEST_EXIT_CODE,
+    TESTS_TIMEOUT,
+    EvalType,
+    ResolvedStatus,
+)
 from swebench.harness.grading import (
     compute_fail_to_pass,
     compute_pass_to_pass,
+    get_eval_report,
     get_eval_tests_report,
+    get_logs_eval,
     get_resolution_status,
 )
 from swebench.harness.log_parsers import PARSER_REGISTRY
@@ -47,6 +63,7 @@ __all__ = [
 # The patch application cascade of the SWE-bench harness (run_evaluation.GIT_APPLY_CMDS).
 APPLY_COMMANDS = ("git apply --verbose", "git apply --verbose --reject", "patch --batch --fuzz=5 -p1 -i")
 LOG_TAIL_CHARS = 20_000
+MAX_TEST_LOG_BYTES = 64 << 20  # a test log is read back whole up to this size
 
 
 class GradingError(ValueError):
@@ -70,6 +87,7 @@ class GradingTask:
     test_patch: str = ""  # diff applied after the agent's patch (SWE-bench's test_patch)
     test_paths: tuple[str, ...] = ()  # task-specific protected paths beyond the generic test patterns
     log_parser: str = "parse_log_pytest"  # a key of swebench.harness.log_parsers.PARSER_REGISTRY
+    eval_type: str = EvalType.PASS_AND_FAIL.value  # how swebench reads absent tests (an EvalType value)
     instance_id: str = ""
     repo: str = ""
     version: str = ""
@@ -84,6 +102,8 @@ class GradingTask:
             raise GradingError("GradingTask needs at least one test in fail_to_pass or pass_to_pass")
         if self.log_parser not in PARSER_REGISTRY:
             raise GradingError(f"unknown log_parser {self.log_parser!r}; known: {sorted(PARSER_REGISTRY)}")
+        if self.eval_type not in {e.value for e in EvalType}:
+            raise GradingError(f"unknown eval_type {self.eval_type!r}; known: {[e.value for e in EvalType]}")
         for path in self.test_files:
             if path.startswith("/") or ".." in normalize_path(path).split("/"):
                 raise GradingError(
@@ -303,11 +323,9 @@ def grade_patch(executor: Executor, patch: str, task: GradingTask) -> GradeResul
                 f"the task's test_patch does not apply after the agent's patch:\n{log[-2000:]}"
             )
 
-    code, log, timed_out = _run(
-        executor, f"cd {shlex.quote(task.repo_dir)} && {task.test_cmd}", task.timeout_s
-    )
+    code, log, timed_out = _run_tests(executor, task)
     spec = TestSpec(
-        instance_id=task.instance_id,
+        instance_id=task.instance_id or "m2rl-task",
         image="",
         eval_script_list=[],
         repo=task.repo,
@@ -315,22 +333,29 @@ def grade_patch(executor: Executor, patch: str, task: GradingTask) -> GradeResul
         FAIL_TO_PASS=list(task.fail_to_pass),
         PASS_TO_PASS=list(task.pass_to_pass),
         log_parser=task.log_parser,
+        eval_type=task.eval_type,
     )
-    status_map = {} if timed_out else PARSER_REGISTRY[task.log_parser](log, spec)
+    verdict, status_map = _official_verdict(spec, kept, eval_log(log, code, timed_out))
     report = get_eval_tests_report(
-        status_map, {FAIL_TO_PASS: list(task.fail_to_pass), PASS_TO_PASS: list(task.pass_to_pass)}
+        status_map,
+        {FAIL_TO_PASS: list(task.fail_to_pass), PASS_TO_PASS: list(task.pass_to_pass)},
+        eval_type=EvalType(task.eval_type),
     )
-    status = get_resolution_status(report)
+    status = get_resolution_status(report) if status_map else ResolvedStatus.NO.value
     f2p, p2p = float(compute_fail_to_pass(report)), float(compute_pass_to_pass(report))
+    if not status_map:  # swebench did not trust the log: nothing in it counts
+        f2p = p2p = 0.0
     details = (
         f"{status}: {len(report[FAIL_TO_PASS]['success'])}/{len(task.fail_to_pass)} fail-to-pass, "
         f"{len(report[PASS_TO_PASS]['success'])}/{len(task.pass_to_pass)} pass-to-pass"
         + (", tests timed out" if timed_out else "")
+        + ("" if status_map or timed_out else ", the log was not trusted (no test ran, or the command failed "
+           "while the log shows no failure)")
         + (f"; dropped test edits {dropped}" if dropped else "")
         + (f"; reverted pytest config in {restored}" if restored else "")
     )
     return GradeResult(
-        resolved=status == ResolvedStatus.FULL.value and not timed_out,
+        resolved=bool(verdict.get("resolved")) and not timed_out,
         score=0.0 if timed_out else f2p,
         status=status,
         applied=True,
@@ -344,6 +369,51 @@ def grade_patch(executor: Executor, patch: str, task: GradingTask) -> GradeResul
         log=(apply_log + log)[-LOG_TAIL_CHARS:],
         details=details,
     )
+
+
+def eval_log(log: str, exit_code: int, timed_out: bool) -> str:
+    """The test output laid out like the log of a SWE-bench eval script: between the start and end markers,
+    then the test command's exit code (what `record_test_exit_code` adds); a timeout is marked as the
+    harness marks it."""
+    head = f"{TESTS_TIMEOUT}\n" if timed_out else ""
+    return f"{head}{START_TEST_OUTPUT}\n{log}\n{END_TEST_OUTPUT}\n{TEST_EXIT_CODE}: {exit_code}\n"
+
+
+def _official_verdict(spec: TestSpec, patch: str, log: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """swebench's own report on the log (it reads logs from files), and the status map it trusted ({} when
+    it rejected the log)."""
+    fd, path = tempfile.mkstemp(prefix="m2rl-eval-", suffix=".log")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as f:
+            f.write(log)
+        prediction = {"instance_id": spec.instance_id, "model_name_or_path": "m2rl", "model_patch": patch}
+        report = get_eval_report(spec, prediction, path, include_tests_status=True)[spec.instance_id]
+        status_map, found = get_logs_eval(spec, path)
+        return report, (status_map if found else {})
+    finally:
+        os.unlink(path)
+
+
+def _run_tests(executor: Executor, task: GradingTask) -> tuple[int, str, bool]:
+    """Run the test command with its output going to a log file, read back whole when the executor can
+    read files (a sandbox caps what one command prints)."""
+    reader = getattr(executor, "read_file", None)
+    if reader is None:
+        return _run(executor, f"cd {shlex.quote(task.repo_dir)} && {task.test_cmd}", task.timeout_s)
+    log_path = f"/tmp/.m2rl_test_log_{uuid.uuid4().hex[:12]}"
+    code, out, timed_out = _run(
+        executor,
+        f"cd {shlex.quote(task.repo_dir)} && ( {task.test_cmd} ) > {log_path} 2>&1",
+        task.timeout_s,
+    )
+    try:
+        log = reader(log_path, max_bytes=MAX_TEST_LOG_BYTES)
+        log = log.decode("utf-8", "replace") if isinstance(log, bytes) else str(log)
+    except Exception:  # noqa: BLE001  killed before writing, or the log outgrew the bound: what it printed
+        log = out
+    finally:
+        _run(executor, f"rm -f {log_path}", 60.0)
+    return code, log, timed_out
 
 
 def grade_checker(executor: Executor, cmd: str, timeout: float = 60.0) -> dict[str, Any]:

@@ -57,6 +57,17 @@ class LocalDirExecutor:
         p.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+class CappedOutputExecutor(LocalDirExecutor):
+    """Like a Sandbox: a command's output is cut at 128 KiB; files are read whole."""
+
+    def exec(self, cmd: str, timeout: float = 30.0) -> LocalResult:
+        res = super().exec(cmd, timeout)
+        return LocalResult(res.exit_code, res.stdout[: 128 << 10], res.stderr[: 128 << 10], res.timed_out)
+
+    def read_file(self, path: str, max_bytes: int | None = None) -> bytes:
+        return Path(path).read_bytes()
+
+
 CALC = "def add(a, b):\n    return a - b\n\n\ndef sub(a, b):\n    return a - b\n"
 FIXED = CALC.replace("return a - b\n\n\ndef sub", "return a + b\n\n\ndef sub")
 TESTS = textwrap.dedent("""\
@@ -218,6 +229,33 @@ def test_fake_passed_lines_printed_by_the_code_do_not_resolve(repo):
     )
     result = grade_patch(LocalDirExecutor(repo), make_patch(repo, {"src/calc.py": liar}), task_for(repo))
     assert not result.resolved and result.test_status["tests/test_calc.py::test_add"] == "FAILED"
+
+
+def test_a_failing_run_that_prints_only_passed_lines_does_not_resolve(repo):
+    """swebench's own log check: the test command failed, yet the log shows no failure (the patched code
+    printed PASSED lines and exited non-zero before pytest reported): the run is not trusted."""
+    liar = CALC.replace("return a - b\n\n\ndef sub", "return a + b\n\n\ndef sub") + (
+        "\nimport atexit, os\n"
+        "atexit.register(lambda: (print('PASSED tests/test_calc.py::test_add'), "
+        "print('PASSED tests/test_calc.py::test_sub'), os._exit(1)))\n"
+    )
+    result = grade_patch(LocalDirExecutor(repo), make_patch(repo, {"src/calc.py": liar}),
+                         task_for(repo, test_cmd=f"{sys.executable} -c 'import sys; sys.path.insert(0, \"src\"); import calc'"))
+    assert not result.resolved and result.exit_code == 1, result.log
+
+
+def test_a_suite_that_never_ran_does_not_resolve(repo):
+    """An empty log (no test ran) is not a pass, whatever the eval type."""
+    task = task_for(repo, test_cmd="true", fail_to_pass=(), pass_to_pass=("tests/test_calc.py::test_sub",))
+    result = grade_patch(LocalDirExecutor(repo), "", task)
+    assert not result.resolved and result.status == "RESOLVED_NO", result.details
+
+
+def test_a_long_log_is_read_whole(repo):
+    """The test log is read back from a file, not from the command's (capped) output."""
+    task = task_for(repo, test_cmd="python3 -c \"print('x' * 300000)\"; " + task_for(repo).test_cmd)
+    result = grade_patch(CappedOutputExecutor(repo), make_patch(repo, {"src/calc.py": FIXED}), task)
+    assert result.resolved, result.details
 
 
 def test_patch_that_does_not_apply(repo):

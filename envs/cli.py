@@ -1,4 +1,5 @@
-"""CLI: `m2rl tasks list|show|sample` -- inspect the seeded task families without running an episode.
+"""CLI: `m2rl tasks list|show|sample` -- inspect the seeded task families without running an episode (and
+`m2rl tasks build|validate|images`, the SWE task factory: envs/swe/factory/cli.py).
 
 Tasks come from a built-in family (`--family python`) or from any env's own task set (`--env ID`, where ID is
 a registered id such as `m2rl/Shell-v0`, or `module:ID`, whose module is imported first so a custom env
@@ -48,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sample.add_argument("-n", "--count", type=int, default=5, help=f"how many tasks to draw (1 to {MAX_COUNT})")
     sample.add_argument("--kinds", default="", help="comma-separated kinds to restrict to")
     sample.set_defaults(func=cmd_sample)
+
+    from m2rl.envs.swe.factory.cli import register as register_swe_factory
+
+    register_swe_factory(sub)  # build | validate | images: SWE-bench tasks from PyPI libraries
 
 
 def _task_set(family: str) -> TaskSet:

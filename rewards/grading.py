@@ -15,6 +15,7 @@ unit tests. All paths are absolute paths inside that executor (task.repo_dir).
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import re
@@ -47,6 +48,8 @@ from swebench.harness.grading import (
 )
 from swebench.harness.log_parsers import PARSER_REGISTRY
 from swebench.types import TestSpec
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Executor",
@@ -410,6 +413,7 @@ def _run_tests(executor: Executor, task: GradingTask) -> tuple[int, str, bool]:
         log = reader(log_path, max_bytes=MAX_TEST_LOG_BYTES)
         log = log.decode("utf-8", "replace") if isinstance(log, bytes) else str(log)
     except Exception:  # noqa: BLE001  killed before writing, or the log outgrew the bound: what it printed
+        logger.debug("no test log at %s; grading what the command printed", log_path, exc_info=True)
         log = out
     finally:
         _run(executor, f"rm -f {log_path}", 60.0)

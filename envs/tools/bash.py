@@ -60,10 +60,13 @@ def changed_files(sandbox: Any, path: str, workdir: str = "/work") -> list[str]:
 
 
 class BashTool:
-    def __init__(self, sandbox: Any, timeout_s: float = 30.0, workdir: str = "/work") -> None:
+    def __init__(
+        self, sandbox: Any, timeout_s: float = 30.0, workdir: str = "/work", env: dict[str, str] | None = None
+    ) -> None:
         self.sandbox = sandbox
         self.timeout_s = timeout_s
         self.workdir = workdir
+        self.env = dict(env or {})  # extra environment variables of every command
         self.last_list = ""  # the previous call's changed-files list, removed by the next call
 
     def bash(self, command: str) -> ToolOutput:
@@ -81,6 +84,7 @@ class BashTool:
             ["bash", "-c", WRAPPER, "m2rl", command, changed_list, self.last_list, self.workdir],
             timeout=self.timeout_s,
             cwd=self.workdir,
+            env=self.env or None,
         )
         self.last_list = changed_list
         text = format_exec(result.stdout, result.stderr, result.exit_code, result.timed_out, self.timeout_s)

@@ -94,6 +94,9 @@ class EnvSection:
     """Size of the training task pool the curriculum draws from."""
     enable_thinking: bool = True
     """Open every assistant turn with <think> (M2's interleaved reasoning); false: answer directly."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments of the env's constructor, e.g. {instances: tasks/swe-starter,
+    tool_timeout_s: 60} for m2rl/SWE-v0."""
 
 
 @dataclass
@@ -294,6 +297,10 @@ def make_env_factory(section: EnvSection, split: str, reward_spec: RewardSpec | 
         kwargs["kinds"] = tuple(section.kinds)
     if reward_spec is not None:  # None: the env's default spec (custom envs need not take the argument)
         kwargs["reward_spec"] = reward_spec
+    clashes = sorted(set(section.options) & set(kwargs))
+    if clashes:
+        raise ValueError(f"env.options {clashes} are set by their own env keys (env.sandbox, env.max_steps, ...)")
+    kwargs.update(section.options)
     return EnvFactory(section.id, kwargs)
 
 

@@ -42,9 +42,11 @@ Follow these steps:
 `python -m pytest`).
 3. Edit the source code to fix it, and check that the fix works and nothing else broke.
 4. Call `submit` when you are done."""
-# Official images keep the project's environment in conda env "testbed"; ours put their venv on PATH.
-ACTIVATE_CONDA = (
-    "if [ -d /opt/miniconda3/envs/testbed ]; then source /opt/miniconda3/bin/activate && conda activate testbed; fi"
+# The project's Python environment, which a login shell's /etc/profile takes off PATH: official images keep it
+# in conda env "testbed", ours in the virtualenv their VIRTUAL_ENV names.
+ACTIVATE_ENVIRONMENT = (
+    "if [ -d /opt/miniconda3/envs/testbed ]; then source /opt/miniconda3/bin/activate && conda activate testbed; "
+    'elif [ -n "${VIRTUAL_ENV:-}" ]; then export PATH="$VIRTUAL_ENV/bin:$PATH"; fi'
 )
 
 # Makes a fresh sandbox for an instance's image (the env owns the sandboxes and their reuse).
@@ -138,7 +140,7 @@ class SWETaskSet(TaskSet):
     def grading_task(self, inst: SWEInstance, prepared: PreparedRepository) -> GradingTask:
         return GradingTask(
             repo_dir=prepared.repo_dir,
-            test_cmd=f"{ACTIVATE_CONDA}; {inst.command}",
+            test_cmd=f"{ACTIVATE_ENVIRONMENT}; {inst.command}",
             fail_to_pass=inst.FAIL_TO_PASS,
             pass_to_pass=inst.PASS_TO_PASS,
             base_ref=prepared.head,

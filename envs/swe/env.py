@@ -56,7 +56,7 @@ class TestReportingBash(BashTool):
                         log_parser=self.instance.log_parser)
         try:
             statuses = PARSER_REGISTRY[self.instance.log_parser](out.output, spec)
-        except Exception:  # noqa: BLE001  a parser choking on arbitrary output means: no test results
+        except Exception:  # a parser choking on arbitrary output means: no test results
             logger.debug("the %s parser failed on a command's output", self.instance.log_parser, exc_info=True)
             statuses = {}
         if statuses:
@@ -150,7 +150,7 @@ class SWEEnv(ToolEnv):
 def _close_quietly(sandbox: Any) -> None:
     try:
         sandbox.close()
-    except Exception:  # noqa: BLE001  a dead sandbox is dropped either way
+    except Exception:  # a dead sandbox is dropped either way
         logger.debug("closing a sandbox failed", exc_info=True)
 
 

@@ -114,7 +114,7 @@ def split_of_library(name: str, seed: int, test_libraries: Sequence[str], all_na
 
 
 def _git(repo: Path, *args: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True,
+    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, check=False,
                           env={**COMMIT_ENV, "PATH": "/usr/bin:/bin", "HOME": str(repo)})
     if proc.returncode != 0:
         raise LibraryError(f"git {' '.join(args)} failed in {repo}: {proc.stderr[-1000:]}")
@@ -173,6 +173,7 @@ class LibraryBuild:
         image = build_library_image(source, known)
         test_cmd = known_libraries.pytest_command(source, known)
         kept: list[tuple[Mutation, set[str], set[str], str]] = []
+        self.verdicts = VerdictCache(cache / "verdicts" / f"{image.replace(':', '-')}.jsonl", test_cmd)
         with TestContainer(image) as container:
             baseline = self._baseline(container, test_cmd)
             files = {path: (source.repo_dir / path).read_text(errors="replace") for path in source.source_files}
@@ -211,21 +212,31 @@ class LibraryBuild:
 
     def _try(self, container: TestContainer, test_cmd: str, baseline: set[str],
              mutation: Mutation) -> tuple[set[str], set[str], str] | None:
-        """(failing, still passing, log) if the mutation breaks some baseline tests and nothing else, twice."""
+        """(failing, still passing, log) if the mutation breaks some baseline tests and nothing else, twice.
+        Verdicts are cached per image and test command: a rebuild reruns nothing it has already run."""
+        key = self.verdicts.key(mutation, baseline)
+        if key not in self.verdicts:
+            self.verdicts.add(key, self._run_candidate(container, test_cmd, baseline, mutation))
+        verdict = self.verdicts[key]
+        self.report.failing += verdict.broke
+        self.report.flaky += verdict.flaky
+        if verdict.failing is None:
+            return None
+        failing = set(verdict.failing)
+        return failing, baseline - failing, verdict.log
+
+    def _run_candidate(self, container: TestContainer, test_cmd: str, baseline: set[str],
+                       mutation: Mutation) -> Verdict:
         container.write_file(mutation.path, mutation.mutated)
         try:
             first = container.run(test_cmd, self.config.test_timeout_s)
-            if first.timed_out:
-                return None
             failing = baseline - _passing(first)
-            if not failing:
-                return None
-            self.report.failing += 1
+            if first.timed_out or not failing:
+                return Verdict(broke=False, flaky=False, failing=None)
             second = container.run(test_cmd, self.config.test_timeout_s)
             if second.timed_out or baseline - _passing(second) != failing:
-                self.report.flaky += 1
-                return None
-            return failing, baseline - failing, first.log
+                return Verdict(broke=True, flaky=True, failing=None)
+            return Verdict(broke=True, flaky=False, failing=tuple(sorted(failing)), log=first.log)
         finally:
             container.restore(mutation.path)
 
@@ -260,6 +271,48 @@ class LibraryBuild:
             split=self.report.split,
             meta={"library": source.name, "operator": mutation.operator},
         )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    broke: bool  # the first run failed some baseline test and nothing timed out
+    flaky: bool  # the second run disagreed with the first
+    failing: tuple[str, ...] | None  # the FAIL_TO_PASS tests of a valid candidate, else None
+    log: str = ""  # the first run's log (the problem statement is written from it)
+
+
+class VerdictCache:
+    """Candidate verdicts of one image and test command, appended to a JSONL file as they are made."""
+
+    def __init__(self, path: Path, test_cmd: str) -> None:
+        self.path, self.test_cmd = path, test_cmd
+        self.entries: dict[str, Verdict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                    failing = record["failing"]
+                    self.entries[record["key"]] = Verdict(bool(record["broke"]), bool(record["flaky"]),
+                                                          None if failing is None else tuple(failing),
+                                                          str(record.get("log", "")))
+                except (ValueError, KeyError, TypeError):  # a line cut by a crash: that verdict is made again
+                    continue
+
+    def key(self, mutation: Mutation, baseline: set[str]) -> str:
+        text = "\0".join([self.test_cmd, mutation.path, mutation.mutated, *sorted(baseline)])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def __getitem__(self, key: str) -> Verdict:
+        return self.entries[key]
+
+    def add(self, key: str, verdict: Verdict) -> None:
+        self.entries[key] = verdict
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": key, **asdict(verdict)}) + "\n")
 
 
 def _with_image(inst: SWEInstance, image: str) -> SWEInstance:

@@ -45,7 +45,7 @@ def build_instance_image(source: LibrarySource, library_image: str, commits: Seq
     repo = source.repo_dir
     env = {**COMMIT_ENV, "PATH": "/usr/bin:/bin", "HOME": str(repo)}
     for args in (["checkout", "-q", "-f", source.base_commit], ["gc", "-q", "--prune=now"]):
-        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env)
+        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, check=False)
         if proc.returncode != 0:
             raise LibraryError(f"git {' '.join(args)} failed in {repo}: {proc.stderr[-1000:]}")
     client = docker_client()

@@ -22,7 +22,7 @@ from m2rl.envs.swe.instances import SWEInstance, load_instances
 
 
 def _git(repo: Path, *args: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True,
+    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, check=False,
                           env={**COMMIT_ENV, "PATH": "/usr/bin:/bin", "HOME": str(repo)})
     if proc.returncode != 0:
         raise LibraryError(f"git {' '.join(args)} failed in {repo}: {proc.stderr[-1000:]}")

@@ -20,7 +20,7 @@ failed+errors as SWE-bench's parser counts them; seconds on a quiet 2-core machi
   glom 25.12.0 200/0 1s             marshmallow 4.4.0 1183/0 3s       parsimonious 0.11.0 84/0 1s
   pytz 2026.6 237/0 1s              textdistance 4.6.3 168/0 9s       more-itertools 11.2.1 765/0 15s
   attrs 26.1.0 1376/1 16s           idna 3.20 6441/0 41s              pyparsing 3.3.3 2026/0 62s
-  python-dateutil 4.0.0 5042/3 52s (the 3 read the system tz database, Debian bookworm's, not the tzdata wheel)
+  python-dateutil 4.0.0 5042/3 52s (the 3 use the system tz database, not the tzdata wheel)
   Not usable: sortedcontainers 2.4.0 (the sdist ships no tests); jmespath 1.1.0 (the sdist drops
   tests/__init__.py, so `from tests import ...` fails at collection).
 """

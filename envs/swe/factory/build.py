@@ -6,7 +6,8 @@ For each library (SWE-smith's method, our own implementation):
 2. the suite runs twice in a container of that image; the tests passing both times are the baseline;
 3. AST mutations (`m2rl.envs.swe.mutations`) are sampled with the seed; each is written into the
    container and the suite runs: a candidate is kept only if at least one baseline test fails and every
-   other baseline test passes, and a second run agrees exactly (no flaky verdicts);
+   other baseline test passes (at least one does: a crash that fails everything is no task), and a second
+   run agrees exactly (no flaky verdicts);
 4. a kept candidate becomes a commit on top of the clean commit (fixed identity and dates, so its sha is
    reproducible), its problem statement is written from the observed failures
    (`m2rl.envs.swe.statement`, never naming the changed file or line), and its gold patch is the diff
@@ -220,7 +221,7 @@ class LibraryBuild:
         verdict = self.verdicts[key]
         self.report.failing += verdict.broke
         self.report.flaky += verdict.flaky
-        if verdict.failing is None:
+        if verdict.failing is None or set(verdict.failing) == baseline:
             return None
         failing = set(verdict.failing)
         return failing, baseline - failing, verdict.log
@@ -233,6 +234,8 @@ class LibraryBuild:
             failing = baseline - _passing(first)
             if first.timed_out or not failing:
                 return Verdict(broke=False, flaky=False, failing=None)
+            if failing == baseline:  # nothing passes (an import-time crash): no PASS_TO_PASS to keep
+                return Verdict(broke=True, flaky=False, failing=None)
             second = container.run(test_cmd, self.config.test_timeout_s)
             if second.timed_out or baseline - _passing(second) != failing:
                 return Verdict(broke=True, flaky=True, failing=None)

@@ -325,6 +325,9 @@ _BINARY_FLIPS: dict[type[ast.operator], type[ast.operator]] = {
 
 
 def _is_text(node: ast.expr) -> bool:
+    """A string literal, or concatenation or %-formatting built on one."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod)):
+        return _is_text(node.left) or (isinstance(node.op, ast.Add) and _is_text(node.right))
     return isinstance(node, ast.JoinedStr) or (isinstance(node, ast.Constant) and isinstance(node.value, str))
 
 

@@ -120,6 +120,7 @@ _LOCATIONS = (
     re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/](?:[^\s\\/:'\"]+[\\/])+[^\s\\/:'\"]*"),  # absolute paths
     re.compile(r"\blines? \d+", re.IGNORECASE),
     re.compile(r" at 0x[0-9a-fA-F]+"),  # object reprs: not locations, but they change between runs
+    re.compile(r"Traceback \(most recent call last\):?"),  # a traceback quoted in a message
 )
 # Python 3.10+ names the method in TypeErrors ("Query.test() takes 2 positional arguments..."); keep `test()`.
 _QUALIFIED_CALL = re.compile(r"\b(?:[A-Za-z_]\w*\.)+([A-Za-z_]\w*\(\))")
@@ -131,12 +132,13 @@ def sanitize_error(error: str) -> str:
         error = pattern.sub("", error)
     error = _QUALIFIED_CALL.sub(r"\1", error)
     error = re.sub(r"\s\(\s*\)", "", error)  # "(/repo/x.py:3)" leaves "()"
+    error = re.sub(r"\s+(?:at|in|from)\s*(?=[,;)]|$)", "", error)  # "failed at x.py:3" leaves "at"
     return " ".join(error.split()).strip(" ,;:-")
 
 
 @dataclass(frozen=True)
 class _Template:
-    title: str  # format fields: test, kind, tests_fail, in_project
+    title: str  # format fields: test, kind, tests_fail(_capitalized), in_project, the_project
     intro: str
     seen: str  # heading of the list of failures
     expected: str  # heading and text of the expectation
@@ -144,10 +146,10 @@ class _Template:
 
 _TEMPLATES = (
     _Template("`{test}` fails with {kind}",
-              "After updating{in_project}, {tests_fail} that used to pass.",
+              "After updating {the_project}, {tests_fail} that used to pass.",
               "### What I see",
               "### Expected\n\nAll of these tests pass, as they did before."),
-    _Template("Unexpected {kind}{in_project}",
+    _Template("Test suite fails with {kind}{in_project}",
               "Running the test suite{in_project} shows a regression: {tests_fail}.",
               "**Failing tests**",
               "**Expected behaviour**\n\nThe tests pass; nothing they check was changed on purpose."),
@@ -170,10 +172,11 @@ def problem_statement(failures: Sequence[TestFailure], seed: int, repo_name: str
     tests_fail = "1 test fails" if count == 1 else f"{count} tests fail"
     fields = {
         "test": failures[0].test_id.split("::")[-1],
-        "kind": kinds[0] if kinds else "a failure",
+        "kind": kinds[0] if kinds else "an error",
         "tests_fail": tests_fail,
         "tests_fail_capitalized": tests_fail[0].upper() + tests_fail[1:],
         "in_project": f" in {repo_name}" if repo_name else "",
+        "the_project": repo_name or "the project",
     }
     listing = [f"- `{failure.test_id}`" + (f": `{error}`" if error else "")
                for failure, error in zip(failures[:MAX_TESTS_SHOWN], errors)]
@@ -186,9 +189,11 @@ def problem_statement(failures: Sequence[TestFailure], seed: int, repo_name: str
 
 
 def _error_kind(error: str) -> str:
-    """`TypeError` of "TypeError: ..."; the last part of a dotted name (`_pytest.outcomes.Failed`)."""
-    kind = re.match(r"([A-Za-z_][\w.]*):", error)
-    return kind.group(1).rsplit(".", 1)[-1] if kind else ""
+    """`TypeError` of "TypeError: ..." or of a bare "TypeError"; the last part of a dotted name
+    (`_pytest.outcomes.Failed`); "" when the error does not start with a class name."""
+    match = re.match(r"([A-Za-z_][\w.]*)(?::|$)", error)
+    kind = match.group(1).rsplit(".", 1)[-1] if match else ""
+    return kind if kind[:1].isupper() else ""
 
 
 def leaks_location(statement: str, mutation_path: str, lineno: int, function: str) -> bool:
@@ -199,6 +204,7 @@ def leaks_location(statement: str, mutation_path: str, lineno: int, function: st
     basename = path.rsplit("/", 1)[-1]
     parts = function.split(".")
     qualified = [".".join(parts[-k:]) for k in range(2, len(parts) + 1)]
-    patterns = [re.escape(path), rf"(?<![\w-]){re.escape(basename)}(?!\w)", rf":{lineno}(?!\d)",
-                rf"(?i:\bline\s+){lineno}(?!\d)", *(rf"(?<!\w){re.escape(name)}(?!\w)" for name in qualified)]
+    patterns = [rf"(?<![\w-]){re.escape(name)}(?!\w)" for name in (path, basename)]
+    patterns += [rf":{lineno}(?!\d)", rf"(?i:\bline\s+){lineno}(?!\d)"]
+    patterns += [rf"(?<!\w){re.escape(name)}(?!\w)" for name in qualified]
     return any(re.search(pattern, statement) for pattern in patterns)

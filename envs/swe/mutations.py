@@ -55,8 +55,9 @@ _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+")
 class _Source:
     """The file text with its line starts, to turn the parser's (line, UTF-8 byte column) into str offsets."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, bom: str = "") -> None:
         self.text = text
+        self.bom = bom  # a leading U+FEFF: kept in the file, but the parser rejects it in a str
         self.lines: list[str] = _LINE.findall(text)
         self.starts = [0]
         for line in self.lines:
@@ -508,9 +509,9 @@ class _Candidate:
         for edits in self._variants():
             unit = fn.apply(edits, lo, hi)
             if fn.holds(unit, first_lineno, change):
-                text = fn.source.text
+                text, bom = fn.source.text, fn.source.bom
                 return Mutation(self.path, self.operator, change.node.lineno, fn.qualname, change.description,
-                                text, text[:lo] + unit + text[hi:])
+                                bom + text, bom + text[:lo] + unit + text[hi:])
         return None
 
     def _variants(self) -> Iterator[tuple[_Edit, ...]]:
@@ -534,9 +535,10 @@ def _operators(names: Sequence[str] | None) -> list[tuple[str, Operator]]:
 
 
 def _candidates(path: str, source: str, operators: list[tuple[str, Operator]]) -> Iterator[_Candidate]:
-    if is_test_file(path) or (tree := _parse(source)) is None:
+    bom = "\ufeff" if source.startswith("\ufeff") else ""
+    if is_test_file(path) or (tree := _parse(source[len(bom):])) is None:
         return
-    text = _Source(source)
+    text = _Source(source[len(bom):], bom)
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     for node, qualname in _functions(tree):
         fn = _Function(node, qualname, text, parents)

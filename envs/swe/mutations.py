@@ -5,9 +5,9 @@ picks a seeded subset spread over the files and functions of a repository.
 
 A mutation rewrites only the characters it has to (an operator token, two arguments, a constant, a
 condition) or drops a statement's whole lines, so comments and formatting stay byte-identical and the
-diff is one small hunk inside one function. Each one is checked by re-parsing the edited function: it
-must parse to exactly the intended AST (which catches precedence mistakes; a parenthesized variant is
-tried before giving up) and that AST must differ from the original.
+diff is one small hunk inside one function. Each one is checked by re-parsing the edited statement (or
+function): it must parse, with exactly the intended node in the changed place (which catches precedence
+mistakes; a parenthesized variant is tried before giving up), and that node must differ from the original.
 """
 
 from __future__ import annotations
@@ -315,8 +315,8 @@ def flip_comparison(node: ast.AST, fn: _Function) -> Iterator[_Change]:
 
 
 _BINARY_TEXT: dict[type[ast.operator], str] = {
-    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%", ast.Pow: "**",
-    ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|", ast.BitXor: "^", ast.BitAnd: "&", ast.MatMult: "@",
+    ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.FloorDiv: "//", ast.Mod: "%",
+    ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|", ast.BitXor: "^", ast.BitAnd: "&",
 }
 _BINARY_FLIPS: dict[type[ast.operator], type[ast.operator]] = {
     ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Div,
@@ -352,7 +352,7 @@ def flip_operator(node: ast.AST, fn: _Function) -> Iterator[_Change]:
     elif isinstance(node, ast.BoolOp):
         old_text, new_text = ("and", "or") if isinstance(node.op, ast.And) else ("or", "and")
         new = ast.BoolOp(ast.Or() if isinstance(node.op, ast.And) else ast.And(), node.values)
-        edits = tuple(_operator_edit(fn, a, b, new_text) for a, b in zip(node.values, node.values[1:]))
+        edits = tuple(_operator_edit(fn, a, b, new_text) for a, b in itertools.pairwise(node.values))
         yield _Change(node, new, edits, f"flipped {old_text} to {new_text}")
 
 

@@ -173,7 +173,7 @@ class LibraryBuild:
         known = known_libraries.lookup(name)
         image = build_library_image(source, known)
         test_cmd = known_libraries.pytest_command(source, known)
-        kept: list[tuple[Mutation, set[str], set[str], str]] = []
+        kept: list[tuple[Mutation, set[str], set[str], str]] = []  # (mutation, failing, passing, statement)
         self.verdicts = VerdictCache(cache / "verdicts" / f"{image.replace(':', '-')}.jsonl", test_cmd)
         with TestContainer(image) as container:
             baseline = self._baseline(container, test_cmd)
@@ -184,13 +184,13 @@ class LibraryBuild:
                     break
                 self.report.candidates += 1
                 verdict = self._try(container, test_cmd, baseline, mutation)
-                if verdict is not None:
-                    kept.append((mutation, *verdict))
-        instances = []
-        for mutation, failing, still_passing, log in kept:
-            inst = self._instance(source, image, test_cmd, mutation, failing, still_passing, log)
-            if inst is not None:
-                instances.append(inst)
+                if verdict is None:
+                    continue
+                failing, still_passing, log = verdict
+                statement = self._statement(source, mutation, failing, log)
+                if statement is not None:
+                    kept.append((mutation, failing, still_passing, statement))
+        instances = [self._instance(source, image, test_cmd, *k) for k in kept]
         self.report.valid = len(instances)
         if not instances:
             return [], None
@@ -243,19 +243,21 @@ class LibraryBuild:
         finally:
             container.restore(mutation.path)
 
-    def _instance(self, source: LibrarySource, image: str, test_cmd: str, mutation: Mutation,
-                  failing: set[str], still_passing: set[str], log: str) -> SWEInstance | None:
-        iid = instance_id_of(source, mutation)
+    def _statement(self, source: LibrarySource, mutation: Mutation, failing: set[str], log: str) -> str | None:
+        """The problem statement of a valid candidate: the first template variant that does not give away
+        the changed file, line or function (None if none of them manages)."""
         failures = failures_from_pytest_log(log, sorted(failing))
-        statement = None
         for attempt in range(STATEMENT_ATTEMPTS):
             text = problem_statement(failures, seed=self.config.seed + attempt, repo_name=source.name)
             if not leaks_location(text, mutation.path, mutation.lineno, mutation.function):
-                statement = text
-                break
-        if statement is None:
-            self.report.leaking += 1
-            return None
+                return text
+        self.report.leaking += 1
+        logger.info("%s: every statement of %s names its location; dropped", source.name, mutation.description)
+        return None
+
+    def _instance(self, source: LibrarySource, image: str, test_cmd: str, mutation: Mutation,
+                  failing: set[str], still_passing: set[str], statement: str) -> SWEInstance:
+        iid = instance_id_of(source, mutation)
         sha, patch = commit_bug(source, mutation, iid)
         return SWEInstance(
             instance_id=iid,

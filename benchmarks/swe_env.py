@@ -21,11 +21,11 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import gymnasium as gym
 import m2rl.envs  # noqa: F401  (registers the ids)
+from m2rl.benchmarks.sandboxes import timed
 from m2rl.envs.experts import action_text
 from m2rl.envs.swe.env import SWE_LIMITS
 from m2rl.envs.swe.instances import load_instances
@@ -39,15 +39,6 @@ DEFAULT_TASKS = Path(__file__).resolve().parents[1] / "tasks" / "swe-starter"
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
-
-
-def timed(fn: Callable[[], object], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return out
 
 
 class Table:
@@ -113,8 +104,8 @@ def main() -> None:
     same_image = [i for i in instances if i.repo == first.repo and i.split == first.split]
     cycle = iter(range(10**9))
     warm = timed(lambda: env.reset(options={"task_id": same_image[next(cycle) % len(same_image)].instance_id}),
-                 args.n)
-    restore = timed(env.sandbox.reset, args.n)
+                 args.n, warmup=0)
+    restore = timed(env.sandbox.reset, args.n, warmup=0)
     env.reset(options={"task_id": first.instance_id})
     table.add("warm reset", warm, "Sandbox.reset (snapshot restore)", restore, "<= 300 ms p50")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +35,11 @@ from m2rl.envs.swe.factory.baseline import TestContainer, TestRun
 from m2rl.envs.swe.factory.instance_image import build_instance_image
 from m2rl.envs.swe.factory.library_image import build_library_image
 from m2rl.envs.swe.factory.sources import (
-    COMMIT_ENV,
     LibraryError,
     LibrarySource,
     default_cache_dir,
     fetch_sdist,
+    git,
     make_repo,
     resolve,
 )
@@ -114,24 +113,16 @@ def split_of_library(name: str, seed: int, test_libraries: Sequence[str], all_na
     return "test" if score(name) < TEST_FRACTION_PER_256 else "train"
 
 
-def _git(repo: Path, *args: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, check=False,
-                          env={**COMMIT_ENV, "PATH": "/usr/bin:/bin", "HOME": str(repo)})
-    if proc.returncode != 0:
-        raise LibraryError(f"git {' '.join(args)} failed in {repo}: {proc.stderr[-1000:]}")
-    return proc.stdout
-
-
 def commit_bug(source: LibrarySource, mutation: Mutation, instance_id: str) -> tuple[str, str]:
     """Commit the mutated file on top of the clean commit; returns (its sha, the gold patch back to clean)."""
     repo = source.repo_dir
-    _git(repo, "checkout", "-q", "-f", source.base_commit)
+    git(repo, "checkout", "-q", "-f", source.base_commit)
     (repo / mutation.path).write_text(mutation.mutated)
-    _git(repo, "commit", "-q", "--no-verify", "-a", "-m", f"{instance_id}")
-    sha = _git(repo, "rev-parse", "HEAD").strip()
-    _git(repo, "tag", "-f", f"m2rl/{instance_id}", sha)
-    patch = _git(repo, "diff", "--no-color", "--no-ext-diff", sha, source.base_commit)
-    _git(repo, "checkout", "-q", "-f", source.base_commit)
+    git(repo, "commit", "-q", "--no-verify", "-a", "-m", f"{instance_id}")
+    sha = git(repo, "rev-parse", "HEAD").strip()
+    git(repo, "tag", "-f", f"m2rl/{instance_id}", sha)
+    patch = git(repo, "diff", "--no-color", "--no-ext-diff", sha, source.base_commit)
+    git(repo, "checkout", "-q", "-f", source.base_commit)
     return sha, patch
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from m2rl.envs.swe.factory.library_image import SEED_DIR
-from m2rl.envs.swe.factory.sources import COMMIT_ENV, LibraryError, LibrarySource
+from m2rl.envs.swe.factory.sources import LibraryError, LibrarySource, git
 from m2rl.sandboxes.docker_backend import docker_client, image_exists
 from m2rl.sandboxes.images import IMAGE_LABEL, SANDBOX_UID, SANDBOX_USER
 
@@ -43,11 +42,8 @@ def build_instance_image(source: LibrarySource, library_image: str, commits: Seq
     if image_exists(tag):
         return tag
     repo = source.repo_dir
-    env = {**COMMIT_ENV, "PATH": "/usr/bin:/bin", "HOME": str(repo)}
-    for args in (["checkout", "-q", "-f", source.base_commit], ["gc", "-q", "--prune=now"]):
-        proc = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env, check=False)
-        if proc.returncode != 0:
-            raise LibraryError(f"git {' '.join(args)} failed in {repo}: {proc.stderr[-1000:]}")
+    git(repo, "checkout", "-q", "-f", source.base_commit)
+    git(repo, "gc", "-q", "--prune=now")  # one pack: the seed copy and every snapshot restore stay small
     client = docker_client()
     container = client.containers.create(library_image, command=["sleep", "infinity"], user="0",
                                          network_disabled=True, labels={IMAGE_LABEL: "build"})

@@ -9,24 +9,15 @@ as in `build.py`, so the tags come out the same.
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from pathlib import Path
 
 from m2rl.envs.swe.factory import known_libraries
 from m2rl.envs.swe.factory.instance_image import build_instance_image
 from m2rl.envs.swe.factory.library_image import build_library_image
-from m2rl.envs.swe.factory.sources import COMMIT_ENV, LibraryError, default_cache_dir, fetch_sdist, make_repo
+from m2rl.envs.swe.factory.sources import LibraryError, default_cache_dir, fetch_sdist, git, make_repo
 from m2rl.envs.swe.images import ImageBuilder
 from m2rl.envs.swe.instances import SWEInstance, load_instances
-
-
-def _git(repo: Path, *args: str, stdin: str | None = None) -> str:
-    proc = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, text=True, check=False,
-                          env={**COMMIT_ENV, "PATH": "/usr/bin:/bin", "HOME": str(repo)})
-    if proc.returncode != 0:
-        raise LibraryError(f"git {' '.join(args)} failed in {repo}: {proc.stderr[-1000:]}")
-    return proc.stdout
 
 
 def rebuild_image(recipe: dict, instances: dict[str, SWEInstance], cache_dir: Path | None = None) -> str:
@@ -41,13 +32,13 @@ def rebuild_image(recipe: dict, instances: dict[str, SWEInstance], cache_dir: Pa
     commits = []
     for iid in recipe["instances"]:
         inst = instances[iid]
-        _git(source.repo_dir, "checkout", "-q", "-f", source.base_commit)
-        _git(source.repo_dir, "apply", "-R", "-", stdin=inst.patch if inst.patch.endswith("\n") else inst.patch + "\n")
-        _git(source.repo_dir, "commit", "-q", "--no-verify", "-a", "-m", iid)
-        sha = _git(source.repo_dir, "rev-parse", "HEAD").strip()
+        git(source.repo_dir, "checkout", "-q", "-f", source.base_commit)
+        git(source.repo_dir, "apply", "-R", "-", stdin=inst.patch if inst.patch.endswith("\n") else inst.patch + "\n")
+        git(source.repo_dir, "commit", "-q", "--no-verify", "-a", "-m", iid)
+        sha = git(source.repo_dir, "rev-parse", "HEAD").strip()
         if sha != inst.base_commit:
             raise LibraryError(f"{iid}: rebuilding its base commit gave {sha}, not {inst.base_commit}")
-        _git(source.repo_dir, "tag", "-f", f"m2rl/{iid}", sha)
+        git(source.repo_dir, "tag", "-f", f"m2rl/{iid}", sha)
         commits.append(sha)
     return build_instance_image(source, library_image, commits)
 

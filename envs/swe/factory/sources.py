@@ -508,21 +508,23 @@ def find_source_files(root: Path, package_root: str, import_names: tuple[str, ..
 
 
 # --------------------------------------------------------------------------- the repository
-def _git(repo: Path, *args: str) -> str:
+def git(repo: Path, *args: str, stdin: str | None = None) -> str:
+    """Run git in `repo` with the fixed identity and dates of COMMIT_ENV; its stdout, as printed."""
     # Only PATH from the caller: a GIT_DIR or GIT_INDEX_FILE in its environment must not redirect us.
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **COMMIT_ENV}
-    proc = subprocess.run(["git", *args], cwd=repo, env=env, capture_output=True, text=True, check=False)
+    proc = subprocess.run(["git", *args], cwd=repo, env=env, input=stdin, capture_output=True, text=True,
+                          check=False)
     if proc.returncode != 0:
         raise LibraryError(f"git {' '.join(args)} failed in {repo}: {proc.stderr.strip()[-2000:]}")
-    return proc.stdout.strip()
+    return proc.stdout
 
 
 def commit_tree(repo: Path, message: str) -> str:
     """`git init` + one commit of everything (ignored files too: the sdist is the release as shipped)."""
-    _git(repo, "init", "-q", "--template=", "-b", "main")
-    _git(repo, "add", "--all", "--force", ".")
-    _git(repo, "-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-m", message)
-    return _git(repo, "rev-parse", "HEAD")
+    git(repo, "init", "-q", "--template=", "-b", "main")
+    git(repo, "add", "--all", "--force", ".")
+    git(repo, "-c", "commit.gpgsign=false", "commit", "-q", "--no-verify", "-m", message)
+    return git(repo, "rev-parse", "HEAD").strip()
 
 
 def make_repo(name: str, version: str, sdist: Path, work_dir: Path) -> LibrarySource:

@@ -134,3 +134,17 @@ def test_starter_set_is_split_by_library():
     assert len(instances) >= 24
     recipes = json.loads((STARTER / "images.json").read_text())
     assert sorted(i for r in recipes.values() for i in r["instances"]) == sorted(i.instance_id for i in instances)
+
+
+@pytest.mark.slow
+def test_training_on_swe_runs_grades_and_updates(tmp_path: Path):
+    """configs/swe.yaml end to end, shortened to one step (about 2 minutes on 2 CPU cores): episodes in the
+    repository images, every one graded, a learner update, an evaluation on the held-out library."""
+    from m2rl.cli import main
+
+    argv = ["train", "--config", "configs/swe.yaml", "steps=1", "eval.every=1", f"run_root={tmp_path}", "name=swe"]
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "swe" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "learner/loss" in r]
+    assert len(train) == 1 and train[0]["rollout/failed_episodes"] == 0 and train[0]["learner/loss_tokens"] > 0
+    assert [r["eval/failed_episodes"] for r in rows if "eval/success_rate" in r] == [0.0, 0.0]

@@ -20,7 +20,8 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import PurePosixPath
+
+from m2rl.rewards.paths import is_test_path
 
 FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 
@@ -37,11 +38,9 @@ class Mutation:
 
 
 def is_test_file(path: str) -> bool:
-    """Test code is never mutated: the tests are the oracle that must catch the bug."""
-    parts = PurePosixPath(path.replace("\\", "/")).parts
-    name = parts[-1] if parts else ""
-    return (any(part in ("tests", "test") for part in parts[:-1]) or name.startswith("test_")
-            or name.endswith("_test.py") or name == "conftest.py")
+    """Test code is never mutated: the tests are the oracle that must catch the bug. The project's one rule
+    for test paths (`m2rl.rewards.paths.is_test_path`, also what grading protects)."""
+    return is_test_path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------

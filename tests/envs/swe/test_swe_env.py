@@ -148,3 +148,45 @@ def test_training_on_swe_runs_grades_and_updates(tmp_path: Path):
     train = [r for r in rows if "learner/loss" in r]
     assert len(train) == 1 and train[0]["rollout/failed_episodes"] == 0 and train[0]["learner/loss_tokens"] > 0
     assert [r["eval/failed_episodes"] for r in rows if "eval/success_rate" in r] == [0.0, 0.0]
+
+
+def test_an_official_image_in_the_engine_is_used(tmp_path: Path):
+    """An image named like SWE-bench's (`sweb.eval.x86_64.<id>`, repository at /testbed) is adapted to the
+    sandbox layout once and used instead of the instance's own image; the gold patch still resolves."""
+    import dataclasses
+
+    from m2rl.envs.swe.images import official_image, resolve_image
+    from m2rl.envs.swe.instances import official_image_name, write_instances
+    from m2rl.sandboxes.docker_backend import docker_client
+
+    inst = first_instance()
+    env = gym.make("m2rl/SWE-v0", instances=str(STARTER), ids=[inst.instance_id])
+    ours = env.unwrapped.image_of(inst)  # built from the recipe if missing
+    env.close()
+    client = docker_client()
+    official = f"{official_image_name(inst.instance_id)}:latest"
+    # An official-style image: the repository in /testbed itself, no seed directory.
+    container = client.containers.create(ours, command=["sleep", "infinity"], user="0")
+    try:
+        container.start()
+        code, out = container.exec_run(["bash", "-c", "cp -a /opt/m2rl/seed/testbed/. /testbed/ && rm -rf /opt/m2rl/seed"])
+        assert code == 0, out
+        container.commit(repository=official.split(":")[0], tag="latest")
+    finally:
+        container.remove(force=True)
+    try:
+        assert official_image(inst.instance_id) == official
+        orphan = dataclasses.replace(inst, image="m2rl-no-such-image:0")  # only the official image can serve it
+        adapted = resolve_image(orphan)
+        assert adapted.startswith("m2rl-swe-official:")
+        write_instances(tmp_path / "instances.jsonl", [orphan])
+        env = gym.make("m2rl/SWE-v0", instances=str(tmp_path / "instances.jsonl"))
+        try:
+            _, info, _ = run_script(env, gold_patch_script(env), options={"task_id": inst.instance_id})
+            assert env.unwrapped.image_of(orphan) == adapted
+            assert info["verification"]["resolved"] is True, info["verification"]
+        finally:
+            env.close()
+    finally:
+        for tag in (official, *(t.tags[0] for t in client.images.list("m2rl-swe-official"))):
+            client.images.remove(tag, force=True)

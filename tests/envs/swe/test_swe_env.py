@@ -43,7 +43,7 @@ def test_check_env_passes():
 
 def test_gold_patch_through_the_editor_resolves(env):
     inst = first_instance()
-    total, info, steps = run_script(env, gold_patch_script(env), options={"task_id": inst.instance_id})
+    _, info, steps = run_script(env, gold_patch_script(env), options={"task_id": inst.instance_id})
     assert info["verification"]["resolved"] is True, info["verification"]
     assert info["reward_breakdown"]["resolved"] > 0 and steps == 2
     assert "RESOLVED_FULL" in info["verification"]["details"]
@@ -52,7 +52,7 @@ def test_gold_patch_through_the_editor_resolves(env):
 def test_empty_patch_does_not_resolve(env):
     inst = first_instance()
     env.reset(options={"task_id": inst.instance_id})
-    _, reward, terminated, _, info = env.step(action_text([("submit", {"answer": "done"})]))
+    _, _, terminated, _, info = env.step(action_text([("submit", {"answer": "done"})]))
     assert terminated and info["verification"]["resolved"] is False
     assert info["reward_breakdown"]["resolved"] == 0.0
 
@@ -77,7 +77,7 @@ def test_warm_reset_restores_the_repository_in_the_same_container(env):
     env.reset(options={"task_id": inst.instance_id})
     sandbox = env.unwrapped.sandbox
     env.step(action_text([("bash", {"command": "echo junk > junk.txt && rm -rf .git/hooks"})]))
-    _, info = env.reset(options={"task_id": inst.instance_id})
+    env.reset(options={"task_id": inst.instance_id})
     assert env.unwrapped.sandbox is sandbox  # no new container
     reply = run_in(env, "ls junk.txt 2>&1; git status --short | wc -l")
     assert "No such file" in reply and reply.split()[-1] == "0", reply

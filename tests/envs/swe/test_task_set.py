@@ -42,11 +42,10 @@ TEST_PATCH = """diff --git a/tests/test_calc.py b/tests/test_calc.py
 
 
 def instance(iid: str, repo: str, split: str, **kw) -> SWEInstance:
-    fields = dict(instance_id=iid, repo=repo, base_commit="a" * 40, patch=PATCH, test_patch="",
-                  problem_statement=f"problem of {iid}", FAIL_TO_PASS=("tests/test_calc.py::test_add",),
-                  PASS_TO_PASS=("tests/test_calc.py::test_sub",), split=split)
-    fields.update(kw)
-    return SWEInstance(**fields)
+    fields = {"instance_id": iid, "repo": repo, "base_commit": "a" * 40, "patch": PATCH, "test_patch": "",
+              "problem_statement": f"problem of {iid}", "FAIL_TO_PASS": ("tests/test_calc.py::test_add",),
+              "PASS_TO_PASS": ("tests/test_calc.py::test_sub",), "split": split}
+    return SWEInstance(**{**fields, **kw})
 
 
 @pytest.fixture

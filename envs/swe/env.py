@@ -154,8 +154,12 @@ def _close_quietly(sandbox: Any) -> None:
         logger.debug("closing a sandbox failed", exc_info=True)
 
 
+# The validated set shipped with the package: what `gym.make("m2rl/SWE-v0")` plays when given no instances.
+STARTER_TASKS = Path(__file__).resolve().parents[2] / "tasks" / "swe-starter"
+
+
 def make_swe_env(
-    instances: str | Path | Sequence[SWEInstance],
+    instances: str | Path | Sequence[SWEInstance] = STARTER_TASKS,
     sandbox: str = "docker",
     *,
     repos: Sequence[str] | None = None,
@@ -169,7 +173,8 @@ def make_swe_env(
     """`gymnasium.make("m2rl/SWE-v0", instances=PATH_OR_NAME, sandbox="docker", ...)` lands here.
 
     `instances`: a JSON/JSONL/parquet file, a task directory (its instances.jsonl), a saved dataset, a
-    SWE-bench name with a local copy ("lite", "verified"), or SWEInstance objects; `repos`/`ids`/`count`
+    SWE-bench name with a local copy ("lite", "verified"), or SWEInstance objects (default: the shipped
+    starter set, tasks/swe-starter); `repos`/`ids`/`count`
     filter them. Other keyword arguments are `ToolEnv`'s (split, max_steps, tool_timeout_s, reward_spec,
     sandbox_limits, ...). A task directory's images are rebuilt from its recipes when missing."""
     if isinstance(instances, (str, Path)):

@@ -85,6 +85,7 @@ class SWEEnv(ToolEnv):
     """A `ToolEnv` whose sandbox image follows the instance (see the module docstring)."""
 
     task_set: SWETaskSet
+    sandbox: Any
 
     def __init__(self, task_set: SWETaskSet, *, image_builder: ImageBuilder | None = None, **kwargs: Any) -> None:
         self._images: dict[str, str] = {}  # instance id -> resolved image

@@ -90,6 +90,11 @@ class VLLMServer:
         env = dict(os.environ)
         if self.config.kv_cache_space_gb is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.config.kv_cache_space_gb)
+        # `python -m` puts the working directory first on sys.path; from a source checkout that would let a
+        # stale `m2rl.egg-info` there hide the installed metadata, whose `vllm.general_plugins` entry point
+        # (m2rl.model.vllm_plugin: M2 routing on vllm-cpu) must load in every vLLM process, and would let
+        # the repo's top-level folders (`kernels/`, `model/`) shadow installed packages of those names.
+        env.setdefault("PYTHONSAFEPATH", "1")
         env.update(self.config.env)
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
         # A new session makes the server the leader of its own process group: stop() kills the group.

@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "m2rl.rl.warm_start",  # warm-start
     "m2rl.envs.cli",       # tasks
     "m2rl.sandboxes.cli",  # sandboxes, images
+    "m2rl.model.serving.cli",  # serve
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent

@@ -53,6 +53,10 @@ PASSED = "PASSED"
 TEST_FRACTION_PER_256 = 51  # ~20% of libraries are held out when none are named
 STATEMENT_ATTEMPTS = 4  # template variants tried before a candidate whose statement leaks is dropped
 REPO_OWNER = "m2rl-factory"
+# A mutation that makes the suite loop must not cost the full timeout: a candidate run may take this many times
+# the slower baseline run (at least CANDIDATE_MIN_TIMEOUT_S), never more than the configured timeout.
+CANDIDATE_TIMEOUT_FACTOR = 5.0
+CANDIDATE_MIN_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class FactoryConfig:
     candidates_per_library: int = 0  # mutations tried per library; 0: 4 x max_per_library
     test_libraries: tuple[str, ...] = ()  # held-out libraries; empty: ~20% chosen by the seed
     workers: int = 2  # libraries processed at once (one test container each)
-    test_timeout_s: float = 120.0
+    test_timeout_s: float = 120.0  # a baseline run; a mutated run gets CANDIDATE_TIMEOUT_FACTOR x the baseline
     cache_dir: Path | None = None
 
     @property
@@ -196,6 +200,8 @@ class LibraryBuild:
     def _baseline(self, container: TestContainer, test_cmd: str) -> set[str]:
         first = container.run(test_cmd, self.config.test_timeout_s)
         second = container.run(test_cmd, self.config.test_timeout_s)
+        self.candidate_timeout_s = min(self.config.test_timeout_s, max(
+            CANDIDATE_MIN_TIMEOUT_S, CANDIDATE_TIMEOUT_FACTOR * max(first.duration_s, second.duration_s)))
         passing = _passing(first) & _passing(second)
         self.report.baseline_tests = len(passing)
         if not passing:
@@ -221,13 +227,13 @@ class LibraryBuild:
                        mutation: Mutation) -> Verdict:
         container.write_file(mutation.path, mutation.mutated)
         try:
-            first = container.run(test_cmd, self.config.test_timeout_s)
+            first = container.run(test_cmd, self.candidate_timeout_s)
             failing = baseline - _passing(first)
             if first.timed_out or not failing:
                 return Verdict(broke=False, flaky=False, failing=None)
             if failing == baseline:  # nothing passes (an import-time crash): no PASS_TO_PASS to keep
                 return Verdict(broke=True, flaky=False, failing=None)
-            second = container.run(test_cmd, self.config.test_timeout_s)
+            second = container.run(test_cmd, self.candidate_timeout_s)
             if second.timed_out or baseline - _passing(second) != failing:
                 return Verdict(broke=True, flaky=True, failing=None)
             return Verdict(broke=True, flaky=False, failing=tuple(sorted(failing)), log=first.log)

@@ -32,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--test-library", action="append", default=[], metavar="NAME",
                        help="hold this library out as the test split (default: ~20%% chosen by the seed)")
     build.add_argument("--workers", type=int, default=2, help="libraries built at once")
-    build.add_argument("--test-timeout", type=float, default=120.0, help="seconds per test-suite run")
+    build.add_argument("--test-timeout", type=float, default=120.0,
+                       help="seconds per baseline suite run (a mutated run gets 5x the baseline time, at least 20 s)")
     build.set_defaults(func=cmd_build)
 
     validate = sub.add_parser("validate", help="grade every instance's gold and empty patch; print a table")

@@ -9,7 +9,10 @@ Two modes:
 
 One pooled `httpx.AsyncClient` per event loop, a semaphore capping requests in flight, retries with
 exponential backoff (and `Retry-After`) on connection errors, timeouts, 408, 429 and 5xx, and an
-immediate `PolicyRequestError` naming the status and the server's message on any other 4xx.
+immediate `PolicyRequestError` naming the status and the server's message on any other 4xx. With a
+`server_check` (a server this process started, `VLLMServer.policy()`), a failed attempt first asks whether
+the server is dead, so its death is reported at once with its log tail instead of as a `ConnectError`
+after every retry.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import urlsplit
@@ -121,6 +125,7 @@ class OpenAIPolicy:
         extra_body: dict[str, Any] | None = None,
         chat_max_tokens_key: str = "max_tokens",
         transport: httpx.AsyncBaseTransport | None = None,
+        server_check: Callable[[], None] | None = None,
     ) -> None:
         if not isinstance(model, str) or not model:
             raise ValueError("model must be the served model's name (a non-empty string)")
@@ -140,6 +145,8 @@ class OpenAIPolicy:
         self.extra_body = dict(extra_body or {})
         self.chat_max_tokens_key = chat_max_tokens_key
         self._transport = transport  # tests inject httpx.MockTransport here
+        # Raises (e.g. VLLMServerError with the log tail) when the server is known dead; None: retry blindly.
+        self.server_check = server_check
         # The client and semaphore belong to one event loop; they are rebuilt if used from another.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
@@ -212,6 +219,8 @@ class OpenAIPolicy:
                         raise PolicyRequestError(resp.status_code, message, url)
                     last_error = f"HTTP {resp.status_code}: {message}"
                     retry_after = resp.headers.get("retry-after")
+                if self.server_check is not None:
+                    await asyncio.to_thread(self.server_check)  # blocking HTTP + wait: off the event loop
                 if attempt < self.max_retries:
                     self.stats["retries"] += 1
                     await asyncio.sleep(self._backoff(attempt, retry_after))
@@ -248,6 +257,14 @@ class OpenAIPolicy:
         version = self.policy_version  # the weights serving this request, read before it is sent
         data = await self.post("/completions", self.completion_body(prompt_ids, params))
         return parse_completion(data, version)
+
+    async def prompt_logprobs(self, prompt_ids: list[int]) -> list[float]:
+        """log pi(x_t | x_<t) for t = 1 .. len-1 of a token-id prompt, teacher-forced (vLLM's `prompt_logprobs`):
+        the generator's side of the weight-sync parity probe (rl/parity.py)."""
+        prompt_ids = validate_prompt_ids(prompt_ids)
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": 1, "temperature": 0.0, "n": 1,
+                "prompt_logprobs": 0}  # 0: only each prompt token's own log-prob, no top-k alternatives
+        return parse_prompt_logprobs(await self.post("/completions", body), prompt_ids)
 
     # -- chat with native tool calls ---------------------------------------------------------------
 
@@ -297,6 +314,23 @@ def parse_completion(data: dict[str, Any], policy_version: int) -> PolicyOutput:
         raise PolicyResponseError(f"unexpected finish_reason {finish!r} (request aborted by the server?)")
     return PolicyOutput(ids=ids, logprobs=[float(x) for x in logprobs], finish_reason=finish,
                         policy_version=policy_version)
+
+
+def parse_prompt_logprobs(data: dict[str, Any], prompt_ids: list[int]) -> list[float]:
+    """The log-prob of each prompt token after the first from a `/v1/completions` body with `prompt_logprobs`
+    (vLLM: one `{"<id>": {"logprob": ...}}` per position, null for the first)."""
+    choices = data.get("choices")
+    entries = choices[0].get("prompt_logprobs") if isinstance(choices, list) and choices else None
+    if not isinstance(entries, list) or len(entries) != len(prompt_ids):
+        raise PolicyResponseError("completion response has no prompt_logprobs for every prompt token (the server "
+                                  f"must support vLLM's `prompt_logprobs`): {json.dumps(data)[:300]}")
+    out: list[float] = []
+    for position, (token, entry) in enumerate(zip(prompt_ids[1:], entries[1:]), start=1):
+        logprob = entry.get(str(token), {}).get("logprob") if isinstance(entry, dict) else None
+        if not isinstance(logprob, (int, float)):
+            raise PolicyResponseError(f"prompt_logprobs[{position}] has no log-prob of token {token}: {entry!r:.200}")
+        out.append(float(logprob))
+    return out
 
 
 def parse_chat(data: dict[str, Any]) -> ChatOutput:

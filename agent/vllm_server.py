@@ -68,6 +68,7 @@ class VLLMServer:
             os.close(fd)
             self.log_path = Path(name)
         self._log_file: Any = None
+        self._started = False  # a restart appends to the log, so the run keeps every start's lines
 
     @property
     def base_url(self) -> str:
@@ -96,7 +97,9 @@ class VLLMServer:
         # the repo's top-level folders (`kernels/`, `model/`) shadow installed packages of those names.
         env.setdefault("PYTHONSAFEPATH", "1")
         env.update(self.config.env)
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the server's lifetime
+        mode = "ab" if self._started else "wb"
+        self._log_file = open(self.log_path, mode)  # noqa: SIM115 - kept open for the server's lifetime
+        self._started = True
         # A new session makes the server the leader of its own process group: stop() kills the group.
         self.process = subprocess.Popen(self.command(), stdout=self._log_file, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)
@@ -107,6 +110,43 @@ class VLLMServer:
             self.stop()
             raise
         return self
+
+    def restart(self, model_dir: str | Path) -> Self:
+        """Stop the server and start it again on `model_dir`, on the same port, so clients keep their base_url
+        (and their model name when `served_model_name` is set). The weight sync of vLLM on CPU
+        (rl/weight_sync.py: RestartSync); raises VLLMServerError with the log tail if it does not come back."""
+        if not (Path(model_dir) / "config.json").is_file():
+            raise VLLMServerError(f"{model_dir} is not a checkpoint directory (no config.json)")
+        self.stop()
+        self.config.model_dir = model_dir
+        self.model_name = self.config.served_model_name or str(model_dir)
+        return self.start()
+
+    def check_alive(self) -> None:
+        """Raise VLLMServerError carrying the log tail if the server is known to be dead: its process exited,
+        or /health answers 503 (vLLM's API process lingers a few seconds after its engine core died). A
+        server too busy to answer is not dead: that stays the client's retry policy to handle."""
+        proc = self.process
+        if proc is None:
+            raise VLLMServerError(f"vLLM server is not running (stopped); log {self.log_path}:\n{self.log_tail()}")
+        if proc.poll() is None:
+            try:
+                status = httpx.get(f"http://{self.config.host}:{self.port}/health", timeout=2.0).status_code
+            except httpx.ConnectError:
+                # Nothing listens any more: the process is on its way out; give it a moment to exit.
+                try:
+                    proc.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    return
+            except httpx.TransportError:
+                return
+            else:
+                if status == 503:
+                    raise VLLMServerError(f"vLLM server's engine is dead (/health answers 503); "
+                                          f"log {self.log_path}:\n{self.log_tail()}")
+                return
+        raise VLLMServerError(f"vLLM server exited with code {proc.returncode}; log {self.log_path}:\n"
+                              f"{self.log_tail()}")
 
     def log_tail(self, n_chars: int = 4000) -> str:
         try:
@@ -165,7 +205,9 @@ class VLLMServer:
         self.stop()
 
     def policy(self, **kwargs: Any) -> Any:
-        """An OpenAIPolicy pointed at this server."""
+        """An OpenAIPolicy pointed at this server; a connection failure asks `check_alive`, so a dead server
+        is reported at once with its log tail rather than after every retry."""
         from m2rl.agent.openai_policy import OpenAIPolicy
 
+        kwargs.setdefault("server_check", self.check_alive)
         return OpenAIPolicy(self.base_url, self.model_name, **kwargs)

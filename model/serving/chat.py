@@ -16,7 +16,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from m2rl.agent.format import (
@@ -47,7 +46,7 @@ from m2rl.model.serving.protocol import (
     Usage,
 )
 from m2rl.model.serving.request import Prefilled, Request
-from m2rl.model.serving.service import ChoiceUpdate, Service
+from m2rl.model.serving.service import ChoiceSoFar, Service
 
 STREAM_MARKERS = (THINK_OPEN, THINK_CLOSE, TOOL_CALL_OPEN, EOS)  # the ones that move text between fields
 
@@ -113,27 +112,6 @@ class ChatTextSplitter:
         return r, c
 
 
-@dataclass
-class _Choice:
-    """One choice, accumulated for the non-streamed answer."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    tops: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    error: str = ""
-
-    def add(self, update: ChoiceUpdate) -> None:
-        self.token_ids += update.token_ids
-        self.logprobs += update.logprobs
-        self.tops += update.tops
-        self.text += update.text
-        if update.finish_reason is not None:
-            self.finish_reason, self.stop_reason, self.error = update.finish_reason, update.stop_reason, update.error
-
-
 class ChatCompletion:
     """One /v1/chat/completions request from submission to its answer."""
 
@@ -167,7 +145,7 @@ class ChatCompletion:
 
     # ---- whole -------------------------------------------------------------------------------------
     async def response(self) -> ChatCompletionResponse:
-        choices = [_Choice() for _ in range(self.req.n)]
+        choices = [ChoiceSoFar() for _ in range(self.req.n)]
         async for item in self.service.updates(self.handle, self.streams):
             if isinstance(item, Prefilled):
                 self.policy_version = item.policy_version

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from m2rl.model.serving.errors import ApiError, error_content
@@ -24,7 +24,7 @@ from m2rl.model.serving.protocol import (
     Usage,
 )
 from m2rl.model.serving.request import Prefilled, PromptToken, Request
-from m2rl.model.serving.service import ChoiceUpdate, Service, merge
+from m2rl.model.serving.service import ChoiceSoFar, ChoiceUpdate, Service, merge
 from m2rl.model.serving.text import TextStream
 
 
@@ -33,29 +33,6 @@ class _Prompt:
     ids: list[int]
     text: str  # decoded as the choices' text is (what `echo` prepends)
     offsets: list[int]
-
-
-@dataclass
-class _Choice:
-    """One choice, accumulated for the non-streamed answer."""
-
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    tops: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    error: str = ""
-
-    def add(self, update: ChoiceUpdate) -> None:
-        self.token_ids += update.token_ids
-        self.logprobs += update.logprobs
-        self.tops += update.tops
-        self.offsets += update.offsets
-        self.text += update.text
-        if update.finish_reason is not None:
-            self.finish_reason, self.stop_reason, self.error = update.finish_reason, update.stop_reason, update.error
 
 
 class Completion:
@@ -103,7 +80,7 @@ class Completion:
     # ---- whole -------------------------------------------------------------------------------------
     async def response(self) -> CompletionResponse:
         n = self.req.n
-        choices = [[_Choice() for _ in range(n)] for _ in self.handles]
+        choices = [[ChoiceSoFar() for _ in range(n)] for _ in self.handles]
         async for i, item in self._updates():
             if isinstance(item, Prefilled):
                 self._on_prefill(i, item)
@@ -122,7 +99,7 @@ class Completion:
                                               total_tokens=prompt_tokens + completion_tokens),
                                   policy_version=self.policy_version)
 
-    def _choice(self, index: int, prompt_index: int, c: _Choice) -> CompletionChoice:
+    def _choice(self, index: int, prompt_index: int, c: ChoiceSoFar) -> CompletionChoice:
         prompt = self.prompts[prompt_index]
         logprobs = None
         if self.req.logprobs is not None:

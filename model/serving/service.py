@@ -47,6 +47,29 @@ class ChoiceUpdate:
     error: str = ""
 
 
+@dataclass
+class ChoiceSoFar:
+    """One choice, accumulated from its updates for a non-streamed answer."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    tops: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str = ""
+
+    def add(self, update: ChoiceUpdate) -> None:
+        self.token_ids += update.token_ids
+        self.logprobs += update.logprobs
+        self.tops += update.tops
+        self.offsets += update.offsets
+        self.text += update.text
+        if update.finish_reason is not None:
+            self.finish_reason, self.stop_reason, self.error = update.finish_reason, update.stop_reason, update.error
+
+
 class Service:
     def __init__(self, model: M2ForCausalLM, tokenizer: M2Tokenizer, scheduler: Scheduler, model_name: str,
                  model_path: str = "") -> None:

@@ -13,6 +13,7 @@ each grade). Test runs the agent makes are parsed with the instance's swebench l
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 SWE_LIMITS = Limits(memory_mb=2048, disk_mb=1024, pids=512)
 SWE_DEFAULTS: dict[str, Any] = {"max_steps": 40, "tool_timeout_s": 120.0, "max_output_chars": 12_000}
 FAILED_STATES = (TestStatus.FAILED.value, TestStatus.ERROR.value)
+# Grading sandboxes kept warm per env, one per image, least recently used closed first: a task set spanning
+# many repositories must not keep a container of every one alive.
+MAX_WARM_GRADERS = 4
 
 
 class TestReportingBash(BashTool):
@@ -91,7 +95,7 @@ class SWEEnv(ToolEnv):
         self._images: dict[str, str] = {}  # instance id -> resolved image
         self._image_builder = image_builder
         self._sandbox_image: str | None = None
-        self._graders: dict[str, Any] = {}  # image -> its grading sandbox
+        self._graders: OrderedDict[str, Any] = OrderedDict()  # image -> its grading sandbox, oldest use first
         task_set.grader_sandbox = self._grader_for
         super().__init__(task_set, swe_tools, **kwargs)
         if self.backend != "docker":
@@ -138,7 +142,9 @@ class SWEEnv(ToolEnv):
                 grader = None
         if grader is None:
             grader = self._start_sandbox(image)
-        self._graders[image] = grader
+        self._graders[image] = grader  # (re)inserted last: the most recently used
+        while len(self._graders) > MAX_WARM_GRADERS:
+            _close_quietly(self._graders.popitem(last=False)[1])
         return grader
 
     def close(self) -> None:

@@ -110,3 +110,34 @@ def test_patch_becomes_editor_replacements():
                                                "new_str": "def add(a, b):\n    return a + b\n\n\n"})
     assert calls[2] == ("str_replace_editor", {"command": "create", "path": "/testbed/pkg/new.py",
                                                "file_text": "X = 1\nY = 2\n"})
+
+
+class RecordingSandbox:
+    """Test double for a grading sandbox: records resets and closes."""
+
+    def __init__(self, image: str) -> None:
+        self.image, self.resets, self.closed = image, 0, False
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_warm_graders_are_capped_least_recently_used_first(monkeypatch):
+    from m2rl.envs.swe.env import MAX_WARM_GRADERS, SWEEnv
+
+    instances = [instance(f"lib-{i}__1", f"f/lib-{i}", "train") for i in range(MAX_WARM_GRADERS + 2)]
+    env = SWEEnv(SWETaskSet(instances), backend="docker")
+    started: list[RecordingSandbox] = []
+    monkeypatch.setattr(env, "image_of", lambda inst: f"image-of-{inst.repo}")
+    monkeypatch.setattr(env, "_start_sandbox", lambda image: started.append(RecordingSandbox(image)) or started[-1])
+    first = env._grader_for(instances[0])
+    assert env._grader_for(instances[0]) is first and first.resets == 1  # reused, reset before each grade
+    for inst in instances[1:]:
+        env._grader_for(inst)
+    assert len(env._graders) == MAX_WARM_GRADERS
+    assert [s.closed for s in started] == [True, True] + [False] * MAX_WARM_GRADERS
+    env.close()
+    assert all(s.closed for s in started)

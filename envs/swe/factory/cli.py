@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     validate.add_argument("--count", type=int, default=None, help="only the first N instances")
     validate.add_argument("--ids", default="", help="comma-separated instance ids")
     validate.add_argument("--workers", type=int, default=2, help="instances graded at once")
+    validate.add_argument("--prune", action="store_true",
+                          help="rewrite the task directory without the instances that failed (the dropped ones are "
+                               "listed in validation.json): the last step of building a set")
     validate.set_defaults(func=cmd_validate)
 
     images = sub.add_parser("images", help="build a task directory's missing images from its recipes")
@@ -178,7 +181,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
               for c in checks}
     if args.task_dir.is_dir():
         (args.task_dir / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.prune and bad:
+        if not args.task_dir.is_dir():
+            return _fail("--prune rewrites a task directory; give one")
+        kept = prune(args.task_dir, {c.instance_id for c in bad})
+        print(f"pruned {len(bad)} instances; {kept} remain in {args.task_dir / 'instances.jsonl'}")
+        return 0
     return 1 if bad else 0
+
+
+def prune(task_dir: Path, dropped: set[str]) -> int:
+    """Rewrite `instances.jsonl` and the recipes in `images.json` without `dropped`; returns how many remain.
+    The images keep the dropped instances' commits (harmless: nothing refers to them)."""
+    from m2rl.envs.swe.instances import load_instances, write_instances
+
+    kept = [i for i in load_instances(task_dir) if i.instance_id not in dropped]
+    write_instances(task_dir / "instances.jsonl", kept)
+    recipes_path = task_dir / "images.json"
+    if recipes_path.is_file():
+        recipes = json.loads(recipes_path.read_text())
+        for recipe in recipes.values():
+            recipe["instances"] = [i for i in recipe["instances"] if i not in dropped]
+        recipes = {tag: r for tag, r in recipes.items() if r["instances"]}
+        recipes_path.write_text(json.dumps(recipes, indent=2, sort_keys=True) + "\n")
+    return len(kept)
 
 
 def cmd_images(args: argparse.Namespace) -> int:

@@ -141,3 +141,18 @@ def test_warm_graders_are_capped_least_recently_used_first(monkeypatch):
     assert [s.closed for s in started] == [True, True] + [False] * MAX_WARM_GRADERS
     env.close()
     assert all(s.closed for s in started)
+
+
+def test_prune_drops_instances_from_the_set_and_its_recipes(tmp_path):
+    import json
+
+    from m2rl.envs.swe.factory.cli import prune
+    from m2rl.envs.swe.instances import load_instances, write_instances
+
+    write_instances(tmp_path / "instances.jsonl", [instance("a__1", "f/a", "train"), instance("a__2", "f/a", "train"),
+                                                   instance("b__1", "f/b", "test")])
+    (tmp_path / "images.json").write_text(json.dumps({"img-a": {"instances": ["a__1", "a__2"]},
+                                                      "img-b": {"instances": ["b__1"]}}))
+    assert prune(tmp_path, {"a__2", "b__1"}) == 1
+    assert [i.instance_id for i in load_instances(tmp_path)] == ["a__1"]
+    assert json.loads((tmp_path / "images.json").read_text()) == {"img-a": {"instances": ["a__1"]}}

@@ -70,7 +70,17 @@ class TestReportingBash(BashTool):
             }
         return out
 
-    bash.__doc__ = BashTool.bash.__doc__
+    # The spec the model reads names the repository as the working directory.
+    bash.__doc__ = (BashTool.bash.__doc__ or "").replace("(working directory /work)", f"(working directory {REPO_DIR})")
+
+
+class RepositoryPython(PythonTool):
+    """The python tool, its interpreter started in the repository."""
+
+    def python(self, code: str) -> ToolOutput:
+        return super().python(code)
+
+    python.__doc__ = (PythonTool.python.__doc__ or "").replace("(working directory /work)", f"(working directory {REPO_DIR})")
 
 
 def swe_tools(env: ToolEnv) -> list[Any]:
@@ -80,7 +90,7 @@ def swe_tools(env: ToolEnv) -> list[Any]:
     return [
         TestReportingBash(env.sandbox, timeout, instance).bash,
         EditorTool(env.sandbox, workdir=REPO_DIR).str_replace_editor,
-        PythonTool(env.sandbox, timeout, workdir=REPO_DIR).python,
+        RepositoryPython(env.sandbox, timeout, workdir=REPO_DIR).python,
         submit,
     ]
 

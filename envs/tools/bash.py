@@ -70,7 +70,7 @@ class BashTool:
         self.last_list = ""  # the previous call's changed-files list, removed by the next call
 
     def bash(self, command: str) -> ToolOutput:
-        """Run a bash command in the sandbox and return its stdout and stderr.
+        """Run a bash command in the sandbox (working directory /work) and return its stdout and stderr.
 
         Args:
             command: The command line to run, e.g. `ls -la` or `grep -c ERROR logs/*.log`.

@@ -65,7 +65,7 @@ class PythonTool:
         runs past the time limit is interrupted with KeyboardInterrupt; the interpreter keeps its state.
 
         Args:
-            code: Python source to execute.
+            code: Python source to execute (working directory /work).
         """
         note = ""
         if self.directory is None:

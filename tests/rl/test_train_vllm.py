@@ -9,7 +9,6 @@ on 2 cores, so every test here is marked `vllm` (and the full job also `slow`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -20,19 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from m2rl.agent.policy import SamplingParams
 from m2rl.agent.vllm_server import VLLMServerError
 from m2rl.config import load_config
-from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, save_pretrained
+from m2rl.model import M2Config, M2ForCausalLM, save_pretrained
 from m2rl.rl.parity import model_logprobs
 from m2rl.rl.weight_sync import PolicyBackend, PolicySection, RestartSync, SyncRejected, build_backend
 from m2rl.runs import read_jsonl
+from sync_test_helpers import PROMPT, TOK, generate, learn
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
-TOK = M2Tokenizer.tiny()
-PROMPT = TOK.encode("]~!b[]~b]user\nWhat is 2 + 3?[e~[\n]~b]ai\n<think>\n")
-GREEDY = SamplingParams(max_tokens=12, greedy=True)
 VLLM = PolicySection(kind="vllm", launch=True, parity_retries=0, startup_timeout_s=400)
 
 
@@ -42,24 +38,6 @@ def softmax_m2(seed: int = 0) -> M2ForCausalLM:
     config.scoring_func, config.use_routing_bias = "softmax", False
     config.validate()
     return M2ForCausalLM(config).init_weights(seed=seed)
-
-
-def learn(model: nn.Module, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-
-
-def generate(backend: PolicyBackend) -> tuple[list[int], list[float], int]:
-    async def main():
-        try:
-            return await backend.policy.generate(PROMPT, GREEDY)
-        finally:
-            await backend.policy.aclose()
-
-    out = asyncio.run(main())
-    return out.ids, out.logprobs, out.policy_version
 
 
 def server_group(backend: PolicyBackend) -> int:

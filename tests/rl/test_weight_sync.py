@@ -15,10 +15,9 @@ import httpx
 import pytest
 import torch
 from m2rl.agent.openai_policy import OpenAIPolicy
-from m2rl.agent.policy import SamplingParams
 from m2rl.agent.vllm_server import VLLMServer, VLLMServerConfig, VLLMServerError
 from m2rl.config import ConfigError, load_config
-from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer, save_pretrained
+from m2rl.model import M2Config, M2ForCausalLM, save_pretrained
 from m2rl.rl.parity import model_logprobs
 from m2rl.rl.preflight import config_problems
 from m2rl.rl.weight_sync import (
@@ -30,12 +29,10 @@ from m2rl.rl.weight_sync import (
     build_backend,
 )
 from m2rl.runs import read_jsonl
+from sync_test_helpers import GREEDY, PROMPT, TOK, generate, learn
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[2]
-TOK = M2Tokenizer.tiny()
-PROMPT = TOK.encode("]~!b[]~b]user\nWhat is 2 + 3?[e~[\n]~b]ai\n<think>\n")
-GREEDY = SamplingParams(max_tokens=12, greedy=True)
 
 
 def tiny_m2(seed: int = 0) -> M2ForCausalLM:
@@ -44,25 +41,6 @@ def tiny_m2(seed: int = 0) -> M2ForCausalLM:
 
 def local_backend(model: nn.Module, tmp_path: Path, retries: int = 1) -> PolicyBackend:
     return build_backend(PolicySection(parity_retries=retries), model, TOK, tmp_path, max_batch_size=4)
-
-
-def generate(backend: PolicyBackend) -> tuple[list[int], list[float], int]:
-    async def main():
-        try:
-            return await backend.policy.generate(PROMPT, GREEDY)
-        finally:
-            await backend.policy.aclose()
-
-    out = asyncio.run(main())
-    return out.ids, out.logprobs, out.policy_version
-
-
-def learn(model: nn.Module, seed: int = 1) -> None:
-    """Stand-in for a learner update: every weight moves."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
 class Corrupting:

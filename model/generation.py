@@ -7,9 +7,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
+from collections.abc import Callable
 from typing import Literal
 
 import torch
+from m2rl.model.graph_decode import GraphDecoder
 from m2rl.model.m2 import M2ForCausalLM
 from m2rl.model.sampling import sample_from_logits, sampling_logits
 
@@ -88,15 +91,15 @@ def generate(model: M2ForCausalLM, prompts: list[list[int]], params: SamplingPar
     if params.seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed)
-    ids, mask, last = _pad_batch(prompts, 0, padding_side, device)
     B = len(prompts)
-    cache = model.new_kv_cache(B, ids.shape[1] + params.max_tokens)
-    hidden = model.hidden_states(ids, kv_cache=cache, attention_mask=mask)
-    logits = model.logits(hidden[torch.arange(B, device=device), last], fp32=True)  # [B, V]
+    if use_cuda_graphs(device):
+        logits, step = _graph_decoder(model, prompts, params.max_tokens)
+    else:
+        logits, step = _eager_decoder(model, prompts, params.max_tokens, padding_side)
     stop = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_lp, step_raw = [], [], []
-    for step in range(params.max_tokens):
+    for index in range(params.max_tokens):
         raw_lp = torch.log_softmax(logits, dim=-1)
         if params.greedy:
             next_ids = torch.argmax(logits, dim=-1)
@@ -109,11 +112,11 @@ def generate(model: M2ForCausalLM, prompts: list[list[int]], params: SamplingPar
         step_lp.append(lp.gather(1, next_ids[:, None])[:, 0])
         step_raw.append(raw_lp.gather(1, next_ids[:, None])[:, 0])
         done = done | torch.isin(next_ids, stop)
-        if step + 1 == params.max_tokens or bool(done.all()):
+        # done.all() syncs with the device: only ask when a stop id can end every row.
+        if index + 1 == params.max_tokens or (params.stop_ids and bool(done.all())):
             break
         # Finished rows keep decoding (their tokens are dropped below): a fixed batch shape, no re-packing.
-        hidden = model.hidden_states(next_ids[:, None], kv_cache=cache, check_ids=False)
-        logits = model.logits(hidden[:, -1], fp32=True)
+        logits = step(next_ids)
     all_ids = torch.stack(step_ids, 1).tolist()
     all_lp = torch.stack(step_lp, 1).tolist()
     all_raw = torch.stack(step_raw, 1).tolist()
@@ -127,3 +130,59 @@ def generate(model: M2ForCausalLM, prompts: list[list[int]], params: SamplingPar
                 outs[b].finish_reason = "stop"
                 break
     return outs
+
+
+# ---- decoders: prefill the prompts, then one step per call (next ids in, fp32 logits [B, V] out) ---------
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def use_cuda_graphs(device: torch.device) -> bool:
+    """CUDA runs decode through captured graphs (model/graph_decode.py) unless M2RL_CUDA_GRAPHS=0."""
+    return device.type == "cuda" and os.environ.get("M2RL_CUDA_GRAPHS", "1") != "0"
+
+
+def _eager_decoder(model: M2ForCausalLM, prompts: list[list[int]], max_tokens: int,
+                   padding_side: str) -> tuple[torch.Tensor, DecodeFn]:
+    device = model.device
+    ids, mask, last = _pad_batch(prompts, 0, padding_side, device)
+    B = len(prompts)
+    cache = model.new_kv_cache(B, ids.shape[1] + max_tokens)
+    hidden = model.hidden_states(ids, kv_cache=cache, attention_mask=mask)
+    logits = model.logits(hidden[torch.arange(B, device=device), last], fp32=True)  # [B, V]
+
+    def step(next_ids: torch.Tensor) -> torch.Tensor:
+        hidden = model.hidden_states(next_ids[:, None], kv_cache=cache, check_ids=False)
+        return model.logits(hidden[:, -1], fp32=True)
+
+    return logits, step
+
+
+def _graph_decoder(model: M2ForCausalLM, prompts: list[list[int]], max_tokens: int,
+                   use_graphs: bool | None = None) -> tuple[torch.Tensor, DecodeFn]:
+    """Right-padded prefill, copied into a static per-row cache (row b's tokens from column 0), then decode
+    steps replayed from CUDA graphs: the same math as the eager path, one launch per step."""
+    device = model.device
+    ids, mask, last = _pad_batch(prompts, 0, "right", device)
+    B, width = ids.shape
+    prefill = model.new_kv_cache(B, width)
+    hidden = model.hidden_states(ids, kv_cache=prefill, attention_mask=mask)
+    logits = model.logits(hidden[torch.arange(B, device=device), last], fp32=True)
+    c = model.config
+    shape = (c.num_hidden_layers, B, c.num_key_value_heads, width + max_tokens, c.head_dim)
+    k_cache = torch.zeros(shape, dtype=prefill.k.dtype, device=device)
+    v_cache = torch.zeros(shape, dtype=prefill.v.dtype, device=device)
+    k_cache[:, :, :, :width] = prefill.k
+    v_cache[:, :, :, :width] = prefill.v
+    del prefill
+    decoder = GraphDecoder(model, k_cache, v_cache, use_graphs=use_graphs)
+    lengths_host = [len(p) for p in prompts]
+    lengths = torch.tensor(lengths_host, dtype=torch.long, device=device)
+
+    def step(next_ids: torch.Tensor) -> torch.Tensor:
+        out = decoder.logits(next_ids, lengths, longest=max(lengths_host))
+        lengths.add_(1)
+        for b in range(B):
+            lengths_host[b] += 1
+        return out
+
+    return logits, step

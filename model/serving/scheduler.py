@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from m2rl.model.generation import SamplingParams
+from m2rl.model.generation import SamplingParams, use_cuda_graphs
+from m2rl.model.graph_decode import GraphDecoder
 from m2rl.model.m2 import M2ForCausalLM
 from m2rl.model.sampling import sample_from_logits, sampling_logits
 from m2rl.model.serving.batch_cache import BatchCache
@@ -118,6 +119,9 @@ class Scheduler:
         self.model, self.config = model, config
         self.cache = BatchCache.allocate(c.num_hidden_layers, config.max_batch, c.num_key_value_heads,
                                          config.max_model_len, c.head_dim, model.dtype, model.device)
+        # CUDA decode steps replay captured graphs over the same cache tensors; weight updates load in place.
+        self._graphs = (GraphDecoder(model, self.cache.k, self.cache.v) if use_cuda_graphs(model.device)
+                        else None)
         self.rows: list[_Row] = []  # rows[i] lives in row i of the cache
         self.waiting: deque[RequestHandle] = deque()
         self.reserved_tokens = 0
@@ -412,6 +416,15 @@ class Scheduler:
     def _decode_step(self, rows: list[_Row]) -> list[Sampled]:
         model = self.model
         with torch.inference_mode():
+            if self._graphs is not None:  # CUDA: the step replays a captured graph (model/graph_decode.py)
+                n = len(rows)
+                lengths = self.cache.lengths[:n]
+                ids_N = torch.tensor([r.last_id for r in rows], dtype=torch.long).to(model.device, non_blocking=True)
+                lengths_N = torch.tensor(lengths, dtype=torch.long).to(model.device, non_blocking=True)
+                logits_NV = self._graphs.logits(ids_N, lengths_N, longest=max(lengths))
+                for b in range(n):
+                    self.cache.lengths[b] += 1
+                return self._sample(logits_NV, rows)
             ids_N1 = torch.tensor([[r.last_id] for r in rows], dtype=torch.long, device=model.device)
             step = self.cache.decode_step(len(rows))
             hidden_N1D = model.hidden_states(ids_N1, kv_cache=step, check_ids=False)  # type: ignore[arg-type]

@@ -192,7 +192,7 @@ def main() -> None:
             ids = torch.tensor(prompts, device=device)
             mask = torch.ones_like(ids)
 
-            def hf_generate(n: int) -> object:
+            def hf_generate(n: int, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> object:
                 with torch.no_grad():
                     return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                        do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -220,8 +220,9 @@ def main() -> None:
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 generate(model, prompts, params)  # warm-up: captures the graphs, compiles kernels
-                t_full = timed(lambda: generate(model, prompts, params), device)
-                t_one = timed(lambda: generate(model, prompts, SamplingParams(max_tokens=1, greedy=True)), device)
+                one = SamplingParams(max_tokens=1, greedy=True)
+                t_full = timed(lambda p=prompts, s=params: generate(model, p, s), device)
+                t_one = timed(lambda p=prompts, s=one: generate(model, p, s), device)
             step = (t_full - t_one) / max(args.new_tokens - 1, 1)
             tok_s = batch * args.new_tokens / t_full
             name = f"m2rl {impl}" + ("" if graphs else " (eager)")
@@ -230,7 +231,7 @@ def main() -> None:
             print(f"  {rows[-1]}", flush=True)
     os.environ.pop("M2RL_CUDA_GRAPHS", None)
     print()
-    print(f"| implementation | batch | tok/s | step ms | % roofline | x transformers | peak GiB |")
+    print("| implementation | batch | tok/s | step ms | % roofline | x transformers | peak GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.implementation} | {r.batch} | {r.tok_per_s:,.1f} | {r.step_ms:.2f} | {r.roofline_pct:.1f} | "

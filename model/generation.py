@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

@@ -1,1 +1,37 @@
-"""m2rl.kernels"""
+"""Fused Triton kernels that plug into `m2rl.model.ops` as alternative implementations of its ops.
+
+Importing a kernel module registers its implementation (`ops.register(op, "triton", fn)`); registering
+never selects it, the torch reference stays the default until `ops.use(op, "triton")` or
+`ops.using(...)`. Importing this package registers every kernel module where Triton is installed, and
+imports nothing heavy where it is not.
+
+    fused_moe.py    moe_experts: grouped SwiGLU GEMMs over expert-aligned row blocks, CUDA-graph safe
+    moe_align.py    the sync-free token-to-expert sort and block alignment those GEMMs read
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+KERNEL_MODULES = ("m2rl.kernels.fused_moe",)
+"""Modules that register implementations on import; each lists them in its `OPS` dict."""
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def register_all() -> list[tuple[str, str]]:
+    """Import (and so register) every kernel module; returns the (op, implementation) pairs registered,
+    none where Triton is missing."""
+    if not triton_available():
+        return []
+    registered = []
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(name)
+        registered += [(op, "triton") for op in module.OPS]
+    return registered
+
+
+register_all()

@@ -1,0 +1,252 @@
+"""Fused MoE experts forward in Triton: two grouped GEMMs over expert-aligned blocks of (token, slot) rows.
+
+PyTorch reference: `m2rl.model.ops.moe_experts_torch`, for each token t
+
+    y_t = sum_k weights[t,k] * w2[e] @ (silu(w1[e] @ x_t) * (w3[e] @ x_t)),   e = experts[t,k]
+
+Design (vLLM's fused_moe): `moe_align_block_size` groups the T*K rows by expert in blocks of BLOCK_M, so
+one program multiplies a block of rows by one tile of one expert's weights and no expert's weights are
+read by programs of another. Then
+  1. gate/up: h[row] = silu(x[t] @ w1[e]^T) * (x[t] @ w3[e]^T), w1 and w3 tiles loaded by the same program,
+     both accumulated in fp32, the SwiGLU applied in fp32 and h stored in x's dtype      [T*K, I]
+  2. down:    y[row] = weights[row] * (h[row] @ w2[e]^T), the routing weight applied in fp32  [T*K, D] fp32
+  3. combine: out[t] = sum_k y[t*K + k] in fp32, then cast to x's dtype (a fixed-order sum: deterministic,
+     where atomics into out would not be)
+Blocks past the used ones (expert -1) exit at once, so the static grid costs nothing for them. Nothing
+syncs with the host, so the forward can be captured in a CUDA graph.
+
+Memory traffic: the weights of the experts hit dominate, 3*D*I elements each (`bytes_moved`); a decode
+step reads all of them for a handful of rows, so it is bandwidth-bound and BLOCK_M is kept small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from m2rl.kernels.moe_align import moe_align_block_size
+from m2rl.model import ops
+from m2rl.model.ops import moe_experts_torch
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Tile sizes of both GEMMs; `default_config` picks them, tuning on the GPU may replace it."""
+
+    block_m: int = 16
+    """rows (token, slot) per program; every block holds one expert's rows, so small when experts get few rows"""
+    block_n: int = 64
+    """output columns per program (I for gate/up, D for down)"""
+    block_k: int = 128
+    """reduction step (D for gate/up, I for down)"""
+    group_m: int = 8
+    """row blocks that walk the column tiles together, so their weight tiles are reused from L2"""
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+    """Untuned defaults by rows per expert: decode-sized batches give each expert a row or two, so a
+    block of 16 wastes least padding; prefill fills blocks of 64 and reuses each weight tile more."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    if rows_per_expert <= 16:
+        return MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=3)
+    if rows_per_expert <= 64:
+        return MoEConfig(block_m=32, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3)
+    return MoEConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def flops(num_tokens: int, top_k: int, hidden: int, inner: int) -> int:
+    """Multiply-adds of the three expert GEMMs (gate, up, down) over the T*K routed rows, times two."""
+    return 2 * num_tokens * top_k * hidden * inner * 3
+
+
+def bytes_moved(num_tokens: int, top_k: int, hidden: int, inner: int, num_active_experts: int,
+                elem_bytes: int) -> int:
+    """Least HBM traffic of one forward: each hit expert's w1, w3, w2 read once; x read and the output
+    written once; h written and read back, the fp32 per-slot outputs written and read back by the sum;
+    routing ids (int64) and weights (fp32) read. `active_experts` counts the experts hit."""
+    rows = num_tokens * top_k
+    weights = num_active_experts * 3 * hidden * inner * elem_bytes
+    activations = 2 * num_tokens * hidden * elem_bytes + 2 * rows * inner * elem_bytes + 2 * rows * hidden * 4
+    return weights + activations + rows * (8 + 4)
+
+
+def active_experts(experts_TK: torch.Tensor) -> int:
+    """How many distinct experts a routing hits (for `bytes_moved`; syncs with the host, benchmarks only)."""
+    return int(torch.unique(experts_TK).numel())
+
+
+@triton.jit
+def _block_coords(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column tile), GROUP_M row blocks sweeping the column tiles side by side."""
+    programs_per_group = GROUP_M * num_blocks_n
+    first_m = (pid // programs_per_group) * GROUP_M
+    group_rows = tl.minimum(num_blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % programs_per_group) % group_rows
+    pid_n = (pid % programs_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w1_ptr, w3_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr,
+    num_rows, hidden, inner, num_blocks_m,
+    stride_xt, stride_xd,
+    stride_w1e, stride_w1i, stride_w1d,
+    stride_w3e, stride_w3i, stride_w3d,
+    stride_hr, stride_hi,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    """h[row, n-tile] = silu(x[row // K] @ w1[e]^T) * (x[row // K] @ w3[e]^T) for one block of rows."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(inner, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_mask = rows < num_rows  # padding rows hold num_rows
+    tokens = rows // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inner
+    offs_k = tl.arange(0, BLOCK_K)
+
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + offs_k[None, :] * stride_xd                  # [M, K]
+    w1_ptrs = w1_ptr + expert * stride_w1e + offs_n[None, :] * stride_w1i + offs_k[:, None] * stride_w1d  # [K, N]
+    w3_ptrs = w3_ptr + expert * stride_w3e + offs_n[None, :] * stride_w3i + offs_k[:, None] * stride_w3d
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        k_mask = offs_k < hidden - k0
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & n_mask[None, :]
+        w1 = tl.load(w1_ptrs, mask=w_mask, other=0.0)
+        w3 = tl.load(w3_ptrs, mask=w_mask, other=0.0)
+        if DOT_IN_FP32:
+            x, w1, w3 = x.to(tl.float32), w1.to(tl.float32), w3.to(tl.float32)
+        gate = tl.dot(x, w1, gate, input_precision=DOT_PRECISION)
+        up = tl.dot(x, w3, up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xd
+        w1_ptrs += BLOCK_K * stride_w1d
+        w3_ptrs += BLOCK_K * stride_w3d
+
+    h = gate * tl.sigmoid(gate) * up
+    h_ptrs = h_ptr + rows[:, None] * stride_hr + offs_n[None, :] * stride_hi
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w2_ptr, y_ptr, routing_weight_ptr, sorted_rows_ptr, block_expert_ptr,
+    num_rows, hidden, inner, num_blocks_m,
+    stride_hr, stride_hi,
+    stride_w2e, stride_w2d, stride_w2i,
+    stride_yr, stride_yd,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    """y[row, n-tile] = weight[row] * (h[row] @ w2[e]^T) in fp32 for one block of rows."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+
+    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_mask = rows < num_rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+
+    h_ptrs = h_ptr + rows[:, None] * stride_hr + offs_k[None, :] * stride_hi                     # [M, K]
+    w2_ptrs = w2_ptr + expert * stride_w2e + offs_n[None, :] * stride_w2d + offs_k[:, None] * stride_w2i  # [K, N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inner, BLOCK_K):
+        k_mask = offs_k < inner - k0
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w2 = tl.load(w2_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if DOT_IN_FP32:
+            h, w2 = h.to(tl.float32), w2.to(tl.float32)
+        acc = tl.dot(h, w2, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K * stride_hi
+        w2_ptrs += BLOCK_K * stride_w2i
+
+    # routing weights are fp32: scale the fp32 accumulator, as the reference scales before casting
+    routing_weight = tl.load(routing_weight_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+    acc = acc * routing_weight[:, None]
+    y_ptrs = y_ptr + rows[:, None] * stride_yr + offs_n[None, :] * stride_yd
+    tl.store(y_ptrs, acc, mask=row_mask[:, None] & n_mask[None, :])
+
+
+# Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) stores bf16 as uint16 and its tl.dot multiplies
+# those bit patterns (triton-lang/triton#11584, "not supported yet"): interpreted kernels upcast bf16 tiles
+# to fp32 before the dot, which is exact (a bf16 product fits in fp32) and what compiled kernels compute.
+_INTERPRETED = not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
+
+
+def _dot_options(dtype: torch.dtype) -> dict[str, object]:
+    dot_in_fp32 = _INTERPRETED and dtype == torch.bfloat16
+    # fp32 GEMMs follow torch's own choice (TF32 only where torch allows it), so fp32 matches the reference
+    ieee = dot_in_fp32 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {"DOT_PRECISION": "ieee" if ieee else "tf32", "DOT_IN_FP32": dot_in_fp32}
+
+
+def fused_moe(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+              experts_TK: torch.Tensor, weights_TK: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """The Triton forward of `moe_experts_torch` (no autograd), with tile sizes `config` or the defaults."""
+    T, D = x_TD.shape
+    E, I, _ = w1_EID.shape
+    K = experts_TK.shape[1]
+    assert w1_EID.shape == w3_EID.shape == (E, I, D), f"w1/w3 must be [E, I, D] = {(E, I, D)}"
+    assert w2_EDI.shape == (E, D, I), f"w2 must be [E, D, I] = {(E, D, I)}, got {tuple(w2_EDI.shape)}"
+    assert experts_TK.shape == weights_TK.shape == (T, K), "experts_TK and weights_TK must both be [T, K]"
+    assert x_TD.dtype == w1_EID.dtype == w3_EID.dtype == w2_EDI.dtype, "x and expert weights must share a dtype"
+    assert not experts_TK.is_floating_point() and weights_TK.is_floating_point()
+    if T * K == 0:
+        return torch.zeros_like(x_TD)
+    config = config or default_config(T, K, E)
+
+    routing = moe_align_block_size(experts_TK, E, config.block_m)
+    num_blocks_m = routing.block_expert.numel()
+    num_rows = T * K
+    weight_N = weights_TK.reshape(-1).contiguous()
+    launch = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+              "GROUP_M": config.group_m, **_dot_options(x_TD.dtype),
+              "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+    h_NI = torch.empty(num_rows, I, dtype=x_TD.dtype, device=x_TD.device)
+    grid = (num_blocks_m * triton.cdiv(I, config.block_n),)
+    _gate_up_kernel[grid](
+        x_TD, w1_EID, w3_EID, h_NI, routing.sorted_rows, routing.block_expert,
+        num_rows, D, I, num_blocks_m,
+        *x_TD.stride(), *w1_EID.stride(), *w3_EID.stride(), *h_NI.stride(),
+        TOP_K=K, **launch,
+    )
+    y_ND = torch.empty(num_rows, D, dtype=torch.float32, device=x_TD.device)
+    grid = (num_blocks_m * triton.cdiv(D, config.block_n),)
+    _down_kernel[grid](
+        h_NI, w2_EDI, y_ND, weight_N, routing.sorted_rows, routing.block_expert,
+        num_rows, D, I, num_blocks_m,
+        *h_NI.stride(), *w2_EDI.stride(), *y_ND.stride(),
+        **launch,
+    )
+    return y_ND.view(T, K, D).sum(1).to(x_TD.dtype)
+
+
+def fused_moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                      experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+    """`ops.moe_experts` through the Triton kernels: same signature and result as `moe_experts_torch`."""
+    inputs = (x_TD, w1_EID, w3_EID, w2_EDI, weights_TK)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        # The kernels have no backward yet (a later issue): a forward that autograd must differentiate
+        # runs the torch reference instead.
+        return moe_experts_torch(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+    return fused_moe(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+
+
+OPS = {"moe_experts": fused_moe_experts}
+"""What this module registers under the implementation name "triton" (registering never selects it)."""
+for _op, _fn in OPS.items():
+    ops.register(_op, "triton", _fn)

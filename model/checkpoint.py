@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from m2rl.model import ops
 from m2rl.model.config import M2Config
 from m2rl.model.fp8 import FP8_DTYPE, dequantize_fp8_blocks
 from m2rl.model.m2 import M2ForCausalLM
@@ -226,6 +227,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
         for slot, tensor in _checkpoint_tensors_on_disk(path, on_disk):
             dest = targets[slot.target]
             (dest if slot.expert is None else dest[slot.expert]).copy_(tensor)
+    ops.select_defaults(device)  # the fastest registered kernels for this device; the CPU keeps torch
     return model.eval()
 
 

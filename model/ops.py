@@ -1,26 +1,43 @@
 """The seam where fused kernels replace PyTorch code: a tiny registry of named implementations per op.
 
-Only the `torch` implementations exist today: `m2rl.kernels` holds no kernel yet, so nothing else is
-registered and every op runs its PyTorch code. A fused kernel would plug in like this:
+Every op has a `torch` implementation, the reference, selected at registration. `moe_experts` also has
+`grouped_mm` (model/moe_grouped.py: sorted pairs and torch._grouped_mm, sync-free, CUDA-graph safe), and
+`m2rl.kernels` may register Triton ones (`triton`) when it is imported. Choosing:
 
-    from m2rl.model import ops
-    ops.register("moe_experts", "triton", triton_moe_experts)   # a kernel module would do this on import
-    ops.use("moe_experts", "triton")            # or: with ops.using(moe_experts="triton"): ...
+    ops.use("moe_experts", "grouped_mm")          # forced: select_defaults leaves it alone
+    with ops.using(moe_experts="torch"): ...      # forced for the block
+    M2RL_OPS=moe_experts=torch,rms_norm=torch     # environment: wins over the device defaults
+    ops.select_defaults(device)                   # load_pretrained calls it: on CUDA, imports m2rl.kernels
+                                                  # and takes the first registered of PREFERRED; CPU: torch
 
 The model calls `ops.rms_norm(...)` / `ops.moe_experts(...)`, which dispatch to the selected implementation.
+The selection is one per process, not per device.
 Shape suffixes: T tokens, D hidden, I expert inner width, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import logging
+import os
 from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
 _IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {}
 _SELECTED: dict[str, str] = {}
+_FORCED: set[str] = set()  # ops chosen with use()/using(): select_defaults keeps them
+
+OPS_ENV = "M2RL_OPS"  # "op=implementation,...": overrides the device defaults, not use()
+# Fastest first, per device type; ops and devices not named here run "torch". CPU stays on torch: CPU
+# runs are pinned bit for bit.
+PREFERRED: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuda": {"moe_experts": ("triton", "grouped_mm", "torch")},
+}
 
 
 def register(op: str, name: str, fn: Callable[..., torch.Tensor]) -> None:
@@ -34,10 +51,16 @@ def available(op: str) -> list[str]:
     return sorted(_IMPLS[op])
 
 
-def use(op: str, name: str) -> None:
+def _require(op: str, name: str) -> None:
     if name not in available(op):
         raise KeyError(f"op {op!r} has no implementation {name!r}; registered: {available(op)}")
+
+
+def use(op: str, name: str) -> None:
+    """Select `name` for `op` and keep it through select_defaults."""
+    _require(op, name)
     _SELECTED[op] = name
+    _FORCED.add(op)
 
 
 def selected(op: str) -> str:
@@ -47,14 +70,55 @@ def selected(op: str) -> str:
 
 @contextlib.contextmanager
 def using(**choices: str) -> Iterator[None]:
-    before = {op: selected(op) for op in choices}
+    before = {op: (selected(op), op in _FORCED) for op in choices}
     try:
         for op, name in choices.items():
             use(op, name)
         yield
     finally:
-        for op, name in before.items():
+        for op, (name, forced) in before.items():
             _SELECTED[op] = name
+            if not forced:
+                _FORCED.discard(op)
+
+
+def parse_choices(spec: str) -> dict[str, str]:
+    """"moe_experts=torch,rms_norm=torch" (the M2RL_OPS format) -> {op: implementation}, each one registered."""
+    choices = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        op, sep, name = (s.strip() for s in item.partition("="))
+        if not (sep and op and name):
+            raise ValueError(f"{OPS_ENV}={spec!r}: expected op=implementation, got {item!r}")
+        try:
+            _require(op, name)
+        except KeyError as e:
+            raise KeyError(f"{OPS_ENV}={spec!r}: {e.args[0]}") from None
+        choices[op] = name
+    return choices
+
+
+def select_defaults(device: torch.device | str) -> None:
+    """Select each op's implementation for a model on `device`: an op forced with use()/using() keeps its
+    choice; else M2RL_OPS's; else, on CUDA, the first registered of PREFERRED (m2rl.kernels is imported
+    first so its Triton kernels can register; CPU runs never import it); else torch."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        _import_kernels()
+    from_env = parse_choices(os.environ.get(OPS_ENV, ""))
+    for op, impls in _IMPLS.items():
+        if op in _FORCED:
+            continue
+        preferred = PREFERRED.get(device.type, {}).get(op, ("torch",))
+        _SELECTED[op] = from_env.get(op) or next((name for name in preferred if name in impls), "torch")
+    log.info("ops on %s: %s", device, ", ".join(f"{op}={name}" for op, name in sorted(_SELECTED.items())))
+
+
+def _import_kernels() -> None:
+    """m2rl.kernels registers its implementations on import; without Triton it may not import at all."""
+    try:
+        importlib.import_module("m2rl.kernels")
+    except ImportError as e:
+        log.info("m2rl.kernels not imported (%s): no Triton kernels", e)
 
 
 def get(op: str) -> Callable[..., torch.Tensor]:
@@ -142,3 +206,8 @@ def _moe_experts_gathered(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torc
 
 register("rms_norm", "torch", rms_norm_torch)
 register("moe_experts", "torch", moe_experts_torch)
+
+# Last: moe_grouped falls back to moe_experts_torch, which it imports lazily from here.
+from m2rl.model.moe_grouped import moe_experts_grouped
+
+register("moe_experts", "grouped_mm", moe_experts_grouped)

@@ -4,6 +4,8 @@
     POST /v1/chat/completions   M2-rendered chat -> content, reasoning_content, tool_calls (SSE with stream)
     GET  /v1/models             the served model
     POST /v1/weights            {"path": checkpoint dir or .safetensors file, "version": int} -> new weights
+    POST /v1/weights/upload, /init_collective, /collective_update, /ipc_update: weights pushed by the learner
+                                (HTTP buckets, torch.distributed broadcast, CUDA IPC; weight_transfer.py)
     GET  /metrics               Prometheus text
     GET  /health                200 while the scheduler runs, else 503 (never needs the API key)
 
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from m2rl.model.serving import weight_transfer
 from m2rl.model.serving.chat import ChatCompletion
 from m2rl.model.serving.completions import Completion
 from m2rl.model.serving.errors import error_response, install_error_handlers
@@ -37,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 VERSION_HEADER = "X-Policy-Version"
 PUBLIC_PATHS = frozenset({"/health"})
 ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/weights", "/metrics",
-                       "/health"})
+                       "/health", *weight_transfer.ENDPOINTS})
 SSE_PING_S = 15  # a comment line on idle streams, so proxies do not time them out
 
 T = TypeVar("T")
@@ -108,6 +111,8 @@ def _add_routes(app: FastAPI, service: Service) -> None:
             raise
         service.metrics.weight_updates.labels(result="applied").inc()
         return {"policy_version": version, "path": body.path, "seconds": round(time.monotonic() - started, 4)}
+
+    weight_transfer.add_weight_routes(app, service)
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:

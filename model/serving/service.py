@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -80,7 +80,7 @@ class Service:
         self.model_name, self.model_path = model_name, model_path
         self.metrics = ServerMetrics(scheduler)
         self.created = int(time.time())
-        self._weights_lock = asyncio.Lock()  # one update at a time: each is read whole before it is applied
+        self.weights_lock = asyncio.Lock()  # one update at a time: each is read whole before it is applied
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: SchedulerConfig, model_name: str | None = None,
@@ -180,8 +180,13 @@ class Service:
 
     # ---- weights -----------------------------------------------------------------------------------
     async def update_weights(self, path: str, version: int | None) -> int:
-        async with self._weights_lock:
-            state = await asyncio.to_thread(read_weights, path, self.model)
+        return await self.apply_weights(lambda: read_weights(path, self.model), version)
+
+    async def apply_weights(self, read: Callable[[], Mapping[str, torch.Tensor]], version: int | None) -> int:
+        """`read` (off the event loop) builds and checks the whole state dict, then the scheduler swaps it in
+        between two steps; returns the new policy version. Every transport of weight_transfer.py ends here."""
+        async with self.weights_lock:
+            state = await asyncio.to_thread(read)
             return await self.scheduler.update_weights(state, version)
 
 

@@ -8,6 +8,7 @@ dequantised values of the very fp8 codes the sharded model holds.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -270,3 +271,15 @@ def test_two_ranks_match_the_single_process_model():
         launch.spawn(_two_rank_worker, world=2, backend="gloo", timeout_s=120)
     finally:
         sys.path.remove(str(ROOT))
+
+
+def test_full_decode_benchmark_runs_end_to_end_on_two_cpu_ranks():
+    cmd = [sys.executable, "-m", "m2rl.benchmarks.m2_full_decode", "--device", "cpu", "--tiny", "--batch", "1", "3",
+           "--prompt", "8", "--new-tokens", "4"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["world"] == 2 and result["moe_backend"] == "torch" and result["skipped_batches"] == []
+    assert [(r["batch"], r["mode"]) for r in result["rows"]] == [(1, "eager"), (3, "eager")]
+    assert all(r["decode_tok_s"] > 0 and 0 < r["roofline_ratio"] for r in result["rows"])

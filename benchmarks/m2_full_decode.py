@@ -22,8 +22,23 @@ Installed, the same as a module (spawns --nproc ranks; under torchrun each proce
     torchrun --nproc-per-node 2 -m m2rl.benchmarks.m2_full_decode
     python -m m2rl.benchmarks.m2_full_decode --device cpu --tiny       # CPU smoke test, 2 gloo ranks
 
-Expected on 2x H200 at 62 layers: ~111 GiB of weights per GPU (104.6 GiB FP8 experts), load in well under a
-minute. --layers N runs a shallower model of the same width when memory or time is short.
+--layers N runs a shallower model of the same width when memory or time is short.
+
+Measured 2026-11-30 on 2x H200 (torch 2.11.0+cu130, triton 3.6.0; the command above, 73 s wall with a
+4-layer rehearsal before it): 109.1 GiB of weights per GPU (peak 111.2 GiB allocated, 112.5 of 139.8 GiB in
+use on the card), random init 0.7 s, copy bandwidth 4263 GB/s, MoE backend triton (rel. err. 6.6e-3 vs the
+torch reference). Graph and eager decodes gave the same ids.
+
+    batch  mode        ms/step   tok/s   GB/step  roofline   distinct local experts / layer
+    1      eager        159.0      6.3     7.07    0.010     4.0
+    1      cuda_graph    17.6     56.9     7.07    0.094     4.0
+    64     eager        179.4    357       101.5    0.133   110.3 (of 128)
+    64     cuda_graph    55.4   1155       101.5    0.430   110.3
+
+Batch 1 is launch-bound: ~0.28 ms per layer against 24 us of bytes (about 60 small kernels per layer and
+3 all-reduces, even in a graph); fusing the elementwise work (norms, RoPE, routing) is the next step.
+Batch 64 reads nearly every expert (96.6 of the 101.5 GB): the FP8 grouped kernels' tiles (BLOCK_M 16,
+BLOCK_N 32, untuned) reach 43% of copy bandwidth.
 """
 
 from __future__ import annotations
@@ -304,6 +319,8 @@ def worker(rank: int, world: int, args: argparse.Namespace) -> None:
         last_cost = time.perf_counter() - t_batch
         log(f"batch {batch}: {memory_report(device)}", all_ranks=True)
 
+    if world > 1:
+        dist.barrier()  # every rank's log lines are out before the table: the JSON line is the last line
     if rank == 0:
         print_table(rows)
         result = {

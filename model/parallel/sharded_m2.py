@@ -374,19 +374,20 @@ class ShardedM2(nn.Module):
         out_BN = torch.empty(B, new_tokens, dtype=torch.long, device=self.device)
         t0 = _synced_time(self.device)
         out_BN[:, 0] = self.prefill(ids_BP, cache)
-        t1 = _synced_time(self.device)
+        prefill_s = _synced_time(self.device) - t0
         pos = torch.tensor(P, device=self.device)
         if cuda_graph and new_tokens > 1:
             step = _DecodeGraph(self, cache, out_BN[:, 0], pos)
-            t1 = _synced_time(self.device)
+            t1 = _synced_time(self.device)  # the capture (and its warm-up steps) is not decode time
             for i in range(1, new_tokens):
                 out_BN[:, i] = step.replay()
         else:
+            t1 = _synced_time(self.device)
             for i in range(1, new_tokens):
                 out_BN[:, i] = self.decode_step(out_BN[:, i - 1], pos, cache)
                 pos += 1
-        t2 = _synced_time(self.device)
-        return GreedyOutput(out_BN, t1 - t0, t2 - t1, cuda_graph and new_tokens > 1)
+        decode_s = _synced_time(self.device) - t1
+        return GreedyOutput(out_BN, prefill_s, decode_s, cuda_graph and new_tokens > 1)
 
     # ---- accounting -------------------------------------------------------------------------------
     def decode_step_bytes(self, batch: int, context: float, experts_hit: float) -> dict[str, float]:

@@ -279,7 +279,9 @@ def test_full_decode_benchmark_runs_end_to_end_on_two_cpu_ranks():
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("{"), proc.stdout[-2000:]  # the JSON line comes last
+    result = json.loads(last)
     assert result["world"] == 2 and result["moe_backend"] == "torch" and result["skipped_batches"] == []
     assert [(r["batch"], r["mode"]) for r in result["rows"]] == [(1, "eager"), (3, "eager")]
     assert all(r["decode_tok_s"] > 0 and 0 < r["roofline_ratio"] for r in result["rows"])

@@ -192,7 +192,7 @@ M2 = {"E": 256, "D": 3072, "I": 1536, "K": 8}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 64, 512])
+@pytest.mark.parametrize("T", [1, 64, 512, 2048, 4096])  # every default tile config: 16- to 128-row blocks
 def test_m2_shapes_bf16(fused_moe, T):
     args = _problem(T, M2["K"], M2["E"], M2["D"], M2["I"], torch.bfloat16, "cuda", seed=T)
     torch.cuda.set_sync_debug_mode("error")  # any host sync in the forward raises

@@ -1,9 +1,9 @@
 """Fused Triton kernels that plug into `m2rl.model.ops` as alternative implementations of its ops.
 
 Importing a kernel module registers its implementation (`ops.register(op, "triton", fn)`); registering
-never selects it, the torch reference stays the default until `ops.use(op, "triton")` or
-`ops.using(...)`. Importing this package registers every kernel module where Triton is installed, and
-imports nothing heavy where it is not.
+never selects it: `ops.use` / `ops.using` / `ops.select_defaults` do (model/ops.py owns that choice).
+Importing this package registers every kernel module where Triton is installed, and imports nothing
+heavy where it is not.
 
     fused_moe.py    moe_experts: grouped SwiGLU GEMMs over expert-aligned row blocks, CUDA-graph safe
     moe_align.py    the sync-free token-to-expert sort and block alignment those GEMMs read
@@ -15,7 +15,7 @@ import importlib
 import importlib.util
 
 KERNEL_MODULES = ("m2rl.kernels.fused_moe",)
-"""Modules that register implementations on import; each lists them in its `OPS` dict."""
+"""Modules that register their implementations on import; each names them in its `OPS` dict."""
 
 
 def triton_available() -> bool:

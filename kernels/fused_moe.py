@@ -254,6 +254,14 @@ def fused_moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Te
 
 
 OPS = {"moe_experts": fused_moe_experts}
-"""What this module registers under the implementation name "triton" (registering never selects it)."""
-for _op, _fn in OPS.items():
-    ops.register(_op, "triton", _fn)
+"""What this module registers under the implementation name "triton"."""
+
+
+def register() -> list[tuple[str, str]]:
+    """Register OPS with `m2rl.model.ops` (done on import); registering never changes which one is selected."""
+    for op, fn in OPS.items():
+        ops.register(op, "triton", fn)
+    return [(op, "triton") for op in OPS]
+
+
+register()

@@ -159,9 +159,11 @@ def test_no_tokens(fused_moe, device):
 
 def test_registered_not_selected_and_dispatches(fused_moe, device):
     kernels = pytest.importorskip("m2rl.kernels")
-    assert ("moe_experts", "triton") in kernels.register_all()
+    assert kernels.register_all() == [("moe_experts", "triton")]
     assert "triton" in ops.available("moe_experts")
-    assert ops.selected("moe_experts") != "triton"  # registering never selects
+    with ops.using(moe_experts="torch"):
+        assert fused_moe.register() == [("moe_experts", "triton")]
+        assert ops.selected("moe_experts") == "torch"  # registering never selects
     args = _problem(3, 2, 9, 40, 24, torch.float32, device, seed=3)
     with torch.no_grad(), ops.using(moe_experts="triton"):
         got = ops.moe_experts(*args)

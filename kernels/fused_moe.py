@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from m2rl.kernels.moe_align import moe_align_block_size
 from m2rl.model import ops
-from m2rl.model.ops import moe_experts_torch
+from m2rl.model.moe_grouped import moe_experts_grouped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,8 +248,9 @@ def fused_moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Te
     inputs = (x_TD, w1_EID, w3_EID, w2_EDI, weights_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         # The kernels have no backward yet (a later issue): a forward that autograd must differentiate
-        # runs the torch reference instead.
-        return moe_experts_torch(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+        # runs the grouped-GEMM path (sync-free, with torch's backward; it falls back to the reference
+        # where `_grouped_mm` cannot run), ~100x faster than the reference's backward at 4096 tokens.
+        return moe_experts_grouped(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
     return fused_moe(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
 
 

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from m2rl.model.graph_decode import GraphDecoder
+from m2rl.model.graph_decode import MIN_WIDTH_BUCKET, GraphDecoder, bucket
 from m2rl.model.m2 import M2ForCausalLM
 from m2rl.model.sampling import sample_from_logits, sampling_logits
 
@@ -91,11 +93,19 @@ def generate(model: M2ForCausalLM, prompts: list[list[int]], params: SamplingPar
     if params.seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed)
-    B = len(prompts)
     if use_cuda_graphs(device):
-        logits, step = _graph_decoder(model, prompts, params.max_tokens)
-    else:
-        logits, step = _eager_decoder(model, prompts, params.max_tokens, padding_side)
+        with _GRAPH_LOCK:  # the model's reusable graph decoder serves one generate call at a time
+            return _decode(model, prompts, params, generator, outs,
+                           *_graph_decoder(model, prompts, params.max_tokens))
+    return _decode(model, prompts, params, generator, outs,
+                   *_eager_decoder(model, prompts, params.max_tokens, padding_side))
+
+
+def _decode(model: M2ForCausalLM, prompts: list[list[int]], params: SamplingParams,
+            generator: torch.Generator | None, outs: list[GenerationOutput], logits: torch.Tensor,
+            step: DecodeFn) -> list[GenerationOutput]:
+    device = model.device
+    B = len(prompts)
     stop = torch.tensor(params.stop_ids, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_lp, step_raw = [], [], []
@@ -167,14 +177,10 @@ def _graph_decoder(model: M2ForCausalLM, prompts: list[list[int]], max_tokens: i
     prefill = model.new_kv_cache(B, width)
     hidden = model.hidden_states(ids, kv_cache=prefill, attention_mask=mask)
     logits = model.logits(hidden[torch.arange(B, device=device), last], fp32=True)
-    c = model.config
-    shape = (c.num_hidden_layers, B, c.num_key_value_heads, width + max_tokens, c.head_dim)
-    k_cache = torch.zeros(shape, dtype=prefill.k.dtype, device=device)
-    v_cache = torch.zeros(shape, dtype=prefill.v.dtype, device=device)
-    k_cache[:, :, :, :width] = prefill.k
-    v_cache[:, :, :, :width] = prefill.v
+    decoder = _reusable_decoder(model, B, width + max_tokens, prefill.k.dtype, use_graphs)
+    decoder.k_cache[:, :B, :, :width] = prefill.k
+    decoder.v_cache[:, :B, :, :width] = prefill.v
     del prefill
-    decoder = GraphDecoder(model, k_cache, v_cache, use_graphs=use_graphs)
     lengths_host = [len(p) for p in prompts]
     lengths = torch.tensor(lengths_host, dtype=torch.long, device=device)
 
@@ -186,3 +192,28 @@ def _graph_decoder(model: M2ForCausalLM, prompts: list[list[int]], max_tokens: i
         return out
 
     return logits, step
+
+
+# The last graph decoder of each model, kept across generate calls: capturing costs far more than a step
+# (tens of ms per bucket), so a caller that generates in a loop must not re-capture every call. It grows to
+# the largest batch and length asked for and dies with its model.
+_GRAPH_LOCK = threading.Lock()
+_DECODERS: weakref.WeakKeyDictionary[M2ForCausalLM, GraphDecoder] = weakref.WeakKeyDictionary()
+
+
+def _reusable_decoder(model: M2ForCausalLM, rows: int, length: int, dtype: torch.dtype,
+                      use_graphs: bool | None) -> GraphDecoder:
+    old = _DECODERS.get(model)
+    if (old is not None and old.rows >= rows and old.capacity >= length and old.k_cache.dtype == dtype
+            and old.use_graphs == (old.k_cache.device.type == "cuda" if use_graphs is None else use_graphs)):
+        return old
+    if old is not None:  # grow, never shrink: the next call of the old size reuses the new one
+        rows, length = max(rows, old.rows), max(length, old.capacity)
+        del _DECODERS[model], old
+    c = model.config
+    shape = (c.num_hidden_layers, bucket(rows, 1, 1 << 30), c.num_key_value_heads,
+             bucket(length, MIN_WIDTH_BUCKET, 1 << 30), c.head_dim)
+    decoder = GraphDecoder(model, torch.zeros(shape, dtype=dtype, device=model.device),
+                           torch.zeros(shape, dtype=dtype, device=model.device), use_graphs=use_graphs)
+    _DECODERS[model] = decoder
+    return decoder

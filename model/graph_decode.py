@@ -129,7 +129,7 @@ class GraphDecoder:
         if rows > n:  # padding rows: free rows of the cache, column 0
             self._ids[n:rows].zero_()
             self._lengths[n:rows].zero_()
-        key = (rows, width, ops.selected("moe_experts"))
+        key = (rows, width, ops.selected("moe_experts", self.k_cache.device))
         if key in self._eager:
             return self._run(rows, width)[:n]
         entry = self._graphs.get(key)

@@ -10,8 +10,10 @@ Every op has a `torch` implementation, the reference, selected at registration. 
     ops.select_defaults(device)                   # load_pretrained calls it: on CUDA, imports m2rl.kernels
                                                   # and takes the first registered of PREFERRED; CPU: torch
 
-The model calls `ops.rms_norm(...)` / `ops.moe_experts(...)`, which dispatch to the selected implementation.
-The selection is one per process, not per device.
+The model calls `ops.rms_norm(...)` / `ops.moe_experts(...)`, which dispatch on the device of their input: a
+forced choice wherever the tensors are, else the default `select_defaults` chose for that device type, else
+the registration default (torch). A process holding a CUDA model and a CPU one runs each on its own
+defaults (a Triton kernel never sees a CPU tensor it was not forced onto).
 Shape suffixes: T tokens, D hidden, I expert inner width, E experts, K experts per token.
 """
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 _IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {}
 _SELECTED: dict[str, str] = {}
 _FORCED: set[str] = set()  # ops chosen with use()/using(): select_defaults keeps them
+_DEFAULTS: dict[str, dict[str, str]] = {}  # device type -> op -> implementation, from select_defaults
 
 OPS_ENV = "M2RL_OPS"  # "op=implementation,...": overrides the device defaults, not use()
 # Fastest first, per device type; ops and devices not named here run "torch". CPU stays on torch: CPU
@@ -63,9 +66,18 @@ def use(op: str, name: str) -> None:
     _FORCED.add(op)
 
 
-def selected(op: str) -> str:
+def selected(op: str, device: torch.device | str | None = None) -> str:
+    """The implementation `op` runs for tensors on `device` (None: the forced or registration choice)."""
     available(op)
-    return _SELECTED[op]
+    if op in _FORCED or device is None:
+        return _SELECTED[op]
+    return _DEFAULTS.get(torch.device(device).type, {}).get(op, _SELECTED[op])
+
+
+def _choice(op: str, device_type: str) -> str:
+    if op in _FORCED:
+        return _SELECTED[op]
+    return _DEFAULTS.get(device_type, {}).get(op, _SELECTED[op])
 
 
 @contextlib.contextmanager
@@ -105,12 +117,12 @@ def select_defaults(device: torch.device | str) -> None:
     if device.type == "cuda":
         _import_kernels()
     from_env = parse_choices(os.environ.get(OPS_ENV, ""))
+    defaults = _DEFAULTS.setdefault(device.type, {})
     for op, impls in _IMPLS.items():
-        if op in _FORCED:
-            continue
         preferred = PREFERRED.get(device.type, {}).get(op, ("torch",))
-        _SELECTED[op] = from_env.get(op) or next((name for name in preferred if name in impls), "torch")
-    log.info("ops on %s: %s", device, ", ".join(f"{op}={name}" for op, name in sorted(_SELECTED.items())))
+        defaults[op] = from_env.get(op) or next((name for name in preferred if name in impls), "torch")
+    log.info("ops on %s: %s", device.type,
+             ", ".join(f"{op}={selected(op, device)}" for op in sorted(_IMPLS)))
 
 
 def _import_kernels() -> None:
@@ -121,18 +133,19 @@ def _import_kernels() -> None:
         log.info("m2rl.kernels not imported (%s): no Triton kernels", e)
 
 
-def get(op: str) -> Callable[..., torch.Tensor]:
-    return _IMPLS[op][selected(op)]
+def get(op: str, device: torch.device | str | None = None) -> Callable[..., torch.Tensor]:
+    return _IMPLS[op][selected(op, device)]
 
 
 # ---- dispatchers the model calls ----------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _IMPLS["rms_norm"][_SELECTED["rms_norm"]](x, weight, eps)
+    return _IMPLS["rms_norm"][_choice("rms_norm", x.device.type)](x, weight, eps)
 
 
 def moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
                 experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    return _IMPLS["moe_experts"][_SELECTED["moe_experts"]](x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+    impl = _IMPLS["moe_experts"][_choice("moe_experts", x_TD.device.type)]
+    return impl(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
 
 
 # ---- torch reference implementations -----------------------------------------------------------------

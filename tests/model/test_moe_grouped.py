@@ -136,6 +136,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(ops, "_IMPLS", impls)
     monkeypatch.setattr(ops, "_SELECTED", dict.fromkeys(impls, "torch"))
     monkeypatch.setattr(ops, "_FORCED", set())
+    monkeypatch.setattr(ops, "_DEFAULTS", {})
     monkeypatch.delenv(ops.OPS_ENV, raising=False)
     imports = []
     monkeypatch.setattr(ops, "_import_kernels", lambda: imports.append("m2rl.kernels"))
@@ -145,43 +146,59 @@ def registry(monkeypatch):
 def test_cpu_keeps_torch_and_never_imports_kernels(registry):
     ops.select_defaults("cuda")
     ops.select_defaults(torch.device("cpu"))
-    assert ops.selected("moe_experts") == "torch" and ops.selected("rms_norm") == "torch"
+    assert ops.selected("moe_experts", "cpu") == "torch" and ops.selected("rms_norm", "cpu") == "torch"
+    assert ops.selected("moe_experts", "cuda") == "grouped_mm"  # each device type keeps its own defaults
     assert registry == ["m2rl.kernels"]  # the CUDA call only
+
+
+def test_dispatch_follows_the_device_of_the_input(registry):
+    """After a CUDA model selected its kernels, a CPU model in the same process still runs torch."""
+    calls = []
+    ops.register("moe_experts", "cuda_only", lambda *a: calls.append("cuda_only"))
+    ops.register("moe_experts", "torch", lambda *a: calls.append("torch"))
+    ops.PREFERRED["cuda"]["moe_experts"] = ("cuda_only",)
+    try:
+        ops.select_defaults("cuda")
+        ops.moe_experts(torch.zeros(1, 8), *[torch.zeros(1)] * 3, torch.zeros(1, 1, dtype=torch.long),
+                        torch.zeros(1, 1))
+    finally:
+        ops.PREFERRED["cuda"]["moe_experts"] = ("triton", "grouped_mm", "torch")
+    assert calls == ["torch"]
 
 
 def test_cuda_takes_the_first_registered_preference(registry):
     ops.select_defaults(torch.device("cuda", 0))
-    assert ops.selected("moe_experts") == "grouped_mm"
-    assert ops.selected("rms_norm") == "torch"
+    assert ops.selected("moe_experts", "cuda") == "grouped_mm"
+    assert ops.selected("rms_norm", "cuda") == "torch"
     ops.register("moe_experts", "triton", ops.moe_experts_torch)  # what m2rl.kernels would do
-    assert ops.selected("moe_experts") == "grouped_mm"  # registering selects nothing
+    assert ops.selected("moe_experts", "cuda") == "grouped_mm"  # registering selects nothing
     ops.select_defaults("cuda")
-    assert ops.selected("moe_experts") == "triton"
+    assert ops.selected("moe_experts", "cuda") == "triton"
 
 
 def test_forced_choices_survive_select_defaults(registry):
     ops.use("moe_experts", "torch")
     ops.select_defaults("cuda")
-    assert ops.selected("moe_experts") == "torch"
+    assert ops.selected("moe_experts", "cuda") == "torch"
     ops._FORCED.clear()
     with ops.using(moe_experts="torch"):
         ops.select_defaults("cuda")
-        assert ops.selected("moe_experts") == "torch"
+        assert ops.selected("moe_experts", "cuda") == "torch"
     assert "moe_experts" not in ops._FORCED  # using() forces for its block only
     ops.select_defaults("cuda")
-    assert ops.selected("moe_experts") == "grouped_mm"
+    assert ops.selected("moe_experts", "cuda") == "grouped_mm"
 
 
 def test_env_overrides_device_defaults_not_forced_choices(registry, monkeypatch):
     monkeypatch.setenv(ops.OPS_ENV, " moe_experts = torch , rms_norm=torch,")
     ops.select_defaults("cuda")
-    assert ops.selected("moe_experts") == "torch"
+    assert ops.selected("moe_experts", "cuda") == "torch"
     monkeypatch.setenv(ops.OPS_ENV, "moe_experts=grouped_mm")
     ops.select_defaults("cpu")
-    assert ops.selected("moe_experts") == "grouped_mm"
+    assert ops.selected("moe_experts", "cpu") == "grouped_mm"
     ops.use("moe_experts", "torch")
     ops.select_defaults("cpu")
-    assert ops.selected("moe_experts") == "torch"
+    assert ops.selected("moe_experts", "cpu") == "torch"
 
 
 @pytest.mark.parametrize("spec, error, match", [
@@ -192,10 +209,10 @@ def test_env_overrides_device_defaults_not_forced_choices(registry, monkeypatch)
 ])
 def test_env_errors_name_the_op_and_what_is_registered(registry, monkeypatch, spec, error, match):
     monkeypatch.setenv(ops.OPS_ENV, spec)
-    before = dict(ops._SELECTED)
+    before = dict(ops._SELECTED), {k: dict(v) for k, v in ops._DEFAULTS.items()}
     with pytest.raises(error, match=match):
         ops.select_defaults("cpu")
-    assert ops._SELECTED == before
+    assert (ops._SELECTED, ops._DEFAULTS) == before
 
 
 def test_load_pretrained_selects_for_its_device(registry, monkeypatch, tiny_model, tmp_path):

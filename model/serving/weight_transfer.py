@@ -288,6 +288,8 @@ class CollectiveReceiver:
         group, store = self.group, self.store
         if group is None or store is None:
             raise WeightUpdateError(f"no weight group: POST {INIT_COLLECTIVE_PATH} first")
+        if self.model.device.type == "cuda":
+            torch.cuda.set_device(self.model.device)  # per thread, and this is a worker thread
         staging = WeightStaging(self.model)
         destinations: list[tuple[str, torch.Tensor]] = []
         for meta in body.tensors:

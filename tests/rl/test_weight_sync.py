@@ -152,6 +152,8 @@ def policy_problems(tmp_path: Path, *extra: str) -> list[str]:
 def test_the_loader_refuses_an_unknown_kind(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="policy.kind"):
         small_config(tmp_path, "policy.kind=sglang")
+    with pytest.raises(ConfigError, match="policy.sync"):
+        small_config(tmp_path, "policy.kind=m2rl", "policy.sync=ftp")
 
 
 def test_preflight_names_each_policy_problem(tmp_path: Path) -> None:
@@ -160,7 +162,7 @@ def test_preflight_names_each_policy_problem(tmp_path: Path) -> None:
     config = small_config(tmp_path)
     config.policy = dataclasses.replace(config.policy, kind="sglang")  # built in Python: no loader to refuse it
     assert [p for p in config_problems(config, run_directory=False) if p.startswith("policy")] == [
-        "policy.kind: unknown generator 'sglang'; choose one of local, vllm, openai"]
+        "policy.kind: unknown generator 'sglang'; choose one of local, m2rl, vllm, openai"]
     assert policy_problems(tmp_path) == []
     openai = policy_problems(tmp_path, "policy.kind=openai")
     assert any(p.startswith("policy.base_url: kind openai needs the server's URL") for p in openai)
@@ -169,6 +171,9 @@ def test_preflight_names_each_policy_problem(tmp_path: Path) -> None:
                            "policy.model=m") == []
     assert any("needs policy.kind=vllm" in p for p in policy_problems(tmp_path, "policy.launch=true"))
     assert any("kind vllm needs launch=true" in p for p in policy_problems(tmp_path, "policy.kind=vllm"))
+    assert policy_problems(tmp_path, "policy.kind=m2rl", "policy.sync=collective") == []
+    assert policy_problems(tmp_path, "policy.kind=m2rl", "policy.bucket_mb=0", "policy.dtype=fp8") == [
+        "policy.bucket_mb: must be > 0, got 0", "policy.dtype: must be float32, bfloat16 or float16, got 'fp8'"]
     assert policy_problems(tmp_path, "policy.parity_retries=-1", "policy.request_timeout_s=0") == [
         "policy.request_timeout_s: must be > 0, got 0.0", "policy.parity_retries: must be >= 0, got -1"]
 

@@ -147,3 +147,17 @@ def test_cuda_scheduler_replays_graphs_and_equals_generate(monkeypatch):
     for prompt, ids in zip(prompts, outs):
         assert ids == generate(model, [prompt], params)[0].ids
     assert captures >= 1
+
+
+@pytest.mark.gpu
+def test_bf16_head_with_fp32_output_equals_the_cast_head(tiny_model):
+    from m2rl.model.graph_decode import lm_head_fp32
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny_model.to("cuda", torch.bfloat16)
+    hidden = torch.randn(5, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    ref = model.logits(hidden, fp32=True)
+    got = lm_head_fp32(model, hidden)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

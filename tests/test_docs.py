@@ -159,6 +159,8 @@ def test_m2rl_command_parses_and_its_overrides_load(argv: list[str]) -> None:
         problems = [p for p in problems if not p.startswith("model.init")]
     if shutil.which("bwrap") is None:
         problems = [p for p in problems if "bwrap is not installed" not in p]
+    # the machine's state, not the doc's: scripts/setup.sh starts dockerd where it can
+    problems = [p for p in problems if "Docker engine is not reachable" not in p]
     assert problems == []
 
 

@@ -47,21 +47,34 @@ class MoEConfig:
     num_stages: int = 3
 
 
-def default_config(num_tokens: int, top_k: int, num_experts: int) -> MoEConfig:
+def default_config(num_tokens: int, top_k: int, num_experts: int, elem_bytes: int = 2) -> MoEConfig:
     """Defaults by rows per expert, picked on one H200 at M2's shapes (bf16, E=256, K=8, D=3072, I=1536).
 
     Up to ~32 rows per expert the GEMMs are bound by reading the hit experts' weights (about 4 TB/s
     measured from 16 to 512 tokens), so small row blocks waste least padding and tile shape barely
     matters; past that they become compute-bound and larger blocks reuse each weight tile more
-    (4096 tokens: 128-row blocks 3.15 ms vs 64-row 3.6 ms)."""
+    (4096 tokens: 128-row blocks 3.15 ms vs 64-row 3.6 ms).
+
+    Each pipeline stage holds an x tile and a w1 and a w3 tile in shared memory; 4-byte elements (fp32)
+    halve block_k so the stages still fit the 227 KiB an H100/H200 block may use (128/128/64 x 3 stages is
+    288 KiB in fp32: "out of resource: shared memory")."""
     rows_per_expert = num_tokens * top_k / num_experts
     if rows_per_expert < 8:
-        return MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=3)
-    if rows_per_expert <= 32:
-        return MoEConfig(block_m=32, block_n=64, block_k=128, group_m=8, num_warps=4, num_stages=3)
-    if rows_per_expert <= 96:
-        return MoEConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
-    return MoEConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+        config = MoEConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=3)
+    elif rows_per_expert <= 32:
+        config = MoEConfig(block_m=32, block_n=64, block_k=128, group_m=8, num_warps=4, num_stages=3)
+    elif rows_per_expert <= 96:
+        config = MoEConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    else:
+        config = MoEConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    if elem_bytes > 2:
+        config = dataclasses.replace(config, block_k=config.block_k * 2 // elem_bytes)
+    return config
+
+
+def shared_memory_bytes(config: MoEConfig, elem_bytes: int) -> int:
+    """Shared memory of the gate/up kernel's pipeline (the larger of the two): stages x (x + w1 + w3 tiles)."""
+    return config.num_stages * (config.block_m + 2 * config.block_n) * config.block_k * elem_bytes
 
 
 def flops(num_tokens: int, top_k: int, hidden: int, inner: int) -> int:
@@ -213,7 +226,7 @@ def fused_moe(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2
     assert x_TD.is_cuda or _INTERPRETED, "the Triton kernels need CUDA tensors (CPU only under TRITON_INTERPRET=1)"
     if T * K == 0:
         return torch.zeros_like(x_TD)
-    config = config or default_config(T, K, E)
+    config = config or default_config(T, K, E, x_TD.element_size())
 
     routing = moe_align_block_size(experts_TK, E, config.block_m)
     num_blocks_m = routing.block_expert.numel()

@@ -229,3 +229,14 @@ def test_cuda_graph_replay_with_new_routing(fused_moe):
             dst.copy_(src)
         graph.replay()
         assert _rel_err(out, ops.moe_experts_torch(x2, w1, w3, w2, experts2, weights2)) < 2e-2
+
+
+@pytest.mark.parametrize("elem_bytes", [2, 4])
+@pytest.mark.parametrize("tokens", [1, 64, 512, 4096, 16384])
+def test_default_tiles_fit_hopper_shared_memory(tokens, elem_bytes):
+    """An fp32 model on an H200 once failed with "out of resource: shared memory, Required 245760,
+    limit 232448": every default must fit the per-block limit in every dtype."""
+    from m2rl.kernels.fused_moe import default_config, shared_memory_bytes
+
+    config = default_config(tokens, 8, 256, elem_bytes)
+    assert shared_memory_bytes(config, elem_bytes) <= 232448

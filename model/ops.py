@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ OPS_ENV = "M2RL_OPS"  # "op=implementation,...": overrides the device defaults, 
 # Fastest first, per device type; ops and devices not named here run "torch". CPU stays on torch: CPU
 # runs are pinned bit for bit.
 PREFERRED: dict[str, dict[str, tuple[str, ...]]] = {
-    "cuda": {"moe_experts": ("triton", "grouped_mm", "torch")},
+    "cuda": {"moe_experts": ("triton", "grouped_mm", "torch"),
+             "linear_logprobs": ("triton", "torch")},
 }
 
 
@@ -224,3 +226,60 @@ register("moe_experts", "torch", moe_experts_torch)
 from m2rl.model.moe_grouped import moe_experts_grouped
 
 register("moe_experts", "grouped_mm", moe_experts_grouped)
+
+# ---- linear_logprobs: per-token log-probs (and entropy) through the LM head, never the [N, V] logits ---------
+# N tokens, V vocabulary. Kernels: m2rl/kernels/linear_logprob.py (fused, Triton).
+def linear_logprobs(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                    return_entropy: bool = False, *, fp32_logits: bool = True, temperature: float = 1.0,
+                    chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logprob_N, entropy_N or None), both fp32 and differentiable w.r.t. hidden and weight, for
+    z_n = hidden_n @ weight^T / temperature:  logprob_n = log_softmax(z_n)[targets_n],
+    entropy_n = -sum_v p_nv log p_nv.
+
+    fp32_logits: the logits from fp32 products (exact for bf16 inputs: the M1 "LM head in fp32");
+    False: the logits in the inputs' dtype, cast to fp32 for the softmax. chunk_size: rows per chunk of
+    the torch implementation (it holds one [chunk, V] fp32 logits block); fused ones tile on their own."""
+    impl = _IMPLS["linear_logprobs"][_choice("linear_logprobs", hidden_ND.device.type)]
+    return impl(hidden_ND, weight_VD, targets_N, return_entropy, fp32_logits=fp32_logits,
+                temperature=temperature, chunk_size=chunk_size)
+
+
+def linear_logprobs_torch(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                          return_entropy: bool = False, *, fp32_logits: bool = True, temperature: float = 1.0,
+                          chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference: chunks of `chunk_size` rows, each checkpointed under autograd, so backward recomputes
+    one chunk's logits at a time instead of keeping them all."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    recompute = torch.is_grad_enabled() and (hidden_ND.requires_grad or weight_VD.requires_grad)
+    lps, ents = [], []
+    for s in range(0, hidden_ND.shape[0], chunk_size):
+        args = (hidden_ND[s:s + chunk_size], weight_VD, targets_N[s:s + chunk_size], return_entropy,
+                fp32_logits, temperature)
+        lp, ent = checkpoint(_linear_logprobs_chunk, *args, use_reentrant=False) if recompute \
+            else _linear_logprobs_chunk(*args)
+        lps.append(lp)
+        ents.append(ent)
+    if not lps:
+        empty = torch.zeros(0, dtype=torch.float32, device=hidden_ND.device)
+        return empty, empty.clone() if return_entropy else None
+    return torch.cat(lps), torch.cat(ents) if return_entropy else None
+
+
+def _linear_logprobs_chunk(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch.Tensor,
+                           return_entropy: bool, fp32_logits: bool,
+                           temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if fp32_logits:
+        logits_NV = F.linear(hidden_ND.float(), weight_VD.float())
+    else:
+        logits_NV = F.linear(hidden_ND, weight_VD).float()
+    if temperature != 1.0:
+        logits_NV = logits_NV / temperature
+    lse_N = torch.logsumexp(logits_NV, dim=-1)
+    logprob_N = logits_NV.gather(1, targets_N[:, None])[:, 0] - lse_N
+    if not return_entropy:
+        return logprob_N, None
+    return logprob_N, lse_N - (torch.softmax(logits_NV, dim=-1) * logits_NV).sum(-1)
+
+
+register("linear_logprobs", "torch", linear_logprobs_torch)

@@ -53,9 +53,9 @@ def test_bf16_model_with_fp32_head(tiny_model):
 
 
 def test_does_not_materialise_full_logits(tiny_model, monkeypatch):
-    """Every lm_head matmul sees at most chunk_size rows."""
+    """Every lm_head matmul sees at most chunk_size rows (on CPU: ops.linear_logprobs_torch's chunks)."""
     import torch.nn.functional as F
-    from m2rl.model import logprobs as lp_mod
+    from m2rl.model import ops
 
     seen = []
     real_linear = F.linear
@@ -65,7 +65,7 @@ def test_does_not_materialise_full_logits(tiny_model, monkeypatch):
             seen.append(x.shape[0])
         return real_linear(x, w, *a)
 
-    monkeypatch.setattr(lp_mod.F, "linear", spy)
+    monkeypatch.setattr(ops.F, "linear", spy)
     ids = torch.randint(0, 4096, (3, 40))
     token_logprobs(tiny_model, ids, chunk_size=16).sum().backward()
     assert seen and max(seen) <= 16

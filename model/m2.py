@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from m2rl.model.attention import Attention, rope_cos_sin
+from m2rl.model.attention import Attention, PackedSegments, rope_cos_sin
 from m2rl.model.config import M2Config
 from m2rl.model.kv_cache import KVCache
 from m2rl.model.moe import SparseMoE
@@ -30,8 +30,9 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe = SparseMoE(config)
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                kv_cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, mask, kv_cache, cache_start)
+                kv_cache: KVCache | None = None, cache_start: int = 0,
+                segments: PackedSegments | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, mask, kv_cache, cache_start, segments)
         return x + self.block_sparse_moe(self.post_attention_layernorm(x))
 
 
@@ -82,10 +83,14 @@ class M2ForCausalLM(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
-                      check_ids: bool = True) -> torch.Tensor:
+                      check_ids: bool = True, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, D]. attention_mask [B, T] (1 real, 0 padding) may pad on
         either side; default positions count the real tokens before each one. check_ids=False skips the
-        id range check (a host sync) for ids the sampler just produced."""
+        id range check (a host sync) for ids the sampler just produced.
+
+        Packed input: `cu_seqlens` [S+1] (int, 0 ... N) splits input_ids [1, N] into S sequences laid end to
+        end; each attends causally to its own tokens only and its positions restart at 0. No attention_mask,
+        positions or kv_cache with it."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -101,7 +106,13 @@ class M2ForCausalLM(nn.Module):
         if token_mask.shape != (B, T):
             raise ValueError(f"attention_mask shape {tuple(token_mask.shape)} != input_ids shape {(B, T)}")
         start = 0
-        if kv_cache is not None:
+        segments = None
+        if cu_seqlens is not None:
+            if B != 1 or attention_mask is not None or positions is not None or kv_cache is not None:
+                raise ValueError("cu_seqlens takes input_ids [1, N] alone (no attention_mask, positions, kv_cache)")
+            segments = PackedSegments.from_cu_seqlens(cu_seqlens, T, device)
+            positions, mask = segments.positions(), None
+        elif kv_cache is not None:
             seen = kv_cache.valid[:, :kv_cache.length].sum(1, keepdim=True)
             start, mask = kv_cache.begin(token_mask)
         else:
@@ -113,9 +124,9 @@ class M2ForCausalLM(nn.Module):
         cos_sin = rope_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta, x.dtype)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos_sin, mask, kv_cache, start, use_reentrant=False)
+                x = checkpoint(layer, x, cos_sin, mask, kv_cache, start, segments, use_reentrant=False)
             else:
-                x = layer(x, cos_sin, mask, kv_cache, start)
+                x = layer(x, cos_sin, mask, kv_cache, start, segments)
         if kv_cache is not None:
             kv_cache.commit(T)
         return self.model.norm(x)
@@ -134,8 +145,9 @@ class M2ForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.hidden_states(input_ids, positions, kv_cache, attention_mask))
+                kv_cache: KVCache | None = None, attention_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, positions, kv_cache, attention_mask, cu_seqlens=cu_seqlens))
 
     def new_kv_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         c = self.config

@@ -3,8 +3,9 @@
 Per update:
   1. optionally recompute pi_old with the learner (no grad) and log the generator/learner log-prob gap;
   2. for each epoch, split the sequences into `mini_batches` (one optimizer step each);
-  3. pack each mini-batch into micro-batches whose padded size (rows x longest row) fits
-     `micro_batch_tokens`, and accumulate gradients; the loss normaliser is the MINI-BATCH total
+  3. pack each mini-batch into micro-batches of at most `micro_batch_tokens` (real tokens, laid end to end
+     with `packing`; else rows x longest row, right-padded), and accumulate gradients; the loss normaliser
+     is the MINI-BATCH total
      (masked tokens, or sequences for sequence aggregation), so the accumulated gradient equals the
      gradient of the whole mini-batch in one piece;
   4. clip the global grad norm, AdamW step (betas 0.9/0.95, eps 1e-15 as in M1), LR scheduler step.
@@ -22,6 +23,7 @@ from m2rl.rl.batch import RolloutBatch
 from m2rl.rl.logprobs import policy_token_logprobs
 from m2rl.rl.losses import LossConfig, default_normalizer, policy_loss
 from m2rl.rl.lr_schedule import LRScheduleConfig, build_lr_scheduler
+from m2rl.rl.packing import pack, packed_token_logprobs, supports_packing, unpack
 from torch import Tensor, nn
 
 __all__ = ["Learner", "LearnerConfig", "RolloutBatch", "pack_micro_batches"]
@@ -42,7 +44,12 @@ class LearnerConfig:
     max_grad_norm: float | None = 1.0
     """Global gradient-norm clip; null: no clipping (the norm is still logged)."""
     micro_batch_tokens: int = 16384
-    """Padded tokens (rows x longest row) per forward/backward; bounds activation memory."""
+    """Tokens per forward/backward (real tokens with packing, else rows x longest row); bounds activation
+    memory. A row longer than this gets a micro-batch of its own."""
+    packing: bool = True
+    """Lay each micro-batch's rows end to end with no padding (attention and positions per row, see
+    rl/packing.py); same log-probs, loss and gradients as padded rows, without computing the padding.
+    M2 policies only: other models (and a custom logprob_fn) always take right-padded rows."""
     mini_batches: int = 1
     """Optimizer steps per epoch: the rollout batch is split into this many mini-batches."""
     epochs: int = 1
@@ -85,13 +92,26 @@ class LearnerConfig:
             )
 
 
-def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Group row indices so each group's padded size len(group) * max(length) is <= token_budget.
+def pack_micro_batches(lengths: list[int], token_budget: int, packed: bool = False) -> list[list[int]]:
+    """Group row indices so each group's size is <= token_budget: its padded size len(group) * max(length),
+    or with `packed` its real tokens sum(length).
 
-    Longest rows first, greedy; a row longer than the budget gets a micro-batch of its own.
+    Longest rows first, greedy (packed: into the first group with room); a row longer than the budget gets
+    a micro-batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     groups: list[list[int]] = []
+    if packed:
+        sizes: list[int] = []
+        for i in order:
+            room = next((g for g, size in enumerate(sizes) if size + lengths[i] <= token_budget), None)
+            if room is None:
+                groups.append([i])
+                sizes.append(lengths[i])
+            else:
+                groups[room].append(i)
+                sizes[room] += lengths[i]
+        return groups
     for i in order:
         # rows arrive longest first, so a group's first row is its longest
         if groups and (len(groups[-1]) + 1) * max(1, lengths[groups[-1][0]]) <= token_budget:
@@ -148,6 +168,8 @@ class Learner:
         self.model = model
         self.config = config or LearnerConfig()
         self.logprob_fn = logprob_fn or policy_token_logprobs
+        # packing needs the M2 attention's cu_seqlens; a custom logprob_fn gets the padded rows it expects
+        self.packing = self.config.packing and logprob_fn is None and supports_packing(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -182,7 +204,10 @@ class Learner:
     ) -> tuple[Tensor, Tensor | None, int]:
         """Forward on `rows` trimmed to their longest length: ([b, L] logprobs, entropy or None, L)."""
         idx = torch.tensor(rows, device=batch.input_ids.device)
-        length = max(1, max(lengths[r] for r in rows))
+        longest = max(lengths[r] for r in rows)
+        length = max(1, longest)
+        if self.packing and longest > 0:
+            return self._packed_logprobs(batch, rows, length, with_entropy)
         ids = batch.input_ids[idx, :length]
         attn = batch.attention_mask[idx, :length] if batch.attention_mask is not None else None
         # Only loss tokens need log-probs: the head is skipped on prompt and env tokens.
@@ -202,12 +227,31 @@ class Learner:
             return logprobs, entropy.detach(), length
         return out, None, length
 
+    def _packed_logprobs(
+        self, batch: RolloutBatch, rows: list[int], length: int, with_entropy: bool
+    ) -> tuple[Tensor, Tensor | None, int]:
+        """`_logprobs` through one packed forward of the rows' real tokens, unpacked to [b, L]."""
+        packed = pack(batch, rows)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            out = packed_token_logprobs(
+                self.model,
+                packed,
+                return_entropy=with_entropy,
+                chunk_size=self.config.logprob_chunk_size,
+                lm_head_fp32=self.config.lm_head_fp32,
+                target_mask=packed.loss_mask,
+            )
+        if with_entropy:
+            logprobs, entropy = out
+            return unpack(logprobs, packed, length), unpack(entropy.detach(), packed, length), length
+        return unpack(out, packed, length), None, length
+
     @torch.no_grad()
     def recompute_logprobs(self, batch: RolloutBatch) -> Tensor:
         """Learner log-probs [B, T] of the batch under the current parameters (0 past each row's length)."""
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         lengths = batch.lengths()
-        for rows in pack_micro_batches(lengths, self.config.micro_batch_tokens):
+        for rows in pack_micro_batches(lengths, self.config.micro_batch_tokens, packed=self.packing):
             logprobs, _, length = self._logprobs(batch, rows, lengths, with_entropy=False)
             out = out.to(logprobs.dtype)
             out[torch.tensor(rows, device=out.device), :length] = logprobs
@@ -227,8 +271,12 @@ class Learner:
         lengths = batch.lengths()
         acc = _MetricMean()
         loss_total = 0.0
-        for micro in pack_micro_batches([lengths[r] for r in rows], cfg.micro_batch_tokens):
-            sub = [rows[i] for i in micro]
+        # Rows without loss tokens add nothing to the loss or its gradient: no forward for them (a micro-batch
+        # of only such rows would have no graph to backpropagate, and would report its extremes as 0).
+        has_loss = batch.loss_mask.bool().any(dim=1).tolist()
+        live = [r for r in rows if has_loss[r]]
+        for micro in pack_micro_batches([lengths[r] for r in live], cfg.micro_batch_tokens, packed=self.packing):
+            sub = [live[i] for i in micro]
             logprobs, entropy, length = self._logprobs(batch, sub, lengths, with_entropy=cfg.compute_entropy)
             idx = torch.tensor(sub, device=batch.input_ids.device)
             mask = batch.loss_mask[idx, :length].to(logprobs.dtype)

@@ -7,6 +7,7 @@ heavy where it is not.
 
     fused_moe.py    moe_experts: grouped SwiGLU GEMMs over expert-aligned row blocks, CUDA-graph safe
     moe_align.py    the sync-free token-to-expert sort and block alignment those GEMMs read
+    linear_logprob.py  linear_logprobs: LM head + log-softmax + gather (and entropy), fwd + bwd, no [N, V] logits
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-KERNEL_MODULES = ("m2rl.kernels.fused_moe",)
+KERNEL_MODULES = ("m2rl.kernels.fused_moe", "m2rl.kernels.linear_logprob")
 """Modules that register their implementations on import; each names them in its `OPS` dict."""
 
 

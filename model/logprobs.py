@@ -1,4 +1,5 @@
-"""Learner-side log-probabilities: log pi(x_t | x_<t) for every position, with gradients, through `ops.linear_logprobs`.
+"""Learner-side log-probabilities: log pi(x_t | x_<t) for every position, with gradients, through the
+`ops.linear_logprobs` op.
 
 The [tokens x vocab] logits are never held at once: the torch implementation (CPU, and the fallback)
 reduces chunks of rows to log-probs and recomputes each chunk's logits in backward (torch.utils.checkpoint);

@@ -24,7 +24,7 @@ Design (the "cut cross-entropy" idea: logits live in registers, one tile at a ti
             a buffer of at most `grad_chunk_bytes` (256 MiB: N=16K, C=8192 in bf16).
 Nothing syncs with the host. Targets outside [0, V) give a NaN log-prob (no program stores their logit).
 
-Memory beyond the inputs and the gradients: forward 3 x [V/BLOCK_V, N] fp32 partials (150 MiB at N=16K),
+Memory beyond the inputs and the gradients: forward 3 x [V/BLOCK_V, N] fp32 partials (290 MiB at N=16K),
 backward one dz chunk plus the [N, D] fp32 dH accumulator (and one [N, D] fp32 GEMM output) — against the
 naive head's [N, V] fp32 logits and their softmax (24 GiB at N=16K, V=200064).
 
@@ -50,14 +50,14 @@ class LogprobConfig:
 
     block_m: int = 128
     """token rows per program"""
-    block_v: int = 256
-    """vocabulary columns per program: one logits tile"""
+    block_v: int = 128
+    """vocabulary columns per program: one logits tile (its fp32 epilogue holds ~3 tiles in registers)"""
     block_k: int = 64
     """reduction step over D"""
     group_m: int = 8
     """row blocks that sweep the vocabulary tiles side by side, so each weight tile is read once from HBM"""
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 4
     grad_chunk_columns: int = 8192
     """vocabulary columns per backward chunk: the dz buffer is [N, columns], the GEMMs [N, C] x [C, D]"""
     grad_chunk_bytes: int = 256 << 20
@@ -65,8 +65,9 @@ class LogprobConfig:
 
 
 def default_config(num_rows: int, elem_bytes: int = 2) -> LogprobConfig:
-    """128 x 256 x 64 tiles in 8 warps (the shape of Triton's Hopper GEMM tutorial); 64-row blocks when
-    there are few rows. Not tuned on a GPU yet. 4-byte inputs (fp32) halve block_k so the pipeline stages
+    """128 x 128 x 64 tiles, 4 stages, 8 warps: a Hopper GEMM shape of Triton's tutorials, its 128 x 256 halved
+    so the softmax epilogue's fp32 tiles fit in registers; 64-row blocks when there are few rows. Not tuned
+    on a GPU yet. 4-byte inputs (fp32) halve block_k so the pipeline stages
     still fit the 227 KiB of shared memory an H100/H200 block may use."""
     config = LogprobConfig(block_m=64 if num_rows <= 64 else 128)
     if elem_bytes > 2:
@@ -126,14 +127,14 @@ def _tile_coords(pid, num_blocks_m, num_blocks_v, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _round_to(x, dtype: tl.constexpr, BF16_INTERPRETED: tl.constexpr):
-    """fp32 x cast to `dtype`, rounding to nearest even. The interpreter's fp32 -> bf16 cast truncates
-    (compiled kernels round), so interpreted bf16 kernels round the bits by hand first."""
+def _bf16_rounded(x, BF16_INTERPRETED: tl.constexpr):
+    """fp32 x, which is about to be cast to bf16, already rounded to a bf16 value (nearest, ties to even)
+    where the kernel is interpreted: the interpreter's fp32 -> bf16 cast truncates, compiled kernels round."""
     if BF16_INTERPRETED:
         bits = x.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
+    return x
 
 
 @triton.jit
@@ -160,7 +161,7 @@ def _logits_tile(h_ptr, w_ptr, offs_m, offs_v, num_rows, vocab_end, hidden, temp
         h_ptrs += BLOCK_K * stride_hd
         w_ptrs += BLOCK_K * stride_wd
     if ROUND_LOGITS:  # fp32_logits=False: the reference's F.linear(h, w).float()
-        acc = _round_to(acc, h_ptr.dtype.element_ty, BF16_INTERPRETED).to(tl.float32)
+        acc = _bf16_rounded(acc, BF16_INTERPRETED).to(h_ptr.dtype.element_ty).to(tl.float32)
     if SCALED:
         acc = acc / temperature
     return acc
@@ -186,6 +187,11 @@ def _forward_kernel(
     v_mask = offs_v < vocab
     z = tl.where(v_mask[None, :], z, float("-inf"))  # every tile has a real column: the max is finite
 
+    targets = tl.load(targets_ptr + offs_m, mask=m_mask, other=-1)
+    target_logit = tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
+    in_tile = (targets >= pid_v * BLOCK_V) & (targets < pid_v * BLOCK_V + BLOCK_V) & (targets < vocab)
+    tl.store(target_logit_ptr + offs_m, target_logit, mask=m_mask & in_tile)
+
     tile_max = tl.max(z, axis=1)
     shifted = z - tile_max[:, None]
     e = tl.exp(shifted)  # 0 in the padding columns
@@ -195,11 +201,6 @@ def _forward_kernel(
     if ENTROPY:
         # e * shifted is 0 * -inf in the padding columns: zero the logit there, not the product
         tl.store(part_ent_ptr + part, tl.sum(e * tl.where(v_mask[None, :], shifted, 0.0), axis=1), mask=m_mask)
-
-    targets = tl.load(targets_ptr + offs_m, mask=m_mask, other=-1)
-    target_logit = tl.sum(tl.where(offs_v[None, :] == targets[:, None], z, 0.0), axis=1)
-    in_tile = (targets >= pid_v * BLOCK_V) & (targets < pid_v * BLOCK_V + BLOCK_V) & (targets < vocab)
-    tl.store(target_logit_ptr + offs_m, target_logit, mask=m_mask & in_tile)
 
 
 @triton.jit
@@ -235,13 +236,13 @@ def _grad_logits_kernel(
     if SCALED:
         dz = dz / temperature
     dz_ptrs = dz_ptr + offs_m[:, None].to(tl.int64) * stride_dzn + (offs_v - vocab_start)[None, :] * stride_dzv
-    tl.store(dz_ptrs, _round_to(dz, dz_ptr.dtype.element_ty, BF16_INTERPRETED),
+    tl.store(dz_ptrs, _bf16_rounded(dz, BF16_INTERPRETED).to(dz_ptr.dtype.element_ty),
              mask=m_mask[:, None] & v_mask[None, :])
 
 
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) gets bf16 wrong twice: tl.dot multiplies bf16 bit
 # patterns (triton-lang/triton#11584), so interpreted kernels upcast bf16 tiles to fp32 first (exact), and
-# fp32 -> bf16 casts truncate, so they round by hand (`_round_to`). Compiled kernels do neither.
+# fp32 -> bf16 casts truncate, so they round by hand (`_bf16_rounded`). Compiled kernels do neither.
 _INTERPRETED = not isinstance(_forward_kernel, triton.runtime.JITFunction)
 
 

@@ -26,9 +26,8 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
-from m2rl.kernels.moe_align import moe_align_block_size
+from m2rl.kernels.moe_align import AlignedRouting, moe_align_block_size
 from m2rl.model import ops
-from m2rl.model.moe_grouped import moe_experts_grouped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,16 +110,18 @@ def _block_coords(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w1_ptr, w3_ptr, h_ptr, sorted_rows_ptr, block_expert_ptr,
+    x_ptr, w1_ptr, w3_ptr, h_ptr, gate_up_ptr, sorted_rows_ptr, block_expert_ptr,
     num_rows, hidden, inner, num_blocks_m,
     stride_xt, stride_xd,
     stride_w1e, stride_w1i, stride_w1d,
     stride_w3e, stride_w3i, stride_w3d,
     stride_hr, stride_hi,
+    stride_pr, stride_pi,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, SAVE_PREACT: tl.constexpr,
 ):
-    """h[row, n-tile] = silu(x[row // K] @ w1[e]^T) * (x[row // K] @ w3[e]^T) for one block of rows."""
+    """h[row, n-tile] = silu(x[row // K] @ w1[e]^T) * (x[row // K] @ w3[e]^T) for one block of rows; with
+    SAVE_PREACT also the pre-activations gate | up into gate_up [rows, 2I] (what the backward reads)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(inner, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if expert < 0:
@@ -152,9 +153,14 @@ def _gate_up_kernel(
         w1_ptrs += BLOCK_K * stride_w1d
         w3_ptrs += BLOCK_K * stride_w3d
 
+    out_mask = row_mask[:, None] & n_mask[None, :]
+    if SAVE_PREACT:
+        gate_ptrs = gate_up_ptr + rows[:, None] * stride_pr + offs_n[None, :] * stride_pi
+        tl.store(gate_ptrs, gate.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(gate_ptrs + inner * stride_pi, up.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
     h = gate * tl.sigmoid(gate) * up
     h_ptrs = h_ptr + rows[:, None] * stride_hr + offs_n[None, :] * stride_hi
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -212,9 +218,18 @@ def _dot_options(dtype: torch.dtype) -> dict[str, object]:
     return {"DOT_PRECISION": "ieee" if ieee else "tf32", "DOT_IN_FP32": dot_in_fp32}
 
 
-def fused_moe(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
-              experts_TK: torch.Tensor, weights_TK: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
-    """The Triton forward of `moe_experts_torch` (no autograd), with tile sizes `config` or the defaults."""
+def launch_options(config: MoEConfig, dtype: torch.dtype) -> dict[str, object]:
+    """The constexprs and launch settings every row-block kernel (forward and backward) takes from `config`."""
+    return {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+            "GROUP_M": config.group_m, **_dot_options(dtype),
+            "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_inputs(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                  experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> None:
     T, D = x_TD.shape
     E, I, _ = w1_EID.shape
     K = experts_TK.shape[1]
@@ -222,27 +237,35 @@ def fused_moe(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2
     assert w2_EDI.shape == (E, D, I), f"w2 must be [E, D, I] = {(E, D, I)}, got {tuple(w2_EDI.shape)}"
     assert experts_TK.shape == weights_TK.shape == (T, K), "experts_TK and weights_TK must both be [T, K]"
     assert x_TD.dtype == w1_EID.dtype == w3_EID.dtype == w2_EDI.dtype, "x and expert weights must share a dtype"
+    # accumulators and per-slot buffers are fp32: fp64 would lose its precision (the interpreter even
+    # returns garbage for an fp64 dot into an fp32 accumulator)
+    assert x_TD.dtype in _DTYPES, f"the kernels take {_DTYPES}, got {x_TD.dtype}"
     assert not experts_TK.is_floating_point() and weights_TK.is_floating_point()
     assert x_TD.is_cuda or _INTERPRETED, "the Triton kernels need CUDA tensors (CPU only under TRITON_INTERPRET=1)"
-    if T * K == 0:
-        return torch.zeros_like(x_TD)
-    config = config or default_config(T, K, E, x_TD.element_size())
 
+
+def _forward(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+             experts_TK: torch.Tensor, weights_TK: torch.Tensor, config: MoEConfig, save_preact: bool,
+             ) -> tuple[torch.Tensor, AlignedRouting, torch.Tensor | None]:
+    """out [T, D], the alignment, and (with save_preact) gate | up [T*K, 2I]; T*K > 0."""
+    T, D = x_TD.shape
+    E, I, _ = w1_EID.shape
+    K = experts_TK.shape[1]
     routing = moe_align_block_size(experts_TK, E, config.block_m)
     num_blocks_m = routing.block_expert.numel()
     num_rows = T * K
     weight_N = weights_TK.reshape(-1).contiguous()
-    launch = {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
-              "GROUP_M": config.group_m, **_dot_options(x_TD.dtype),
-              "num_warps": config.num_warps, "num_stages": config.num_stages}
+    launch = launch_options(config, x_TD.dtype)
 
     h_NI = torch.empty(num_rows, I, dtype=x_TD.dtype, device=x_TD.device)
+    gate_up_NI2 = torch.empty(num_rows, 2 * I, dtype=x_TD.dtype, device=x_TD.device) if save_preact else None
+    preact = gate_up_NI2 if save_preact else h_NI  # not written without SAVE_PREACT
     grid = (num_blocks_m * triton.cdiv(I, config.block_n),)
     _gate_up_kernel[grid](
-        x_TD, w1_EID, w3_EID, h_NI, routing.sorted_rows, routing.block_expert,
+        x_TD, w1_EID, w3_EID, h_NI, preact, routing.sorted_rows, routing.block_expert,
         num_rows, D, I, num_blocks_m,
-        *x_TD.stride(), *w1_EID.stride(), *w3_EID.stride(), *h_NI.stride(),
-        TOP_K=K, **launch,
+        *x_TD.stride(), *w1_EID.stride(), *w3_EID.stride(), *h_NI.stride(), *preact.stride(),
+        TOP_K=K, SAVE_PREACT=save_preact, **launch,
     )
     y_ND = torch.empty(num_rows, D, dtype=torch.float32, device=x_TD.device)
     grid = (num_blocks_m * triton.cdiv(D, config.block_n),)
@@ -252,18 +275,78 @@ def fused_moe(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2
         *h_NI.stride(), *w2_EDI.stride(), *y_ND.stride(),
         **launch,
     )
-    return y_ND.view(T, K, D).sum(1).to(x_TD.dtype)
+    return y_ND.view(T, K, D).sum(1).to(x_TD.dtype), routing, gate_up_NI2
+
+
+def fused_moe(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+              experts_TK: torch.Tensor, weights_TK: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+    """The Triton forward of `moe_experts_torch` (no autograd), with tile sizes `config` or the defaults."""
+    _check_inputs(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+    T, K = experts_TK.shape
+    if T * K == 0:
+        return torch.zeros_like(x_TD)
+    config = config or default_config(T, K, w1_EID.shape[0], x_TD.element_size())
+    return _forward(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK, config, save_preact=False)[0]
+
+
+# The backward kernels use the helpers above, so their module is imported here, after them, and always with
+# this one (under the same TRITON_INTERPRET: the interpreted tests need every kernel interpreted or none).
+from m2rl.kernels.fused_moe_backward import WeightGradConfig, fused_moe_backward
+
+
+class FusedMoEFunction(torch.autograd.Function):
+    """`fused_moe` with the Triton backward of kernels/fused_moe_backward.py: gradients of x, w1, w3, w2 and
+    the routing weights, sync-free; `apply(x, w1, w3, w2, experts, weights, config=None, weight_config=None)`
+    (the tiles of the forward and the backward's row-block kernels, and of the weight-gradient kernel).
+
+    Saved for the backward, besides the inputs themselves: the alignment (int32, about T*K + E*block_m
+    entries) and the gate | up pre-activations [T*K, 2I] in x's dtype, the forward's GEMM outputs rounded
+    once: 2*K*I elements a token, 48 KiB in bf16 at M2's shapes (K 8, I 1536), 0.8 GB a layer at 16K tokens.
+    Recomputing them would cost the gate/up GEMMs again (2/3 of the forward's FLOPs). h is not kept: the
+    backward's first kernel rebuilds it from gate | up in its epilogue. The grouped-GEMM path keeps
+    2*K*D + 4*K*I elements a token (gathered x, gate, up, silu(gate), h and the per-slot outputs): 4x this."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
+                experts_TK: torch.Tensor, weights_TK: torch.Tensor, config: MoEConfig | None = None,
+                weight_config: WeightGradConfig | None = None) -> torch.Tensor:
+        _check_inputs(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+        T, K = experts_TK.shape
+        ctx.empty = T * K == 0
+        if ctx.empty:  # the output depends on nothing: zero gradients
+            ctx.save_for_backward(x_TD, w1_EID, w3_EID, w2_EDI, weights_TK)
+            return torch.zeros_like(x_TD)
+        config = config or default_config(T, K, w1_EID.shape[0], x_TD.element_size())
+        out_TD, routing, gate_up_NI2 = _forward(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK, config,
+                                                save_preact=True)
+        ctx.config, ctx.weight_config = config, weight_config
+        ctx.save_for_backward(x_TD, w1_EID, w3_EID, w2_EDI, weights_TK, gate_up_NI2, routing.sorted_rows,
+                              routing.block_expert)
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        needs = ctx.needs_input_grad
+        if ctx.empty:
+            x_TD, w1_EID, w3_EID, w2_EDI, weights_TK = ctx.saved_tensors
+            zeros = [torch.zeros_like(t) if need else None
+                     for t, need in zip((x_TD, w1_EID, w3_EID, w2_EDI, weights_TK), needs[:4] + needs[5:6])]
+            return *zeros[:4], None, zeros[4], None, None
+        x_TD, w1_EID, w3_EID, w2_EDI, weights_TK, gate_up_NI2, sorted_rows, block_expert = ctx.saved_tensors
+        # the routing weights' gradient is always computed: it is a by-product of dh's epilogue
+        dx_TD, dw1_EID, dw3_EID, dw2_EDI, dweights_TK = fused_moe_backward(
+            grad_TD, x_TD, w1_EID, w3_EID, w2_EDI, weights_TK, gate_up_NI2, sorted_rows, block_expert, ctx.config,
+            needs_x=needs[0], needs_expert_weights=any(needs[1:4]), weight_config=ctx.weight_config)
+        return dx_TD, dw1_EID, dw3_EID, dw2_EDI, None, dweights_TK, None, None
 
 
 def fused_moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
                       experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    """`ops.moe_experts` through the Triton kernels: same signature and result as `moe_experts_torch`."""
+    """`ops.moe_experts` through the Triton kernels: same signature and result as `moe_experts_torch`; the
+    autograd Function where gradients are needed (the learner), else the plain forward (generation)."""
     inputs = (x_TD, w1_EID, w3_EID, w2_EDI, weights_TK)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        # The kernels have no backward yet (a later issue): a forward that autograd must differentiate
-        # runs the grouped-GEMM path (sync-free, with torch's backward; it falls back to the reference
-        # where `_grouped_mm` cannot run), ~100x faster than the reference's backward at 4096 tokens.
-        return moe_experts_grouped(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
+        return FusedMoEFunction.apply(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
     return fused_moe(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
 
 

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from m2rl.model import ops
 
 # 16-row blocks, 32-column vocabulary tiles, 16-wide reduction steps, 64-column backward chunks
-SMALL = {"block_m": 16, "block_v": 32, "block_k": 16, "group_m": 2, "grad_chunk_columns": 64}
+SMALL = {"block_m": 16, "block_v": 32, "block_k": 16, "group_m": 2, "grad_chunk_columns": 64,
+         "num_warps": 4, "num_stages": 2}
 # (N, D, V): one row; odd D and V; several row blocks, tiles and backward chunks with ragged ends
 SHAPES = [(1, 16, 50), (3, 72, 300), (17, 40, 100), (17, 33, 257)]
 
@@ -359,3 +360,27 @@ def test_m2_head_peak_memory(ll, N):
     extra = torch.cuda.max_memory_allocated() - before - grads
     naive = 2 * N * M2_HEAD["V"] * 4
     assert extra < 0.05 * naive, f"{extra / 2**20:.0f} MiB beyond the gradients, naive {naive / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_token_logprobs_on_cuda_kernel_matches_torch(ll):
+    """A CUDA model's token_logprobs through the Triton op (its CUDA default, PREFERRED) agrees with the torch
+    one, gradients of the parameters included (bf16 model, fp32 head)."""
+    from m2rl.model import M2Config, M2ForCausalLM
+    from m2rl.model.logprobs import token_logprobs
+
+    model = M2ForCausalLM(M2Config.from_preset("tiny")).init_weights(std=0.1, seed=0).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (4, 300), device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0))
+    results = {}
+    for impl in ("triton", "torch"):
+        model.zero_grad()
+        with ops.using(linear_logprobs=impl):
+            lp, ent = token_logprobs(model, ids, return_entropy=True)
+        lp.sum().backward()
+        results[impl] = (lp.detach(), ent.detach(), model.lm_head.weight.grad.clone(),
+                         model.model.embed_tokens.weight.grad.clone())
+    (lp, ent, g_head, g_embed), (ref_lp, ref_ent, ref_head, ref_embed) = results["triton"], results["torch"]
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=1e-4)
+    assert _rel_err(g_head, ref_head) < 1e-2 and _rel_err(g_embed, ref_embed) < 2e-2

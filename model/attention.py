@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from m2rl.model import ops
 from m2rl.model.config import M2Config
 from m2rl.model.kv_cache import KVCache
 from m2rl.model.norm import RMSNorm
@@ -167,13 +168,14 @@ class Attention(nn.Module):
                 segments: PackedSegments | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         q, k, v = self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)
-        if self.use_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q_BHTD = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k_BHTD = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v_BHTD = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = cos_sin
-        q_BHTD, k_BHTD = apply_partial_rope(q_BHTD, cos, sin), apply_partial_rope(k_BHTD, cos, sin)
+        if self.use_qk_norm:  # norms, head split and RoPE in one op: kernels/rope.py fuses them
+            q_BHTD, k_BHTD = ops.qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps,
+                                              cos, sin, self.n_heads, self.n_kv)
+        else:
+            q_BHTD = apply_partial_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+            k_BHTD = apply_partial_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)
+        v_BHTD = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k_BHTD, v_BHTD = kv_cache.write(self.layer_idx, cache_start, k_BHTD, v_BHTD)
         if segments is not None:  # packed: B == 1, causal within each segment (no mask, no cache)

@@ -1,8 +1,9 @@
 """The seam where fused kernels replace PyTorch code: a tiny registry of named implementations per op.
 
-Every op has a `torch` implementation, the reference, selected at registration. `moe_experts` also has
-`grouped_mm` (model/moe_grouped.py: sorted pairs and torch._grouped_mm, sync-free, CUDA-graph safe), and
-`m2rl.kernels` may register Triton ones (`triton`) when it is imported. Choosing:
+Every op has a `torch` implementation, the reference, selected at registration (among them `qk_norm_rope`:
+attention's per-layer q/k norms, head split and partial RoPE; `route`: the router's scoring and top-k).
+`moe_experts` also has `grouped_mm` (model/moe_grouped.py: sorted pairs and torch._grouped_mm, sync-free,
+CUDA-graph safe), and `m2rl.kernels` may register Triton ones (`triton`) when it is imported. Choosing:
 
     ops.use("moe_experts", "grouped_mm")          # forced: select_defaults leaves it alone
     with ops.using(moe_experts="torch"): ...      # forced for the block
@@ -14,7 +15,8 @@ The model calls `ops.rms_norm(...)` / `ops.moe_experts(...)`, which dispatch on 
 forced choice wherever the tensors are, else the default `select_defaults` chose for that device type, else
 the registration default (torch). A process holding a CUDA model and a CPU one runs each on its own
 defaults (a Triton kernel never sees a CPU tensor it was not forced onto).
-Shape suffixes: T tokens, D hidden, I expert inner width, E experts, K experts per token.
+Shape suffixes: T tokens, D hidden, I expert inner width, E experts, K experts per token; B batch, Q and X the
+q and k projection widths, R rotary dims.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
-_IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {}
+_IMPLS: dict[str, dict[str, Callable[..., Any]]] = {}
 _SELECTED: dict[str, str] = {}
 _FORCED: set[str] = set()  # ops chosen with use()/using(): select_defaults keeps them
 _DEFAULTS: dict[str, dict[str, str]] = {}  # device type -> op -> implementation, from select_defaults
@@ -45,7 +48,7 @@ PREFERRED: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-def register(op: str, name: str, fn: Callable[..., torch.Tensor]) -> None:
+def register(op: str, name: str, fn: Callable[..., Any]) -> None:
     _IMPLS.setdefault(op, {})[name] = fn
     _SELECTED.setdefault(op, name)
 
@@ -135,13 +138,25 @@ def _import_kernels() -> None:
         log.info("m2rl.kernels not imported (%s): no Triton kernels", e)
 
 
-def get(op: str, device: torch.device | str | None = None) -> Callable[..., torch.Tensor]:
+def get(op: str, device: torch.device | str | None = None) -> Callable[..., Any]:
     return _IMPLS[op][selected(op, device)]
 
 
 # ---- dispatchers the model calls ----------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _IMPLS["rms_norm"][_choice("rms_norm", x.device.type)](x, weight, eps)
+
+
+def qk_norm_rope(q_BTQ: torch.Tensor, k_BTX: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 eps: float, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor, n_heads: int,
+                 n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _IMPLS["qk_norm_rope"][_choice("qk_norm_rope", q_BTQ.device.type)]
+    return impl(q_BTQ, k_BTX, q_weight, k_weight, eps, cos_BTR, sin_BTR, n_heads, n_kv)
+
+
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int,
+          scoring_func: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
+    return _IMPLS["route"][_choice("route", logits_TE.device.type)](logits_TE, bias_E, k, scoring_func)
 
 
 def moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
@@ -156,6 +171,26 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
+
+
+def qk_norm_rope_torch(q_BTQ: torch.Tensor, k_BTX: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                       eps: float, cos_BTR: torch.Tensor, sin_BTR: torch.Tensor, n_heads: int,
+                       n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """M2's "per_layer" q/k norms then partial RoPE: ONE RMSNorm (the rms_norm op) over the whole q projection
+    [B, T, H*Dh] and one over k [B, T, Hkv*Dh], the split into heads, and NeoX rotation of the first R dims
+    of each head. Returns q [B, H, T, Dh] and k [B, Hkv, T, Dh], transposed views of [B, T, heads, Dh]."""
+    B, T, Q = q_BTQ.shape
+    head_dim = Q // n_heads
+    q_BHTD = rms_norm(q_BTQ, q_weight, eps).view(B, T, n_heads, head_dim).transpose(1, 2)
+    k_BHTD = rms_norm(k_BTX, k_weight, eps).view(B, T, n_kv, head_dim).transpose(1, 2)
+    return (attention.apply_partial_rope(q_BHTD, cos_BTR, sin_BTR),
+            attention.apply_partial_rope(k_BHTD, cos_BTR, sin_BTR))
+
+
+def route_torch(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int,
+                scoring_func: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor]:
+    """The routing math of `m2rl.model.router.route` (router.py owns it): (weights_TK fp32, experts_TK int64)."""
+    return router.route(logits_TE, bias_E, k, scoring_func)
 
 
 def moe_experts_torch(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
@@ -220,9 +255,14 @@ def _moe_experts_gathered(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torc
 
 
 register("rms_norm", "torch", rms_norm_torch)
+register("qk_norm_rope", "torch", qk_norm_rope_torch)
+register("route", "torch", route_torch)
 register("moe_experts", "torch", moe_experts_torch)
 
-# Last: moe_grouped falls back to moe_experts_torch, which it imports lazily from here.
+# Last: moe_grouped falls back to moe_experts_torch, which it imports lazily from here. attention and router
+# call the dispatchers above and own the math of the references they back (looked up when those run, so
+# either module may be imported first).
+from m2rl.model import attention, router
 from m2rl.model.moe_grouped import moe_experts_grouped
 
 register("moe_experts", "grouped_mm", moe_experts_grouped)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from m2rl.model import ops
 from torch import nn
 
 
@@ -58,7 +59,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits_TE = F.linear(x_TD.float(), self.weight.float())
-        weights_TK, experts_TK = route(logits_TE, self.e_score_correction_bias, self.top_k, self.scoring_func)
+        # route() through the ops registry: a fused kernel may replace it (kernels/router.py)
+        weights_TK, experts_TK = ops.route(logits_TE, self.e_score_correction_bias, self.top_k,
+                                           self.scoring_func)
         if self.record_load:
             counts = torch.bincount(experts_TK.reshape(-1), minlength=self.weight.shape[0])
             self.load_E = counts if self.load_E is None else self.load_E + counts

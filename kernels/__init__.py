@@ -7,6 +7,9 @@ heavy where it is not.
 
     fused_moe.py    moe_experts: grouped SwiGLU GEMMs over expert-aligned row blocks, CUDA-graph safe
     moe_align.py    the sync-free token-to-expert sort and block alignment those GEMMs read
+    rms_norm.py     rms_norm: one program per row, forward and backward
+    rope.py         qk_norm_rope: attention's whole-projection q/k RMSNorm fused with partial NeoX RoPE
+    router.py       route: sigmoid scores, biased top-k by max-and-mask, renormalised weights
     linear_logprob.py  linear_logprobs: LM head + log-softmax + gather (and entropy), fwd + bwd, no [N, V] logits
 """
 
@@ -15,7 +18,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-KERNEL_MODULES = ("m2rl.kernels.fused_moe", "m2rl.kernels.linear_logprob")
+KERNEL_MODULES = ("m2rl.kernels.fused_moe", "m2rl.kernels.linear_logprob", "m2rl.kernels.rms_norm",
+                  "m2rl.kernels.rope", "m2rl.kernels.router")
 """Modules that register their implementations on import; each names them in its `OPS` dict."""
 
 

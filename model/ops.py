@@ -43,7 +43,8 @@ OPS_ENV = "M2RL_OPS"  # "op=implementation,...": overrides the device defaults, 
 # Fastest first, per device type; ops and devices not named here run "torch". CPU stays on torch: CPU
 # runs are pinned bit for bit.
 PREFERRED: dict[str, dict[str, tuple[str, ...]]] = {
-    "cuda": {"moe_experts": ("triton", "grouped_mm", "torch"),
+    "cuda": {"moe_experts": ("triton", "grouped_mm", "torch"), "rms_norm": ("triton", "torch"),
+             "qk_norm_rope": ("triton", "torch"), "route": ("triton", "torch"),
              "linear_logprobs": ("triton", "torch")},
 }
 

@@ -159,7 +159,7 @@ def test_no_tokens(fused_moe, device):
 
 def test_registered_not_selected_and_dispatches(fused_moe, device):
     kernels = pytest.importorskip("m2rl.kernels")
-    assert kernels.register_all() == [("moe_experts", "triton")]
+    assert ("moe_experts", "triton") in kernels.register_all()
     assert "triton" in ops.available("moe_experts")
     with ops.using(moe_experts="torch"):
         assert fused_moe.register() == [("moe_experts", "triton")]

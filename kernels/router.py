@@ -91,7 +91,7 @@ def sigmoid_topk(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int) -
     _sigmoid_topk_kernel[(triton.cdiv(T, rows),)](
         logits_TE, bias, weights_TK, experts_TK, T, E,
         logits_TE.stride(0), weights_TK.stride(0), experts_TK.stride(0),
-        HAS_BIAS=bias_E is not None, TOP_K=k, ROWS=rows, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k),
+        HAS_BIAS=bias_E is not None, TOP_K=k, ROWS=rows, BLOCK_E=block_e, BLOCK_K=max(2, triton.next_power_of_2(k)),
         num_warps=4,
     )
     return weights_TK, experts_TK

@@ -15,6 +15,10 @@ read by programs of another. Then
 Blocks past the used ones (expert -1) exit at once, so the static grid costs nothing for them. Nothing
 syncs with the host, so the forward can be captured in a CUDA graph.
 
+For the learner, `FusedMoEFunction` runs this forward saving the gate | up pre-activations, and the Triton
+backward of kernels/fused_moe_backward.py; `fused_moe_experts` (the op "triton") takes it whenever autograd
+needs a gradient.
+
 Memory traffic: the weights of the experts hit dominate, 3*D*I elements each (`bytes_moved`); a decode
 step reads all of them for a handful of rows, so it is bandwidth-bound and BLOCK_M is kept small.
 """
@@ -127,7 +131,8 @@ def _gate_up_kernel(
     if expert < 0:
         return
 
-    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    # int64: rows * stride passes 2**31 from ~87K tokens at M2's shapes (y is [T*K, D])
+    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < num_rows  # padding rows hold num_rows
     tokens = rows // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,7 +184,7 @@ def _down_kernel(
     if expert < 0:
         return
 
-    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < num_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden

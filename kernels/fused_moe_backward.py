@@ -22,7 +22,9 @@ backward runs in fp32 in the epilogue of (1), so nothing but h and dgate | dup i
 Extra memory during the backward (the saved tensors are described in `FusedMoEFunction`): h [T*K, I] and
 dgate | dup [T*K, 2I] in x's dtype, dx per slot [T*K, D] fp32 and the d w partials; at M2's shapes
 (K 8, D 3072, I 1536) in bf16 about 170 KiB a token.
-FLOPs: twice the forward's (`fused_moe.flops`): 2 GEMMs of D*I per row for dh, 2 for dx, 3 for the weights.
+FLOPs: twice the forward's (`fused_moe.flops`): a GEMM of D*I per row for dh, 2 for dx, 3 for the weights.
+Tiles are not tuned on a GPU yet; `python -m m2rl.kernels.fused_moe_backward [tokens...]` measures forward
+and forward + backward against the grouped-GEMM path at M2's shapes (one JSON line per size).
 """
 
 from __future__ import annotations
@@ -60,9 +62,18 @@ def default_weight_grad_config(elem_bytes: int = 2) -> WeightGradConfig:
     return config
 
 
+def backward_row_config(config: MoEConfig) -> MoEConfig:
+    """Tiles of the dh and dx kernels: the forward's (its block_m is the alignment's) with at most 64 columns.
+    dh's epilogue, the SwiGLU backward, keeps about eight fp32 tiles live: ptxas for sm90 (Triton 3.9,
+    compiled without a GPU) reports 128x128 tiles at 8 warps spilling ~1.8 KB a thread, 128x64 ~150 B.
+    Not yet measured on a GPU."""
+    return dataclasses.replace(config, block_n=min(config.block_n, 64))
+
+
 def shared_memory_bytes(config: MoEConfig, weight_config: WeightGradConfig, elem_bytes: int) -> int:
-    """The largest pipeline of the backward kernels: stages x the tiles each loads per step (dx: dgate,
-    dup, w1, w3; weight grads: dgate, dup, x)."""
+    """The largest pipeline of the backward kernels, for the forward's `config`: stages x the tiles each
+    loads per step (dx: dgate, dup, w1, w3; weight gradients: dgate, dup, x)."""
+    config = backward_row_config(config)
     dx = config.num_stages * 2 * (config.block_m + config.block_n) * config.block_k
     weights = weight_config.num_stages * (2 * weight_config.block_p + weight_config.block_q) * weight_config.block_r
     return max(dx, weights) * elem_bytes
@@ -88,7 +99,7 @@ def _dgate_up_kernel(
     if expert < 0:
         return
 
-    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < num_rows  # padding rows hold num_rows
     tokens = rows // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,7 +159,7 @@ def _dx_kernel(
     if expert < 0:
         return
 
-    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    rows = tl.load(sorted_rows_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < num_rows
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
@@ -207,7 +218,7 @@ def _weight_grad_kernel(
     acc2 = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_R):
         pos = r0 + tl.arange(0, BLOCK_R)
-        rows = tl.load(sorted_rows_ptr + pos, mask=pos < end, other=num_rows)
+        rows = tl.load(sorted_rows_ptr + pos, mask=pos < end, other=num_rows).to(tl.int64)
         row_mask = rows < num_rows
         a_rows = rows
         if A_BY_TOKEN:
@@ -281,12 +292,13 @@ def fused_moe_backward(grad_TD: torch.Tensor, x_TD: torch.Tensor, w1_EID: torch.
     num_rows = T * K
     num_blocks_m = block_expert.numel()
     weight_N = weights_TK.reshape(-1).contiguous()
-    launch = launch_options(config, x_TD.dtype)
+    row_config = backward_row_config(config)
+    launch = launch_options(row_config, x_TD.dtype)
     dtype, device = x_TD.dtype, x_TD.device
 
     h_NI = torch.empty(num_rows, I, dtype=dtype, device=device)
     dgate_up_NI2 = torch.empty_like(gate_up_NI2)
-    tiles_i = triton.cdiv(I, config.block_n)
+    tiles_i = triton.cdiv(I, row_config.block_n)
     dweight_partial = torch.empty(num_rows, tiles_i, dtype=torch.float32, device=device)
     _dgate_up_kernel[(num_blocks_m * tiles_i,)](
         grad_TD, w2_EDI, gate_up_NI2, weight_N, sorted_rows, block_expert,
@@ -300,7 +312,7 @@ def fused_moe_backward(grad_TD: torch.Tensor, x_TD: torch.Tensor, w1_EID: torch.
     dx_TD = None
     if needs_x:
         dx_ND = torch.empty(num_rows, D, dtype=torch.float32, device=device)
-        _dx_kernel[(num_blocks_m * triton.cdiv(D, config.block_n),)](
+        _dx_kernel[(num_blocks_m * triton.cdiv(D, row_config.block_n),)](
             dgate_up_NI2, w1_EID, w3_EID, dx_ND, sorted_rows, block_expert,
             num_rows, D, I, num_blocks_m,
             *dgate_up_NI2.stride(), *w1_EID.stride(), *w3_EID.stride(), *dx_ND.stride(),
@@ -318,3 +330,44 @@ def fused_moe_backward(grad_TD: torch.Tensor, x_TD: torch.Tensor, w1_EID: torch.
         (dw2_EDI,) = _weight_grad(grad_TD, None, h_NI, weight_N, sorted_rows, bounds, num_rows, K,
                                   a_by_token=True, b_by_token=False, config=weight_config)
     return dx_TD, dw1_EID, dw3_EID, dw2_EDI, dweights_TK
+
+
+def benchmark(tokens: int, seed: int = 0) -> dict[str, object]:
+    """One released-M2 MoE layer (D 3072, I 1536, E 256, K 8, bf16, random routing) on this GPU: forward, and
+    forward + backward with every gradient, in ms and TFLOP/s; the Triton kernels against the grouped-GEMM
+    path (`moe_experts_grouped`) measured in the same run."""
+    from m2rl.kernels.fused_moe import FusedMoEFunction, flops, fused_moe
+    from m2rl.model.moe_grouped import moe_experts_grouped
+    from triton.testing import do_bench
+
+    D, I, E, K = 3072, 1536, 256, 8
+    gen = torch.Generator("cuda").manual_seed(seed)
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).bfloat16().requires_grad_()
+
+    x = randn(tokens, D)
+    w1, w3, w2 = randn(E, I, D, scale=D**-0.5), randn(E, I, D, scale=D**-0.5), randn(E, D, I, scale=I**-0.5)
+    experts = torch.rand(tokens, E, generator=gen, device="cuda").topk(K, dim=1).indices
+    weights = (torch.rand(tokens, K, generator=gen, device="cuda") + 0.1).requires_grad_()
+    grad = torch.randn(tokens, D, generator=gen, device="cuda").bfloat16()
+    args = (x, w1, w3, w2, experts, weights)
+    forward_flops = flops(tokens, K, D, I)
+    result: dict[str, object] = {"device": torch.cuda.get_device_name(), "tokens": tokens}
+    for name, forward, train in (("triton", fused_moe, FusedMoEFunction.apply),
+                                 ("grouped_mm", moe_experts_grouped, moe_experts_grouped)):
+        with torch.no_grad():
+            ms = do_bench(lambda forward=forward: forward(*args))
+        result[f"{name}_forward_ms"], result[f"{name}_forward_tflops"] = ms, forward_flops / ms / 1e9
+        ms = do_bench(lambda train=train: train(*args).backward(grad), grad_to_none=[x, w1, w3, w2, weights])
+        # the backward is two forwards' worth of GEMMs (dh, dx, and the three weight gradients)
+        result[f"{name}_train_ms"], result[f"{name}_train_tflops"] = ms, 3 * forward_flops / ms / 1e9
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    for tokens in [int(arg) for arg in sys.argv[1:]] or [4096, 16384]:
+        print(json.dumps(benchmark(tokens)), flush=True)

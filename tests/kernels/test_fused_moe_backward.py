@@ -206,3 +206,12 @@ def test_m2_shapes_bf16_forward_backward(fused_moe, T):
     assert _rel_err(out, ref_out) < 2e-2
     for name, got, ref in zip(LEAVES, grads, ref_grads):
         assert _rel_err(got, ref) < 2e-2, name
+
+
+@pytest.mark.gpu
+def test_benchmark_reports_both_paths(backward):
+    """`python -m m2rl.kernels.fused_moe_backward [tokens...]` prints these, one JSON line per size."""
+    result = backward.benchmark(256)
+    for path in ("triton", "grouped_mm"):
+        for what in ("forward", "train"):
+            assert result[f"{path}_{what}_ms"] > 0 and result[f"{path}_{what}_tflops"] > 0

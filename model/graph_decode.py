@@ -64,12 +64,13 @@ def decode_step(model: M2ForCausalLM, k_cache: torch.Tensor, v_cache: torch.Tens
         attn = layer.self_attn
         h_N1D = layer.input_layernorm(x_N1D)
         q, k, v = attn.q_proj(h_N1D), attn.k_proj(h_N1D), attn.v_proj(h_N1D)
-        if attn.use_qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q_NH1E = q.view(n, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
-        k_NG1E = k.view(n, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
+        if attn.use_qk_norm:  # the op the model's attention uses (fused norm + RoPE on CUDA)
+            q_NH1E, k_NG1E = ops.qk_norm_rope(q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
+                                              *cos_sin, attn.n_heads, attn.n_kv)
+        else:
+            q_NH1E = apply_partial_rope(q.view(n, 1, attn.n_heads, attn.head_dim).transpose(1, 2), *cos_sin)
+            k_NG1E = apply_partial_rope(k.view(n, 1, attn.n_kv, attn.head_dim).transpose(1, 2), *cos_sin)
         v_NG1E = v.view(n, 1, attn.n_kv, attn.head_dim).transpose(1, 2)
-        q_NH1E, k_NG1E = apply_partial_rope(q_NH1E, *cos_sin), apply_partial_rope(k_NG1E, *cos_sin)
         k_layer, v_layer = k_cache[index], v_cache[index]
         # Advanced indices around a slice put their dimension first: [n, Hkv, Dh] on both sides.
         k_layer[rows_N, :, lengths_N] = k_NG1E[:, :, 0]

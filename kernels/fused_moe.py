@@ -113,6 +113,18 @@ def _block_coords(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _bf16_rounded(x, BF16_INTERPRETED: tl.constexpr):
+    """fp32 x, about to be cast to bf16, already rounded to a bf16 value (nearest, ties to even) where the
+    kernel is interpreted: the interpreter's fp32 -> bf16 cast truncates (twice the error), compiled kernels
+    round. The same trick as kernels/linear_logprob.py's."""
+    if BF16_INTERPRETED:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w1_ptr, w3_ptr, h_ptr, gate_up_ptr, sorted_rows_ptr, block_expert_ptr,
     num_rows, hidden, inner, num_blocks_m,
@@ -122,7 +134,7 @@ def _gate_up_kernel(
     stride_hr, stride_hi,
     stride_pr, stride_pi,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, SAVE_PREACT: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETED: tl.constexpr, SAVE_PREACT: tl.constexpr,
 ):
     """h[row, n-tile] = silu(x[row // K] @ w1[e]^T) * (x[row // K] @ w3[e]^T) for one block of rows; with
     SAVE_PREACT also the pre-activations gate | up into gate_up [rows, 2I] (what the backward reads)."""
@@ -150,7 +162,7 @@ def _gate_up_kernel(
         w_mask = k_mask[:, None] & n_mask[None, :]
         w1 = tl.load(w1_ptrs, mask=w_mask, other=0.0)
         w3 = tl.load(w3_ptrs, mask=w_mask, other=0.0)
-        if DOT_IN_FP32:
+        if BF16_INTERPRETED:
             x, w1, w3 = x.to(tl.float32), w1.to(tl.float32), w3.to(tl.float32)
         gate = tl.dot(x, w1, gate, input_precision=DOT_PRECISION)
         up = tl.dot(x, w3, up, input_precision=DOT_PRECISION)
@@ -161,11 +173,12 @@ def _gate_up_kernel(
     out_mask = row_mask[:, None] & n_mask[None, :]
     if SAVE_PREACT:
         gate_ptrs = gate_up_ptr + rows[:, None] * stride_pr + offs_n[None, :] * stride_pi
-        tl.store(gate_ptrs, gate.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(gate_ptrs + inner * stride_pi, up.to(gate_up_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(gate_ptrs, _bf16_rounded(gate, BF16_INTERPRETED).to(gate_up_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(gate_ptrs + inner * stride_pi, _bf16_rounded(up, BF16_INTERPRETED).to(gate_up_ptr.dtype.element_ty),
+                 mask=out_mask)
     h = gate * tl.sigmoid(gate) * up
     h_ptrs = h_ptr + rows[:, None] * stride_hr + offs_n[None, :] * stride_hi
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(h_ptrs, _bf16_rounded(h, BF16_INTERPRETED).to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -176,7 +189,7 @@ def _down_kernel(
     stride_w2e, stride_w2d, stride_w2i,
     stride_yr, stride_yd,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
 ):
     """y[row, n-tile] = weight[row] * (h[row] @ w2[e]^T) in fp32 for one block of rows."""
     pid_m, pid_n = _block_coords(tl.program_id(0), num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
@@ -197,7 +210,7 @@ def _down_kernel(
         k_mask = offs_k < inner - k0
         h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w2 = tl.load(w2_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if DOT_IN_FP32:
+        if BF16_INTERPRETED:
             h, w2 = h.to(tl.float32), w2.to(tl.float32)
         acc = tl.dot(h, w2, acc, input_precision=DOT_PRECISION)
         h_ptrs += BLOCK_K * stride_hi
@@ -210,17 +223,18 @@ def _down_kernel(
     tl.store(y_ptrs, acc, mask=row_mask[:, None] & n_mask[None, :])
 
 
-# Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) stores bf16 as uint16 and its tl.dot multiplies
-# those bit patterns (triton-lang/triton#11584, "not supported yet"): interpreted kernels upcast bf16 tiles
-# to fp32 before the dot, which is exact (a bf16 product fits in fp32) and what compiled kernels compute.
+# Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) gets bf16 wrong twice: it stores bf16 as uint16
+# and its tl.dot multiplies those bit patterns (triton-lang/triton#11584, "not supported yet"), so
+# interpreted kernels upcast bf16 tiles to fp32 before the dot (exact: a bf16 product fits in fp32); and its
+# fp32 -> bf16 casts truncate, so they round by hand first (`_bf16_rounded`). Compiled kernels do neither.
 _INTERPRETED = not isinstance(_gate_up_kernel, triton.runtime.JITFunction)
 
 
 def _dot_options(dtype: torch.dtype) -> dict[str, object]:
-    dot_in_fp32 = _INTERPRETED and dtype == torch.bfloat16
+    bf16_interpreted = _INTERPRETED and dtype == torch.bfloat16
     # fp32 GEMMs follow torch's own choice (TF32 only where torch allows it), so fp32 matches the reference
-    ieee = dot_in_fp32 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
-    return {"DOT_PRECISION": "ieee" if ieee else "tf32", "DOT_IN_FP32": dot_in_fp32}
+    ieee = bf16_interpreted or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    return {"DOT_PRECISION": "ieee" if ieee else "tf32", "BF16_INTERPRETED": bf16_interpreted}
 
 
 def launch_options(config: MoEConfig, dtype: torch.dtype) -> dict[str, object]:

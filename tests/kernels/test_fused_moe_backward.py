@@ -92,8 +92,9 @@ def test_half_precision_gradients(fused_moe, backward, device, dtype):
     out, grads = _grads(_function(fused_moe, backward, small_tiles=True), *problem)
     _, ref_grads = _reference(*problem)
     assert out.dtype == dtype and all(g.dtype == t.dtype for g, t in zip(grads, problem[:4] + problem[5:6]))
-    # 16-bit operands into fp32 accumulators; gate | up, h and dgate | dup are rounded to 16 bits once each
-    limit = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    # 16-bit operands into fp32 accumulators; gate | up, h and dgate | dup are rounded to 16 bits once each.
+    # Measured: bf16 <= 4e-3 (the reference computed in bf16 is 3e-3..5e-3 off), fp16 <= 5e-4.
+    limit = 8e-3 if dtype == torch.bfloat16 else 1.5e-3
     for name, got, ref in zip(LEAVES, grads, ref_grads):
         assert _rel_err(got, ref) < limit, name
 

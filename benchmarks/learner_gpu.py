@@ -226,7 +226,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--row-budget", type=float, default=15.0,
                         help="seconds of a row's steps after its first (fewer steps when they do not fit)")
-    parser.add_argument("--first-step-limit", type=float, default=90.0,
+    parser.add_argument("--first-step-limit", type=float, default=180.0,
                         help="a row whose first step (compilation included) takes longer is not timed")
     parser.add_argument("--lm-head-fp32", action="store_true", help="the learner's fp32 LM head (its default)")
     parser.add_argument("--seed", type=int, default=0)

@@ -130,6 +130,13 @@ def own_state_dirs() -> list[str]:
     ]
 
 
+def _interpreter_helper(cmdline: str) -> bool:
+    """pytest's own processes, and multiprocessing's resource tracker: started by the first spawned child
+    of the session (tests/model/test_parallel.py's ranks, say), it lives as long as the interpreter and
+    holds no sandbox."""
+    return "pytest" in cmdline or "multiprocessing.resource_tracker" in cmdline
+
+
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     """After each test: no sandbox container, process or state directory of this process may remain."""
@@ -137,7 +144,7 @@ def no_leaks() -> Iterator[None]:
     deadline = time.monotonic() + 5.0
     while True:  # the engine may need a moment to finish an auto-removal
         containers = leaked_containers()
-        procs = [p for p in descendants(os.getpid()) if "pytest" not in p[1]]
+        procs = [p for p in descendants(os.getpid()) if not _interpreter_helper(p[1])]
         state_dirs = own_state_dirs()
         if not (containers or procs or state_dirs) or time.monotonic() > deadline:
             break

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from m2rl.benchmarks.gpu_decode import random_model, real_shape_config, to_transformers
+from m2rl.benchmarks.gpu_decode import random_model, real_shape_config, timed, to_transformers
 from m2rl.benchmarks.kernels import KNOWN_OPS, import_kernels, matmul_peak, smoke_config
 from m2rl.model import ops
 from m2rl.model.config import M2Config
@@ -121,16 +121,6 @@ class Row:
     vs_transformers: float = float("nan")
     steps_timed: int = 0
     note: str = ""
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def time_steps(step: Callable[[], object], device: str, warmup: int, steps: int, budget_s: float,

@@ -375,9 +375,7 @@ OPS = {"moe_experts": fused_moe_experts}
 
 def register() -> list[tuple[str, str]]:
     """Register OPS with `m2rl.model.ops` (done on import); registering never changes which one is selected."""
-    for op, fn in OPS.items():
-        ops.register(op, "triton", fn)
-    return [(op, "triton") for op in OPS]
+    return ops.register_implementations("triton", OPS)
 
 
 register()

@@ -232,9 +232,7 @@ OPS = {"qk_norm_rope": qk_norm_rope}
 
 def register() -> list[tuple[str, str]]:
     """Register OPS with `m2rl.model.ops` (done on import); registering never changes which one is selected."""
-    for op, fn in OPS.items():
-        ops.register(op, "triton", fn)
-    return [(op, "triton") for op in OPS]
+    return ops.register_implementations("triton", OPS)
 
 
 register()

@@ -54,6 +54,13 @@ def register(op: str, name: str, fn: Callable[..., Any]) -> None:
     _SELECTED.setdefault(op, name)
 
 
+def register_implementations(name: str, fns: dict[str, Callable[..., Any]]) -> list[tuple[str, str]]:
+    """Register each op's `fn` under the implementation `name` (a kernel module's OPS); returns the pairs."""
+    for op, fn in fns.items():
+        register(op, name, fn)
+    return [(op, name) for op in fns]
+
+
 def available(op: str) -> list[str]:
     if op not in _IMPLS:
         raise KeyError(f"unknown op {op!r}; ops: {sorted(_IMPLS)}")

@@ -12,11 +12,14 @@ transformers runs full and padded (labels -100 on padding); it has no packed pat
 Rows (`--rows`), each in each layout:
 - transformers: `model(input_ids, attention_mask, labels).loss.backward()`, its default attention and experts
   implementations (printed);
-- m2rl torch / grouped_mm / triton: `Learner.compute_gradients` on a RolloutBatch, the learner's own code
-  (m2rl.model.logprobs through the learner's micro-batching, one micro-batch here), with its CISPO loss over
-  every real token, entropy off, the LM head in bf16 unless `--lm-head-fp32` (the learner's default is fp32;
-  transformers' head is bf16). torch: every op forced to its torch implementation; grouped_mm: the MoE through
-  torch._grouped_mm, the rest torch; triton: every op with a Triton implementation forced to it.
+- m2rl torch / fast_torch / triton / default: `Learner.compute_gradients` on a RolloutBatch, the learner's
+  own code (m2rl.model.logprobs through the learner's micro-batching, one micro-batch here), with its CISPO loss
+  over every real token, entropy off, the LM head in bf16 unless `--lm-head-fp32` (the learner's default is
+  fp32; transformers' head is bf16). torch: every op forced to its torch reference; fast_torch: the fast
+  PyTorch path (`FAST_TORCH`: the MoE through torch._grouped_mm, the LM head's chunked autograd Function, the
+  rest torch); triton: every op with a Triton implementation forced to it; default: nothing forced, the
+  device's defaults as a learner gets them (`ops.select_defaults`: on CUDA the Triton kernels, and under
+  autograd the MoE on cuBLAS grouped GEMMs, `ops.PREFERRED_TRAINING`). The run prints each row's choices.
 
 Columns:
 - step ms: mean of `--steps` timed steps after `--warmup` warm-up ones. The first step (compilation) is free;
@@ -32,7 +35,7 @@ Columns:
 
 From a bare checkout on a GPU machine (torch, triton, transformers there; no pip install):
     . scripts/device_env.sh && python3 -m m2rl.benchmarks.learner_gpu
-    ... --layers 2 --batch 4 --seq 2048 --rows transformers torch grouped_mm triton --layouts full padded packed
+    ... --layers 2 --batch 4 --seq 2048 --rows transformers fast_torch triton default --layouts full padded packed
 On the CPU, `--smoke` runs a tiny config in fp32 (Triton kernels under its interpreter), no speed claims:
     .venv/bin/python -m m2rl.benchmarks.learner_gpu --smoke
 """
@@ -59,7 +62,7 @@ from m2rl.rl.learner import Learner, LearnerConfig
 
 H100_BF16_PEAK = 989e12
 """Dense bf16 tensor-core FLOP/s of an H100/H200 SXM (the spec sheet's figure without sparsity)."""
-IMPLS = ("torch", "grouped_mm", "triton")
+IMPLS = ("torch", "fast_torch", "triton", "default")
 LAYOUTS = ("full", "padded", "packed")
 
 
@@ -89,8 +92,16 @@ def model_flops(config: M2Config, lengths: list[int]) -> float:
     return float(sum(n * config.flops_per_token(context_len=(n + 1) / 2, training=True) for n in lengths))
 
 
+FAST_TORCH = {"moe_experts": "grouped_mm", "linear_logprobs": "chunked"}
+"""The fast PyTorch path's implementation of each op that has one besides the reference (cuBLAS grouped
+GEMMs for the MoE, a chunked autograd Function for the LM head); every other op runs its torch reference."""
+
+
 def op_choices(impl: str) -> dict[str, str]:
-    """The ops.using(...) choices of one m2rl row, over the ops registered here."""
+    """The ops.using(...) choices of one m2rl row, over the ops registered here; {} for `default` (the
+    device's defaults, `ops.select_defaults`: what a learner on this device runs, training choices included)."""
+    if impl == "default":
+        return {}
     registered = {}
     for op in KNOWN_OPS:
         try:
@@ -98,11 +109,25 @@ def op_choices(impl: str) -> dict[str, str]:
         except KeyError:
             continue
     choices = {op: "torch" for op in registered}
-    if impl == "grouped_mm":
-        choices["moe_experts"] = "grouped_mm"
+    if impl == "fast_torch":
+        choices.update({op: name for op, name in FAST_TORCH.items() if name in registered.get(op, ())})
     elif impl == "triton":
         choices.update({op: "triton" for op, impls in registered.items() if "triton" in impls})
     return choices
+
+
+def describe_choices(impl: str, device: str) -> str:
+    """`op=implementation, ...` of a row as it runs on `device` (the training choice where it differs)."""
+    if impl != "default":
+        return ", ".join(f"{op}={name}" for op, name in op_choices(impl).items())
+    parts = []
+    for op in KNOWN_OPS:
+        try:
+            name, training = ops.selected(op, device), ops.selected_training(op, device)
+        except KeyError:
+            continue
+        parts.append(f"{op}={name}" + (f" (under autograd: {training})" if training != name else ""))
+    return ", ".join(parts)
 
 
 # ---- timing --------------------------------------------------------------------------------------------
@@ -162,6 +187,8 @@ def run_row(row: Row, step: Callable[[], object], zero_grad: Callable[[], None],
     if device == "cuda":
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         row.step_gib = (torch.cuda.max_memory_allocated() - resident) / 2**30
+    if times and args.profile:
+        print_profile(row, step, device)
     zero_grad()
     if not times:
         return
@@ -171,6 +198,19 @@ def run_row(row: Row, step: Callable[[], object], zero_grad: Callable[[], None],
     row.tok_per_s = row.tokens / seconds
     row.mfu_pct = 100 * flops / seconds / H100_BF16_PEAK if device == "cuda" else math.nan
     row.mfu_measured_pct = 100 * flops / seconds / peak_flops
+
+
+def print_profile(row: Row, step: Callable[[], object], device: str, top: int = 25) -> None:
+    """One more step under torch.profiler: the `top` kernels by their own device time (where the step goes)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"profile of one step, {row.implementation} {row.layout}:", flush=True)
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=top, max_name_column_width=70), flush=True)
 
 
 # ---- the two learners ----------------------------------------------------------------------------------
@@ -220,6 +260,8 @@ def parse_args() -> argparse.Namespace:
                         help="a row whose first step (compilation included) takes longer is not timed")
     parser.add_argument("--lm-head-fp32", action="store_true", help="the learner's fp32 LM head (its default)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true",
+                        help="after each timed row, print its top kernels by device time (torch.profiler)")
     parser.add_argument("--smoke", action="store_true", help="tiny config on the CPU: proves the script runs")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -304,7 +346,9 @@ def main() -> None:
           f"{dtype}; {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_local_experts} "
           f"experts of {config.intermediate_size}, top-{config.num_experts_per_tok}, vocab {config.vocab_size}; "
           f"{args.batch} x {args.seq} tokens", flush=True)
-    print("triton row ops: " + ", ".join(f"{op}={name}" for op, name in op_choices("triton").items()), flush=True)
+    ops.select_defaults(device)  # the `default` row's choices, as load_pretrained would make them
+    for impl in (name for name in IMPLS if name in args.rows):
+        print(f"m2rl {impl} row ops: {describe_choices(impl, device)}", flush=True)
     peak_flops = matmul_peak(device, 256 if args.smoke else 8192, dtype)
     print(f"measured {dtype} matmul peak: {peak_flops / 1e12:.3g} TFLOP/s", flush=True)
     batches = make_batches(args.layouts, args.batch, args.seq, config.vocab_size, device, args.seed)
@@ -318,7 +362,7 @@ def main() -> None:
     if device == "cuda":
         torch.cuda.empty_cache()  # transformers' weights and gradients out of the m2rl rows' memory
     for impl in (name for name in IMPLS if name in args.rows):
-        if impl in ops.available("moe_experts"):
+        if impl != "triton" or "triton" in ops.available("moe_experts"):
             rows += m2rl_rows(model, impl, batches, peak_flops, args)
         else:
             print(f"m2rl {impl}: not registered here, skipped", flush=True)

@@ -117,7 +117,8 @@ class M2ForCausalLM(nn.Module):
             start, mask = kv_cache.begin(token_mask)
         else:
             seen = torch.zeros(B, 1, dtype=torch.long, device=device)
-            mask = None if attention_mask is None else self._padded_causal_mask(token_mask)
+            mask = None if attention_mask is None or self._right_padded(token_mask) \
+                else self._padded_causal_mask(token_mask)
         if positions is None:
             positions = seen + (token_mask.long().cumsum(1) - 1).clamp(min=0)
         x = self.model.embed_tokens(input_ids)
@@ -130,6 +131,14 @@ class M2ForCausalLM(nn.Module):
         if kv_cache is not None:
             kv_cache.commit(T)
         return self.model.norm(x)
+
+    @staticmethod
+    def _right_padded(token_mask_BT: torch.Tensor) -> bool:
+        """Whether every row is real tokens then padding (the learner's batches, full rows included). Then
+        plain causal attention is exact for every real token: its keys are all at or before it, so all real;
+        only padding queries see padding. That keeps SDPA on its flash kernel, which takes no mask (one
+        host sync for the check)."""
+        return bool((token_mask_BT[:, 1:] <= token_mask_BT[:, :-1]).all())
 
     @staticmethod
     def _padded_causal_mask(token_mask_BT: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ CUDA-graph safe), and `m2rl.kernels` may register Triton ones (`triton`) when it
     with ops.using(moe_experts="torch"): ...      # forced for the block
     M2RL_OPS=moe_experts=torch,rms_norm=torch     # environment: wins over the device defaults
     ops.select_defaults(device)                   # load_pretrained calls it: on CUDA, imports m2rl.kernels
-                                                  # and takes the first registered of PREFERRED; CPU: torch
+                                                  # and takes the first registered of PREFERRED (and of
+                                                  # PREFERRED_TRAINING under autograd); CPU: torch
 
 The model calls `ops.rms_norm(...)` / `ops.moe_experts(...)`, which dispatch on the device of their input: a
 forced choice wherever the tensors are, else the default `select_defaults` chose for that device type, else
@@ -45,8 +46,16 @@ OPS_ENV = "M2RL_OPS"  # "op=implementation,...": overrides the device defaults, 
 PREFERRED: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {"moe_experts": ("triton", "grouped_mm", "torch"), "rms_norm": ("triton", "torch"),
              "qk_norm_rope": ("triton", "torch"), "route": ("triton", "torch"),
-             "linear_logprobs": ("triton", "torch")},
+             "linear_logprobs": ("triton", "chunked", "torch")},
 }
+# Under autograd (the learner) an op may have a different fastest implementation: the fused Triton MoE wins
+# the forward (1.4x grouped_mm at 64 tokens: decode) but its backward runs at ~230 TFLOP/s where cuBLAS's
+# grouped GEMMs reach ~450 (H200, 2 x 8192 tokens: 23.5 ms a layer forward+backward against 13.6 ms;
+# benchmarks/learner_gpu.py --profile). Ops not named here use PREFERRED when training too.
+PREFERRED_TRAINING: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuda": {"moe_experts": ("grouped_mm", "triton", "torch")},
+}
+_TRAINING_DEFAULTS: dict[str, dict[str, str]] = {}  # device type -> op -> implementation under autograd
 
 
 def register(op: str, name: str, fn: Callable[..., Any]) -> None:
@@ -87,10 +96,22 @@ def selected(op: str, device: torch.device | str | None = None) -> str:
     return _DEFAULTS.get(torch.device(device).type, {}).get(op, _SELECTED[op])
 
 
-def _choice(op: str, device_type: str) -> str:
+def _choice(op: str, device_type: str, training: bool = False) -> str:
     if op in _FORCED:
         return _SELECTED[op]
+    if training and op in _TRAINING_DEFAULTS.get(device_type, {}):
+        return _TRAINING_DEFAULTS[device_type][op]
     return _DEFAULTS.get(device_type, {}).get(op, _SELECTED[op])
+
+
+def selected_training(op: str, device: torch.device | str) -> str:
+    """The implementation `op` runs under autograd (inputs that need gradients) on `device`."""
+    available(op)
+    return _choice(op, torch.device(device).type, training=True)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @contextlib.contextmanager
@@ -131,11 +152,17 @@ def select_defaults(device: torch.device | str) -> None:
         _import_kernels()
     from_env = parse_choices(os.environ.get(OPS_ENV, ""))
     defaults = _DEFAULTS.setdefault(device.type, {})
+    training = _TRAINING_DEFAULTS.setdefault(device.type, {})
     for op, impls in _IMPLS.items():
         preferred = PREFERRED.get(device.type, {}).get(op, ("torch",))
         defaults[op] = from_env.get(op) or next((name for name in preferred if name in impls), "torch")
+        when_training = PREFERRED_TRAINING.get(device.type, {}).get(op)
+        training.pop(op, None)
+        if when_training and op not in from_env:  # M2RL_OPS names one implementation for both modes
+            training[op] = next((name for name in when_training if name in impls), defaults[op])
     log.info("ops on %s: %s", device.type,
-             ", ".join(f"{op}={selected(op, device)}" for op in sorted(_IMPLS)))
+             ", ".join(f"{op}={selected(op, device)}" + (f" (training: {training[op]})" if op in training else "")
+                       for op in sorted(_IMPLS)))
 
 
 def _import_kernels() -> None:
@@ -169,7 +196,8 @@ def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, k: int,
 
 def moe_experts(x_TD: torch.Tensor, w1_EID: torch.Tensor, w3_EID: torch.Tensor, w2_EDI: torch.Tensor,
                 experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
-    impl = _IMPLS["moe_experts"][_choice("moe_experts", x_TD.device.type)]
+    training = _needs_grad(x_TD, w1_EID, w3_EID, w2_EDI, weights_TK)
+    impl = _IMPLS["moe_experts"][_choice("moe_experts", x_TD.device.type, training)]
     return impl(x_TD, w1_EID, w3_EID, w2_EDI, experts_TK, weights_TK)
 
 

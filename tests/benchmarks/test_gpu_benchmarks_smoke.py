@@ -104,7 +104,7 @@ def test_learner_smoke_times_every_row_on_the_same_weights_as_transformers() -> 
     rows = {(r["implementation"], r["layout"]): r for r in result["rows"]}
     packing = "packing" in {f.name for f in dataclasses.fields(LearnerConfig)}
     expected = {("transformers", "full"), ("transformers", "padded")} | {
-        (f"m2rl {impl}", layout) for impl in ("torch", "grouped_mm", *(("triton",) if HAS_TRITON else ()))
+        (f"m2rl {impl}", layout) for impl in ("torch", "fast_torch", *(("triton",) if HAS_TRITON else ()), "default")
         for layout in ("full", "padded", "packed")}
     assert set(rows) == expected
     for (name, layout), r in rows.items():

@@ -137,6 +137,7 @@ def registry(monkeypatch):
     monkeypatch.setattr(ops, "_SELECTED", dict.fromkeys(impls, "torch"))
     monkeypatch.setattr(ops, "_FORCED", set())
     monkeypatch.setattr(ops, "_DEFAULTS", {})
+    monkeypatch.setattr(ops, "_TRAINING_DEFAULTS", {})
     monkeypatch.delenv(ops.OPS_ENV, raising=False)
     imports = []
     monkeypatch.setattr(ops, "_import_kernels", lambda: imports.append("m2rl.kernels"))
@@ -174,6 +175,30 @@ def test_cuda_takes_the_first_registered_preference(registry):
     assert ops.selected("moe_experts", "cuda") == "grouped_mm"  # registering selects nothing
     ops.select_defaults("cuda")
     assert ops.selected("moe_experts", "cuda") == "triton"
+
+
+def test_autograd_takes_the_training_preference(registry, monkeypatch):
+    """Inputs that need gradients run PREFERRED_TRAINING's choice (on CUDA the MoE's cuBLAS grouped GEMMs,
+    whose backward beats the fused kernel's); no_grad, a forced choice or M2RL_OPS keep one implementation."""
+    calls = []
+    ops.register("moe_experts", "fused", lambda *a: calls.append("fused"))
+    ops.register("moe_experts", "grouped_mm", lambda *a: calls.append("grouped_mm"))
+    monkeypatch.setitem(ops.PREFERRED, "cpu", {"moe_experts": ("fused", "torch")})
+    monkeypatch.setitem(ops.PREFERRED_TRAINING, "cpu", {"moe_experts": ("grouped_mm", "fused")})
+    ops.select_defaults("cpu")
+    x, w = torch.zeros(1, 8), torch.zeros(1, requires_grad=True)
+    args = (x, w, w, w, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1))
+    ops.moe_experts(*args)
+    with torch.no_grad():
+        ops.moe_experts(*args)
+    assert calls == ["grouped_mm", "fused"]
+    assert (ops.selected("moe_experts", "cpu"), ops.selected_training("moe_experts", "cpu")) == ("fused", "grouped_mm")
+    with ops.using(moe_experts="fused"):
+        ops.moe_experts(*args)
+    monkeypatch.setenv(ops.OPS_ENV, "moe_experts=fused")
+    ops.select_defaults("cpu")
+    ops.moe_experts(*args)
+    assert calls[2:] == ["fused", "fused"]
 
 
 def test_forced_choices_survive_select_defaults(registry):

@@ -143,17 +143,10 @@ class EpisodeRunner:
             env = await free.get()
             try:
                 # One SamplingParams for all episodes so the policy can batch their turns together.
-                trajectory = await arun_episode(
-                    policy, env, self.tokenizer, params, loop_config, options={"task_id": task_id}
-                )
-            except Exception as exc:  # this episode only (see the module docstring)
-                error = f"{type(exc).__name__}: {exc}"
-                logger.warning("episode %d of task %s failed: %s", sample, task_id, error)
-                env = await asyncio.to_thread(self._replace, env)
-                return failed_episode(task_id, group, error, self.tokenizer.eos_id)
+                episode, env = await self.episode(env, policy, task_id, group, params, loop_config)
             finally:
                 free.put_nowait(env)
-            return scored_trajectory(task_id, group, trajectory)
+            return episode
 
         jobs = [
             one(group, sample, task_id)
@@ -166,7 +159,21 @@ class EpisodeRunner:
             raise RolloutError(f"all {len(episodes)} episodes failed; the first: {errors[0]}")
         return episodes
 
-    def _replace(self, env: TextEnv) -> TextEnv:
+    async def episode(self, env: TextEnv, policy: Policy, task_id: str, group: int, params: SamplingParams,
+                      loop_config: LoopConfig) -> tuple[ScoredTrajectory, TextEnv]:
+        """One episode of `task_id` on `env`, and the env to run the next one on: `env`, or a fresh one when
+        the episode failed (see the module docstring; the failure is returned as a failed episode)."""
+        try:
+            trajectory = await arun_episode(policy, env, self.tokenizer, params, loop_config,
+                                            options={"task_id": task_id})
+        except Exception as exc:  # this episode only (see the module docstring)
+            error = f"{type(exc).__name__}: {exc}"
+            logger.warning("an episode of task %s failed: %s", task_id, error)
+            fresh = await asyncio.to_thread(self.replace_env, env)
+            return failed_episode(task_id, group, error, self.tokenizer.eos_id), fresh
+        return scored_trajectory(task_id, group, trajectory), env
+
+    def replace_env(self, env: TextEnv) -> TextEnv:
         """Close an env whose episode failed and put a fresh one in its place; keep it if none can be made
         (its next reset may recover: a ToolEnv replaces a sandbox that cannot be reset)."""
         try:

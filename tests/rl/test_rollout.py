@@ -7,99 +7,12 @@ is a scripted double, and the metrics come from the trainer's own `summarize_epi
 from __future__ import annotations
 
 import asyncio
-import itertools
 from typing import Any
 
 import pytest
-from m2rl.agent.format import render_completion
-from m2rl.agent.loop import LoopConfig
-from m2rl.agent.policy import PolicyOutput, SamplingParams
-from m2rl.envs import Task, TaskSet, ToolEnv, ToolOutput
-from m2rl.model import M2Tokenizer
 from m2rl.rl.rollout import EpisodeRunner, RolloutError
 from m2rl.rl.trainer import episodes_to_batch, summarize_episodes
-from m2rl.sandboxes import SandboxError
-
-TOK = M2Tokenizer.tiny()
-PARAMS = SamplingParams(max_tokens=200, greedy=True)
-LOOP = LoopConfig(max_turns=4)
-
-
-class SumTasks(TaskSet):
-    family, kinds = "sum", ("three",)
-
-    def generate(self, kind: str, seed: int) -> Task:
-        return self.make_task(kind, seed, "What is 2 + 3 + 4? Submit the number.", answer="9")
-
-
-def shell(command: str) -> ToolOutput:
-    """Pretend to run a command (its output is the command).
-
-    Args:
-        command: the command
-    """
-    return ToolOutput(output=command, commands=[command])
-
-
-def submit(answer: str) -> ToolOutput:
-    """Submit the final answer.
-
-    Args:
-        answer: the answer
-    """
-    return ToolOutput(output="Submitted.", answer=answer, done=True)
-
-
-def turn(name: str, **args: str) -> str:
-    call = {"type": "function", "function": {"name": name, "arguments": args}}
-    return render_completion({"role": "assistant", "reasoning_content": "Go.", "content": "", "tool_calls": [call]})
-
-
-class ShellThenSubmit:
-    """A policy double: first turn of an episode runs `command`, the next one submits 9."""
-
-    policy_version = 0
-
-    def __init__(self, command: str = "echo hi") -> None:
-        self.command = command
-
-    async def generate(self, prompt_ids: list[int], params: SamplingParams) -> PolicyOutput:
-        first_turn = "<response>" not in TOK.decode(prompt_ids)
-        ids = TOK.encode(turn("shell", command=self.command) if first_turn else turn("submit", answer="9"))
-        return PolicyOutput(ids=ids, logprobs=[-0.1] * len(ids), finish_reason="stop", policy_version=0)
-
-
-class FlakyEnv(ToolEnv):
-    """A ToolEnv whose reset raises when `fails()` says so (a sandbox that cannot be reset)."""
-
-    def __init__(self, fails: Any) -> None:
-        super().__init__(SumTasks(), lambda env: [shell, submit], backend=None)
-        self.fails = fails
-        self.closed = False
-
-    def reset(self, **kwargs: Any) -> Any:
-        if self.fails():
-            raise SandboxError("sandbox reset failed: RecursionError")
-        return super().reset(**kwargs)
-
-    def close(self) -> None:
-        self.closed = True
-        super().close()
-
-
-class EnvFactory:
-    def __init__(self, fail_on_resets: set[int] | None = None, fail_all: bool = False) -> None:
-        self.resets = itertools.count(1)
-        self.fail_on_resets, self.fail_all = fail_on_resets or set(), fail_all
-        self.made: list[FlakyEnv] = []
-
-    def fails(self) -> bool:
-        return self.fail_all or next(self.resets) in self.fail_on_resets
-
-    def __call__(self) -> FlakyEnv:
-        env = FlakyEnv(self.fails)
-        self.made.append(env)
-        return env
+from rollout_doubles import LOOP, PARAMS, TOK, EnvFactory, ShellThenSubmit
 
 
 def collect(runner: EpisodeRunner, tasks: list[str], group: int, command: str = "echo hi") -> list[Any]:

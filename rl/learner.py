@@ -9,6 +9,11 @@ Per update:
      (masked tokens, or sequences for sequence aggregation), so the accumulated gradient equals the
      gradient of the whole mini-batch in one piece;
   4. clip the global grad norm, AdamW step (betas 0.9/0.95, eps 1e-15 as in M1), LR scheduler step.
+
+Data-parallel (`parallel=DataParallel`, rl/distributed.py): every rank gets the same batch and the same
+mini-batches; each backpropagates its share of a mini-batch's rows (split by tokens) with the loss divided
+by the mini-batch's global normaliser, FSDP2 sums the gradients, and the metrics are reduced over the ranks,
+so an update equals the one-process update. `SingleProcess` (the default) makes every reduction the identity.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from m2rl.rl.batch import RolloutBatch
+from m2rl.rl.distributed import SingleProcess
 from m2rl.rl.logprobs import policy_token_logprobs
-from m2rl.rl.losses import LossConfig, default_normalizer, policy_loss
+from m2rl.rl.losses import LossConfig, policy_loss
 from m2rl.rl.lr_schedule import LRScheduleConfig, build_lr_scheduler
 from m2rl.rl.packing import pack, packed_token_logprobs, supports_packing, unpack
 from torch import Tensor, nn
@@ -155,6 +161,18 @@ class _MetricMean:
         out.update(self.extremes)
         return out
 
+    @classmethod
+    def merged(cls, parts: list[_MetricMean]) -> _MetricMean:
+        """The means and extremes of all `parts` together (e.g. one per data-parallel rank)."""
+        out = cls()
+        for part in parts:
+            for key, value in part.sums.items():
+                out.sums[key] = out.sums.get(key, 0.0) + value
+                out.weights[key] = out.weights.get(key, 0.0) + part.weights[key]
+            for key, value in part.extremes.items():
+                out.extremes[key] = METRIC_EXTREMES[key](out.extremes[key], value) if key in out.extremes else value
+        return out
+
 
 LogprobFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
 
@@ -163,8 +181,12 @@ class Learner:
     """Holds the policy, AdamW and the LR scheduler; `update(batch) -> metrics`."""
 
     def __init__(
-        self, model: nn.Module, config: LearnerConfig | None = None, logprob_fn: LogprobFn | None = None
+        self, model: nn.Module, config: LearnerConfig | None = None, logprob_fn: LogprobFn | None = None,
+        parallel: SingleProcess | None = None,
     ):
+        self.parallel = parallel or SingleProcess()
+        # FSDP2 shards the parameters in place; the optimizer below must hold the sharded ones
+        model = self.parallel.shard(model)
         self.model = model
         self.config = config or LearnerConfig()
         self.logprob_fn = logprob_fn or policy_token_logprobs
@@ -246,16 +268,34 @@ class Learner:
             return unpack(logprobs, packed, length), unpack(entropy.detach(), packed, length), length
         return unpack(out, packed, length), None, length
 
+    def _idle_pass(self, batch: RolloutBatch, backward: bool) -> None:
+        """A zero-loss forward (and backward) on two tokens: a data-parallel rank with fewer micro-batches
+        than another still joins each of FSDP's all-gathers and reduce-scatters, which are collectives."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            out = self.logprob_fn(self.model, batch.input_ids[:1, :2], chunk_size=self.config.logprob_chunk_size,
+                                  lm_head_fp32=self.config.lm_head_fp32)
+        if backward:
+            assert isinstance(out, Tensor)
+            (out.sum() * 0.0).backward()
+
     @torch.no_grad()
     def recompute_logprobs(self, batch: RolloutBatch) -> Tensor:
-        """Learner log-probs [B, T] of the batch under the current parameters (0 past each row's length)."""
+        """Learner log-probs [B, T] of the batch under the current parameters (0 past each row's length).
+        Data-parallel: each rank computes its share of the rows, and the shares are summed."""
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=batch.input_ids.device)
         lengths = batch.lengths()
-        for rows in pack_micro_batches(lengths, self.config.micro_batch_tokens, packed=self.packing):
+        local = self.parallel.local_rows(list(range(len(lengths))), lengths)
+        micros = pack_micro_batches([lengths[r] for r in local], self.config.micro_batch_tokens, packed=self.packing)
+        for k in range(self.parallel.max_count(len(micros))):
+            if k >= len(micros):
+                self._idle_pass(batch, backward=False)
+                continue
+            rows = [local[i] for i in micros[k]]
             logprobs, _, length = self._logprobs(batch, rows, lengths, with_entropy=False)
             out = out.to(logprobs.dtype)
             out[torch.tensor(rows, device=out.device), :length] = logprobs
-        return out
+        self.parallel.reshard(self.model)
+        return self.parallel.sum_(out)
 
     def compute_gradients(
         self, batch: RolloutBatch, rows: list[int] | None = None, old_logprobs: Tensor | None = None
@@ -267,16 +307,22 @@ class Learner:
         old_logprobs = batch.old_logprobs if old_logprobs is None else old_logprobs
         aggregation = cfg.loss.resolved_aggregation
         rows_t = torch.tensor(rows, device=batch.loss_mask.device)
-        normalizer = default_normalizer(batch.loss_mask[rows_t], aggregation)
         lengths = batch.lengths()
         acc = _MetricMean()
         loss_total = 0.0
         # Rows without loss tokens add nothing to the loss or its gradient: no forward for them (a micro-batch
         # of only such rows would have no graph to backpropagate, and would report its extremes as 0).
         has_loss = batch.loss_mask.bool().any(dim=1).tolist()
-        live = [r for r in rows if has_loss[r]]
-        for micro in pack_micro_batches([lengths[r] for r in live], cfg.micro_batch_tokens, packed=self.packing):
-            sub = [live[i] for i in micro]
+        live = self.parallel.local_rows([r for r in rows if has_loss[r]], lengths)
+        # The mini-batch's normaliser over every rank's rows: the ranks' gradients sum to the one-process one.
+        live_t = torch.tensor(live, dtype=torch.long, device=rows_t.device)
+        normalizer = self.parallel.normalizer(batch.loss_mask[live_t], aggregation)
+        micros = pack_micro_batches([lengths[r] for r in live], cfg.micro_batch_tokens, packed=self.packing)
+        for k in range(self.parallel.max_count(len(micros))):
+            if k >= len(micros):
+                self._idle_pass(batch, backward=True)
+                continue
+            sub = [live[i] for i in micros[k]]
             logprobs, entropy, length = self._logprobs(batch, sub, lengths, with_entropy=cfg.compute_entropy)
             idx = torch.tensor(sub, device=batch.input_ids.device)
             mask = batch.loss_mask[idx, :length].to(logprobs.dtype)
@@ -305,8 +351,8 @@ class Learner:
                     (generator_logprobs - logprobs.detach()).abs() * mask
                 ).sum() / mask.sum().clamp(min=1)
             acc.add(metrics, n_tokens)
-        out = acc.result()
-        out["loss"] = loss_total
+        out = _MetricMean.merged(self.parallel.gather(acc)).result()
+        out["loss"] = self.parallel.sum(loss_total)
         out["num_tokens"] = float(batch.loss_mask[rows_t].sum())
         return out
 
@@ -352,7 +398,7 @@ class Learner:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_metrics = self.compute_gradients(batch, rows, old_logprobs)
                 forward_tokens += sum(lengths[r] for r in rows)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or math.inf)
+                grad_norm = self.parallel.clip_grad_norm(self.params, cfg.max_grad_norm or math.inf)
                 step_metrics["grad_norm"] = float(grad_norm)
                 step_metrics["grad_norm_max"] = float(grad_norm)
                 if step_metrics["num_tokens"] == 0 or not math.isfinite(float(grad_norm)):

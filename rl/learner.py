@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 from m2rl.rl.batch import RolloutBatch
 from m2rl.rl.distributed import SingleProcess
@@ -204,6 +205,7 @@ class Learner:
             weight_decay=self.config.weight_decay,
         )
         self.scheduler = build_lr_scheduler(self.optimizer, self.config.lr_schedule)
+        self._token_ratios: list[Tensor] = []  # of the update in progress (`_ratio_percentiles`)
         self.update_count = 0  # rollout batches consumed; seeds the mini-batch shuffle
         self.optimizer_steps = 0
         if self.config.gradient_checkpointing:
@@ -351,6 +353,8 @@ class Learner:
                     (generator_logprobs - logprobs.detach()).abs() * mask
                 ).sum() / mask.sum().clamp(min=1)
             acc.add(metrics, n_tokens)
+            # Every loss token's ratio pi_theta / pi_old, for the percentiles `update` reports (not a mean).
+            self._token_ratios.append(torch.exp(logprobs.detach() - old)[mask.bool()].float().cpu())
         out = _MetricMean.merged(self.parallel.gather(acc)).result()
         out["loss"] = self.parallel.sum(loss_total)
         out["num_tokens"] = float(batch.loss_mask[rows_t].sum())
@@ -371,6 +375,7 @@ class Learner:
         )
         start = time.perf_counter()
         self.model.train()
+        self._token_ratios = []
         metrics = _MetricMean()
         extra: dict[str, float] = {}
         mask = batch.loss_mask.float()
@@ -423,7 +428,18 @@ class Learner:
         out["update_time_s"] = elapsed
         out["loss_tokens"] = float(mask.sum())
         out["optimizer_steps"] = float(self.optimizer_steps)
+        out.update(self._ratio_percentiles())
         return out
+
+    def _ratio_percentiles(self) -> dict[str, float]:
+        """`ratio_p1`, `ratio_p99`: percentiles of the token importance ratio over every optimizer step of the
+        update (and every rank): the tails that clipping acts on, which the mean and the extremes hide."""
+        ratios = torch.cat([r for part in self.parallel.gather(self._token_ratios) for r in part] or [torch.zeros(0)])
+        self._token_ratios = []
+        if not ratios.numel():
+            return {}
+        p1, p99 = np.percentile(ratios.double().numpy(), [1, 99])
+        return {"ratio_p1": float(p1), "ratio_p99": float(p99)}
 
 
 def _split(order: list[int], parts: int) -> list[list[int]]:

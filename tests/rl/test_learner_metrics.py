@@ -29,3 +29,27 @@ def test_every_extreme_metric_the_losses_report_is_named() -> None:
                                  generator_logprobs=old)
         extremes = {k for k in metrics if k.endswith(("_max", "_min"))}
         assert extremes <= set(METRIC_EXTREMES), (kind, extremes - set(METRIC_EXTREMES))
+
+
+def test_the_ratio_percentiles_are_those_of_every_loss_token() -> None:
+    """One optimizer step against the generator's log-probs: the ratios are exp(learner - generator) before the
+    step, so the reported percentiles are numpy's of those tokens (the mean and extremes alone hide the tails)."""
+    import numpy as np
+    import torch
+    from m2rl.rl.learner import Learner, LearnerConfig
+    from m2rl.rl.logprobs import policy_token_logprobs
+    from rl_test_doubles import TinyCausalLM, random_batch
+
+    torch.manual_seed(0)
+    model = TinyCausalLM()
+    batch = random_batch(torch.Generator().manual_seed(1), rows=8, max_len=16)
+    with torch.no_grad():
+        current = policy_token_logprobs(model, batch.input_ids, attention_mask=batch.attention_mask)
+    mask = batch.loss_mask.bool()
+    expected = np.percentile(torch.exp(current - batch.old_logprobs)[mask].numpy(), [1, 99])
+    learner = Learner(model, LearnerConfig(lr=1e-3, recompute_old_logprobs=False, packing=False,
+                                           compute_entropy=False))
+    out = learner.update(batch)
+    assert out["ratio_p1"] == pytest.approx(expected[0], rel=1e-6)
+    assert out["ratio_p99"] == pytest.approx(expected[1], rel=1e-6)
+    assert out["ratio_min"] <= out["ratio_p1"] <= out["ratio_p99"] <= out["ratio_max"]

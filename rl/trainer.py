@@ -27,11 +27,12 @@ import logging
 import math
 import random
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ from m2rl.rl.learner import Learner, LearnerConfig
 from m2rl.rl.parity import batch_logprob_gap
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
+from m2rl.rl.groups import ScoredGroup
 from m2rl.rl.rollout import EpisodeRunner, RolloutError, ScoredTrajectory, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
 from m2rl.rl.trajectory_samples import trajectory_sample
@@ -72,6 +74,8 @@ from m2rl.runs import LoggingConfig, Run, atomic_write, default_run_name, progre
 
 if TYPE_CHECKING:
     from m2rl.envs.tasks.base import TaskSet
+    from m2rl.rl.env_pool import EpisodePool
+    from m2rl.rl.rollout_thread import BackgroundRollouts
     from m2rl.model.tokenizer import M2Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +140,35 @@ class RolloutSection:
     """Sample training tasks by estimated difficulty (curriculum_config) instead of uniformly."""
     curriculum_config: CurriculumConfig = field(default_factory=CurriculumConfig)
     """How the difficulty curriculum weights tasks (used when rollout.curriculum is true)."""
+    max_staleness: int = 0
+    """Updates an episode's oldest token may be behind the learner when it is trained on. 0: synchronous
+    rollouts (each batch sampled from the current weights while the learner waits); >= 1: asynchronous, the
+    episodes go on in the background while the learner trains (rl/orchestrator.py); finished groups waiting
+    for the learner are kept in each checkpoint."""
+    backend: Literal["local", "ray"] = "local"
+    """Where asynchronous rollouts run their envs: local (this process) or ray (env-worker actors calling a
+    generator actor on a Ray cluster, rl/ray_backend.py; asynchronous even with max_staleness 0)."""
+    episode_timeout_s: float | None = None
+    """Asynchronous rollouts: an episode running longer is abandoned and rerun (rollout/abandoned); null: none."""
+    sandbox_cpus: float | None = None
+    """Asynchronous rollouts: CPU cores the running episodes' sandboxes may declare together (sandbox Limits);
+    null: not limited."""
+    sandbox_memory_mb: float | None = None
+    """Asynchronous rollouts: sandbox memory (MB) the running episodes may declare together; null: not limited."""
+    env_workers: int = 2
+    """Ray backend: env-worker actors; the num_envs envs are split among them."""
+    ray_address: str = ""
+    """Ray backend: the cluster to join (e.g. auto, ray://host:10001); empty: start a local one for the run."""
+
+    def __post_init__(self) -> None:
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.env_workers < 1:
+            raise ValueError(f"rollout.env_workers must be >= 1, got {self.env_workers}")
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.max_staleness > 0 or self.backend == "ray"
 
 
 @dataclass
@@ -429,6 +462,10 @@ class Trainer:
         seed_everything(config.seed)
         self._envs: list[Any] = []  # every env made, so an interrupt mid-construction still closes them
         self._unlogged: dict[str, float] | None = None  # a completed step's metrics not yet in metrics.jsonl
+        self.background: BackgroundRollouts | None = None  # asynchronous rollouts, started by the first step
+        self._finished_groups: list[ScoredGroup] = []  # finished, untrained groups (from a checkpoint, or closed)
+        self._untrained: list[ScoredGroup] = []  # the batch of the step in progress, until its update is done
+        self._task_lock = threading.Lock()  # the background rollouts draw tasks from the RNG and curriculum too
         try:
             self._build(model, tokenizer)
             # The run directory comes last: everything above can still fail on a bad config.
@@ -497,6 +534,7 @@ class Trainer:
             "learner": self.learner.state_dict(),
             "curriculum": self.curriculum.state_dict(),
             "policy_version": self.policy.policy_version,
+            "finished_groups": [g.to_dict() for g in self._groups_to_keep()],
             "initial_eval": self.initial_eval,
         }
 
@@ -524,6 +562,10 @@ class Trainer:
         # Not strict: a resumed run may have another task pool (its changed settings are reported).
         self.curriculum.load_state_dict(trainer_state["curriculum"], strict=False)
         self._sync_weights(version=int(trainer_state["policy_version"]))
+        self._finished_groups = [ScoredGroup.from_dict(d) for d in trainer_state.get("finished_groups", [])]
+        if self._finished_groups and not self.config.rollout.asynchronous:
+            self.run.logger.info("%d finished groups in the checkpoint are left: rollouts are synchronous now",
+                                 len(self._finished_groups))
         records = self._metrics_up_to(self.step)
         dropped = len(read_jsonl(self.run.metrics_path)) - len(records)
         if dropped:
@@ -599,7 +641,10 @@ class Trainer:
         """The episodes of `tasks`; a dead generator server is raised as itself (VLLMServerError with its log
         tail), not left to fail episodes one by one: the runner keeps going while any episode succeeds."""
         try:
-            episodes = run_async(self._collect(runner, tasks, group, params))
+            if self.background is not None:  # on its loop: one LocalPolicy batcher serves both
+                episodes = self.background.run(runner.run(self.policy, tasks, group, params, self._loop_config()))
+            else:
+                episodes = run_async(self._collect(runner, tasks, group, params))
         except RolloutError:
             self.backend.check_alive()
             raise
@@ -619,24 +664,74 @@ class Trainer:
         r = self.config.rollout
         t0 = time.perf_counter()
         num_tasks = max(1, r.batch_warmup.batch_size(self.step) // r.group_size)
-        tasks = self._sample_tasks(num_tasks)
-        episodes = self._rollouts(self.train_runner, tasks, r.group_size, self._sampling())
+        episodes, groups, batch_metrics = self._training_episodes(num_tasks)
         rollout_s = time.perf_counter() - t0
         with deferred_interrupts():
-            record_attempts(self.curriculum, episodes)
+            with self._task_lock:
+                record_attempts(self.curriculum, episodes)
             kept = learner_advantages(episodes, r.advantage, r.scale_by_std, r.dynamic_sampling)
             metrics = summarize_episodes(episodes, "train")
             metrics.update({"rollout_s": rollout_s, "groups_kept": float(len({e.group for e, _ in kept})),
-                            "groups": float(len(tasks))})
+                            "groups": float(groups)})
+            metrics.update(batch_metrics)
             metrics.update(self._update(kept))
             self.step += 1
-            self._rng_after_step = self.rng.getstate()
+            self._untrained = []
+            with self._task_lock:
+                self._rng_after_step = self.rng.getstate()
             self._save_trajectory_sample(episodes)
         self._unlogged = metrics  # the step is complete: whatever ends the run from here logs it
         if kept:  # the weights changed; outside the deferred block: a restart may take a minute
             self._push_update(metrics)
+        if self.background is not None:  # also when nothing changed: the next batch is built at this version
+            self.background.on_weights_updated(self.policy.policy_version)
         metrics["step_s"] = time.perf_counter() - t0
         return metrics
+
+    def _training_episodes(self, num_tasks: int) -> tuple[list[ScoredTrajectory], int, dict[str, float]]:
+        """This step's episodes, their number of groups, and the rollout/* metrics of their batch: sampled now
+        from the current weights (synchronous), or the next batch of the background rollouts."""
+        r = self.config.rollout
+        if not r.asynchronous:
+            tasks = self._sample_tasks(num_tasks)
+            return self._rollouts(self.train_runner, tasks, r.group_size, self._sampling()), len(tasks), {}
+        if self.background is None:
+            self.background = self._start_background()
+        batch = self.background.next_batch(num_tasks)
+        self._untrained = batch.groups  # kept by a checkpoint taken before this step's update is done
+        return batch.episodes(), len(batch.groups), batch.metrics
+
+    def _start_background(self) -> BackgroundRollouts:
+        """The orchestrator (rl/orchestrator.py) generating on its own thread from the current weights, the
+        checkpoint's finished groups first."""
+        from m2rl.rl.admission import ResourceBudget
+        from m2rl.rl.orchestrator import OrchestratorConfig, RolloutOrchestrator
+        from m2rl.rl.rollout_thread import BackgroundRollouts
+
+        r = self.config.rollout
+        config = OrchestratorConfig(
+            group_size=r.group_size, groups_per_batch=max(1, r.batch_warmup.batch_size(self.step) // r.group_size),
+            max_staleness=r.max_staleness, episode_timeout_s=r.episode_timeout_s,
+            budget=ResourceBudget(cpus=r.sandbox_cpus, memory_mb=r.sandbox_memory_mb))
+        orchestrator = RolloutOrchestrator(self._episode_pool(), self._next_task, self._sampling(), self._loop_config,
+                                           config, version=self.policy.policy_version, eos_id=self.tokenizer.eos_id)
+        finished, self._finished_groups = self._finished_groups, []
+        threads = len(self.train_runner.envs) + len(self.eval_runner.envs) + 4  # one per env step in flight
+        return BackgroundRollouts.start(orchestrator, threads, finished)
+
+    def _episode_pool(self) -> EpisodePool:
+        from m2rl.rl.env_pool import LocalEnvPool
+
+        return LocalEnvPool(self.train_runner, self.policy)
+
+    def _next_task(self) -> str:
+        with self._task_lock:
+            return self._sample_tasks(1)[0]
+
+    def _groups_to_keep(self) -> list[ScoredGroup]:
+        """Finished groups not trained on yet: a checkpoint keeps them, so a resumed run loses none."""
+        waiting = self.background.finished_groups() if self.background is not None else self._finished_groups
+        return [*self._untrained, *waiting]
 
     def _update(self, kept: list[tuple[ScoredTrajectory, float | list[float]]]) -> dict[str, float]:
         """One learner update on the kept episodes; none when no group has a signal. Also the generator-vs-
@@ -759,6 +854,10 @@ class Trainer:
         plot_training_curve(self.history, self.run.directory / "curve.png", title=self.name)
 
     def _close_envs(self) -> None:
+        background, self.background = getattr(self, "background", None), None
+        if background is not None:  # first: its episodes run on these envs
+            background.close()
+            self._finished_groups = background.finished_groups()
         for runner in (getattr(self, "train_runner", None), getattr(self, "eval_runner", None)):
             if runner is not None:
                 runner.close()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from m2rl.agent.policy import PolicyOutput, SamplingParams
 from m2rl.agent.trajectory import Trajectory
 from m2rl.rl.admission import ResourceBudget, ResourceCost, episode_cost
@@ -368,4 +369,61 @@ def test_finished_groups_carry_over_to_a_new_orchestrator() -> None:
     resumed.preload([ScoredGroup.from_dict(d) for d in saved])
     batches = asyncio.run(train(resumed, resumed_policy, steps=len(saved), groups=1))
     trained = [e.trajectory.ids for b in batches for e in b.episodes()]
+    assert all(e["trajectory"]["ids"] in trained for g in saved for e in g["episodes"])
+
+
+# ------------------------------------------------------------------------------------------ in the trainer
+
+
+def _async_config(tmp_path: Any, *extra: str) -> Any:
+    from test_trainer import small_config
+
+    return small_config(tmp_path, "rollout.max_staleness=1", "eval.every=0", *extra)
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.bwrap
+def test_an_asynchronous_run_logs_the_bound_and_resumes_without_losing_finished_groups(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from m2rl.rl import trainer as trainer_module
+    from m2rl.rl.trainer import Trainer
+
+    trainer = Trainer(_async_config(tmp_path, "steps=3"))
+    try:
+        metrics = trainer.train_step()
+        assert metrics["rollout/max_staleness"] == 1 and metrics["rollout/staleness_max"] <= 1
+        for key in ("rollout/generator_busy", "rollout/trajectories_per_min", "rollout/dropped_stale",
+                    "rollout/abandoned", "learner/ratio_p1", "learner/ratio_p99", "learner/clip_frac_high",
+                    "learner/logp_gap_gen_current"):
+            assert key in metrics, key
+        assert trainer.background is not None
+        _wait_for(lambda: len(trainer.background.finished_groups()) > 0)  # generation went on after the batch
+        checkpoint = trainer.save()
+    finally:
+        trainer.close()
+    saved = torch.load(checkpoint / "trainer_state.pt", weights_only=False)["finished_groups"]
+    assert saved
+    trained: list[list[int]] = []
+    real = trainer_module.learner_advantages
+
+    def spy(episodes: Any, *args: Any) -> Any:
+        trained.extend(e.trajectory.ids for e in episodes)
+        return real(episodes, *args)
+
+    monkeypatch.setattr(trainer_module, "learner_advantages", spy)
+    resumed = Trainer(_async_config(tmp_path, "steps=3", "resume=true"))
+    try:
+        assert resumed.step == 1 and len(resumed._finished_groups) == len(saved)
+        while resumed.step < 3 and not all(e["trajectory"]["ids"] in trained for g in saved for e in g["episodes"]):
+            resumed.train_step()
+    finally:
+        resumed.close()
     assert all(e["trajectory"]["ids"] in trained for g in saved for e in g["episodes"])

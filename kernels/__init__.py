@@ -11,6 +11,7 @@ heavy where it is not.
     rope.py         qk_norm_rope: attention's whole-projection q/k RMSNorm fused with partial NeoX RoPE
     router.py       route: sigmoid scores, biased top-k by max-and-mask, renormalised weights
     linear_logprob.py  linear_logprobs: LM head + log-softmax + gather (and entropy), fwd + bwd, no [N, V] logits
+                       (fused below 512 rows; from 512 cuBLAS GEMMs on row chunks + Triton row kernels)
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fused linear + log-softmax + gather in Triton: per-token log-probs (and entropy) through the LM head,
+"""Linear + log-softmax + gather with Triton: per-token log-probs (and entropy) through the LM head,
 forward and backward, without ever holding the [N, V] logits.
 
 PyTorch reference: `m2rl.model.ops.linear_logprobs_torch` (chunks of rows, checkpointed). For row n
@@ -7,7 +7,9 @@ PyTorch reference: `m2rl.model.ops.linear_logprobs_torch` (chunks of rows, check
     logprob_n = z_n[t_n] - logsumexp(z_n)
     entropy_n = -sum_v p_nv log p_nv,  p_n = softmax(z_n)
 
-Design (the "cut cross-entropy" idea: logits live in registers, one tile at a time):
+Two designs, picked by the row count N (`LogprobConfig.cublas_min_rows`, 512):
+
+Small N (decode-sized): fused kernels, the "cut cross-entropy" idea (logits live in registers, one tile at a time).
   forward   one kernel over (row block, vocabulary tile) pairs. The [BLOCK_M, BLOCK_V] logits tile is a
             tl.dot over D with an fp32 accumulator; the tile's row max m_i, sum exp(z - m_i) s_i and
             sum exp(z - m_i)(z - m_i) u_i go to [V tiles, N] fp32 partials, and the program holding a row's
@@ -20,26 +22,53 @@ Design (the "cut cross-entropy" idea: logits live in registers, one tile at a ti
             vocabulary chunks of C columns a kernel recomputes the logits tiles and writes dz in the inputs'
             dtype into an [N, C] buffer; cuBLAS then computes dW[chunk] = dz^T @ H (the whole N reduction in
             one GEMM: fp32 accumulation, one rounding to W's dtype) and dH += dz @ W[chunk] into an fp32
-            [N, D] accumulator. So the backward is fused only up to dz: its two GEMMs are cuBLAS's, on
-            a buffer of at most `grad_chunk_bytes` (256 MiB: N=16K, C=8192 in bf16).
-Nothing syncs with the host. Targets outside [0, V) give a NaN log-prob (no program stores their logit).
+            [N, D] accumulator, on a buffer of at most `grad_chunk_bytes` (256 MiB: N=16K, C=8192 in bf16).
+  Below ~the GEMM's ridge point (H200: 989 TFLOP/s / 4.8 TB/s ~ 200 rows) reading W dominates, and these
+  kernels read it once per row group without writing any logits: they win there.
 
-Memory beyond the inputs and the gradients: forward 3 x [V/BLOCK_V, N] fp32 partials (290 MiB at N=16K),
-backward one dz chunk plus the [N, D] fp32 dH accumulator (and one [N, D] fp32 GEMM output) — against the
-naive head's [N, V] fp32 logits and their softmax (24 GiB at N=16K, V=200064).
+Large N (N >= 512: the learner): cuBLAS GEMMs, Triton only for the passes over rows. Past the ridge point
+  the logits GEMM is compute-bound and Triton's tl.dot GEMMs were the bottleneck (H200, 8192 tokens, bf16:
+  ~470 TFLOP/s in the fused forward, ~455 in the backward's recompute, where cuBLAS runs the same shape at
+  ~800), so the rows are cut into chunks (model/linear_logprobs_chunked.py's driver, shared with the torch
+  `chunked` implementation) and per chunk of C rows:
+  forward   cuBLAS writes the [C, V] logits (fp32, or in the inputs' dtype for fp32_logits=False), and
+            `_row_stats_kernel` (one program per row, online max / sum exp / sum exp * shifted logit over
+            tiles of `row_block_v` columns) reads them back: log-prob, lse (kept as max and log-sum: exact log p
+            at the max), entropy per row.
+  backward  cuBLAS recomputes the logits; `_row_grad_kernel` turns them into dz in W's dtype (in place when
+            they already are in it); cuBLAS computes dH[chunk] = dz @ W and dW += dz^T @ H[chunk] (addmm_ in
+            W's dtype: one rounding per chunk, see the driver's docstring).
+  512 rows: comfortably past the ridge (compute 2.5x the time of reading W once at 512 rows) so cuBLAS's ~1.7x
+  faster math outweighs the logits' round trip (below); the crossover is not measured yet (a config field).
+  Chunks of `chunk_size` rows (the op's argument), fewer if the fp32 logits and dz would pass 1 GiB (768 rows
+  at V=200064 in bf16).
+Nothing syncs with the host. Targets outside [0, V) give a NaN log-prob in both designs.
 
-Cost: four GEMMs of 2*N*D*V flops (forward, the backward's recompute, dH, dW) where materialised logits
-need three, so 4/3 of the bare matmuls' time is this design's floor (`flops`); the dz round trip through
-HBM is `bytes_moved`.
+Memory beyond the inputs and the gradients: fused forward 3 x [V/BLOCK_V, N] fp32 partials, backward one dz
+chunk plus the [N, D] fp32 dH accumulator (and one [N, D] fp32 GEMM output); the large-N design one fp32 [C, V]
+logits block and one dz block (<= 1 GiB) — against the naive head's [N, V] fp32 logits and their softmax
+(24 GiB at N=16K, V=200064).
+
+Cost: both designs run four GEMMs of 2*N*D*V flops (forward, the backward's recompute, dH, dW) where
+materialised logits need three, so 4/3 of the bare matmuls' time is their floor (`flops`). HBM (`bytes_moved`):
+the fused design moves only dz through memory (written once, read by both GEMMs); the large-N one also moves
+the logits: per logit 4 bytes written by each of the two logits GEMMs and read by each row kernel (2 with
+fp32_logits=False and bf16): 16 bytes forward and backward together, plus dz's 6 (bf16) — ~0.9 us per row at
+M2's vocabulary (4.8 TB/s) against ~6 us per row for the four cuBLAS GEMMs (~800 TFLOP/s); and W is read once
+per chunk by each GEMM. Predicted, not measured: at 8192 bf16 tokens with fp32_logits=False, 4 x 12.6 ms of
+GEMMs + 2 x ~1.4 ms of row kernels ~ 53 ms forward+backward, against the fused design's measured 68.5 ms
+(21.3 forward, 22 for the backward's dz kernel, 2 x 12.6 of cuBLAS).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
 import triton.language as tl
+from m2rl.model import linear_logprobs_chunked as chunked
 from m2rl.model import ops
 from torch.autograd.function import once_differentiable
 
@@ -62,6 +91,11 @@ class LogprobConfig:
     """vocabulary columns per backward chunk: the dz buffer is [N, columns], the GEMMs [N, C] x [C, D]"""
     grad_chunk_bytes: int = 256 << 20
     """the dz buffer's cap in bytes: fewer columns per chunk for large N"""
+    cublas_min_rows: int = 512
+    """rows from which the logits GEMMs run on cuBLAS and Triton does only the row passes (module docstring)"""
+    row_block_v: int = 4096
+    """vocabulary columns a row kernel loads at once"""
+    row_num_warps: int = 8
 
 
 def default_config(num_rows: int, elem_bytes: int = 2) -> LogprobConfig:
@@ -95,13 +129,15 @@ def flops(num_rows: int, hidden: int, vocab: int, backward: bool = False) -> int
 
 
 def bytes_moved(num_rows: int, hidden: int, vocab: int, elem_bytes: int, backward: bool = False,
-                config: LogprobConfig | None = None) -> int:
-    """Least HBM traffic. A pass of the logits GEMM reads W once per group of `group_m` row blocks (the
-    group's H rows stay in L2) and H once; forward also writes and reads the three fp32 partials. Backward:
-    another pass (the recompute), dz written once and read by both GEMMs, H read by each chunk's dW GEMM,
-    W read by the dH GEMMs, dW and dH written, and per chunk the fp32 dH product written and added
-    (read, accumulator read and written)."""
+                config: LogprobConfig | None = None, *, fp32_logits: bool = True, chunk_size: int = 1024) -> int:
+    """Least HBM traffic of the design `num_rows` takes (module docstring). Fused: a pass of the logits GEMM
+    reads W once per group of `group_m` row blocks (the group's H rows stay in L2) and H once; forward also
+    writes and reads the three fp32 partials. Backward: another pass (the recompute), dz written once and read
+    by both GEMMs, H read by each chunk's dW GEMM, W read by the dH GEMMs, dW and dH written, and per chunk
+    the fp32 dH product written and added (read, accumulator read and written). Large N: `_chunked_bytes_moved`."""
     config = config or default_config(num_rows, elem_bytes)
+    if num_rows >= config.cublas_min_rows:
+        return _chunked_bytes_moved(num_rows, hidden, vocab, elem_bytes, backward, fp32_logits, chunk_size)
     w_bytes, h_bytes = vocab * hidden * elem_bytes, num_rows * hidden * elem_bytes
     row_groups = -(-num_rows // (config.block_m * config.group_m))
     logits_pass = row_groups * w_bytes + h_bytes
@@ -112,6 +148,25 @@ def bytes_moved(num_rows: int, hidden: int, vocab: int, elem_bytes: int, backwar
     chunks = -(-vocab // grad_chunk_columns(num_rows, vocab, elem_bytes, config))
     dz = 3 * num_rows * vocab * elem_bytes
     gemms = chunks * (h_bytes + 4 * num_rows * hidden * 4) + 2 * w_bytes + h_bytes
+    return forward + logits_pass + dz + gemms
+
+
+def _chunked_bytes_moved(num_rows: int, hidden: int, vocab: int, elem_bytes: int, backward: bool,
+                         fp32_logits: bool, chunk_size: int) -> int:
+    """The large-N design: each GEMM reads W once per chunk (a chunk's H rows stay in L2) and its H rows once;
+    the logits are written by the GEMM and read by the row kernel; backward also writes dz (in W's dtype),
+    reads it in both GEMMs, reads H again in the dW GEMMs, writes dH, and writes dW once then reads and
+    writes it per further chunk (addmm_)."""
+    rows = chunked.chunk_rows(chunk_size, vocab, elem_bytes, fp32_blocks=1)
+    chunks = -(-num_rows // rows)
+    w_bytes, h_bytes = vocab * hidden * elem_bytes, num_rows * hidden * elem_bytes
+    logit_bytes = 4 if fp32_logits else elem_bytes
+    logits_pass = chunks * w_bytes + h_bytes + 2 * num_rows * vocab * logit_bytes
+    forward = logits_pass + num_rows * (8 + 4 + 4 + 4)  # targets; log-prob, lse, entropy written
+    if not backward:
+        return forward
+    dz = 3 * num_rows * vocab * elem_bytes
+    gemms = chunks * w_bytes + 2 * h_bytes + (2 * chunks - 1) * w_bytes  # dH: W, dH; dW: H, dW updates
     return forward + logits_pass + dz + gemms
 
 
@@ -240,6 +295,75 @@ def _grad_logits_kernel(
              mask=m_mask[:, None] & v_mask[None, :])
 
 
+@triton.jit
+def _row_stats_kernel(
+    logits_ptr, targets_ptr, logprob_ptr, max_ptr, log_sum_ptr, entropy_ptr,
+    vocab, stride_row, temperature,
+    BLOCK_V: tl.constexpr, SCALED: tl.constexpr, ENTROPY: tl.constexpr,
+):
+    """One row of a cuBLAS logits chunk (fp32 or the inputs' dtype) -> its log-prob, lse as max and log-sum
+    (`chunked.BackwardRows` says why), and entropy: an online max / sum exp / sum exp * shifted logit over
+    BLOCK_V tiles, each tile's sums rescaled to the running max."""
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    offs = tl.arange(0, BLOCK_V)
+    # finite, below any logit: the first rescale is exp(-huge) = 0 and (m - m_new) * 0 stays 0 (-inf would give NaN)
+    m = -3.0e38
+    s = 0.0
+    u = 0.0
+    for v0 in range(0, vocab, BLOCK_V):
+        mask = offs < vocab - v0
+        z = tl.load(row_ptr + v0 + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if SCALED:
+            z = z / temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        shifted = z - m_new
+        e = tl.exp(shifted)  # 0 in the padding columns
+        if ENTROPY:
+            # e * shifted is 0 * -inf in the padding columns: zero the logit there, not the product
+            u = alpha * (u + (m - m_new) * s) + tl.sum(e * tl.where(mask, shifted, 0.0), axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+    log_sum = tl.log(s)
+    target = tl.load(targets_ptr + row)
+    valid = (target >= 0) & (target < vocab)  # else NaN, as the fused kernel: no program stores a logit
+    target_logit = tl.load(row_ptr + target, mask=valid, other=float("nan")).to(tl.float32)
+    if SCALED:
+        target_logit = target_logit / temperature
+    tl.store(logprob_ptr + row, (target_logit - m) - log_sum)
+    tl.store(max_ptr + row, m)
+    tl.store(log_sum_ptr + row, log_sum)
+    if ENTROPY:
+        tl.store(entropy_ptr + row, log_sum - u / s)
+
+
+@triton.jit
+def _row_grad_kernel(
+    logits_ptr, dz_ptr, targets_ptr, max_ptr, log_sum_ptr, entropy_ptr, grad_lp_ptr, grad_ent_ptr,
+    vocab, stride_row, stride_dz_row, temperature,
+    BLOCK_V: tl.constexpr, SCALED: tl.constexpr, ENTROPY_GRAD: tl.constexpr, BF16_INTERPRETED: tl.constexpr,
+):
+    """dz for one BLOCK_V tile of one row of a recomputed cuBLAS logits chunk; elementwise, so dz_ptr may be
+    logits_ptr (same dtype: in place)."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask = offs < vocab
+    z = tl.load(logits_ptr + row.to(tl.int64) * stride_row + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALED:
+        z = z / temperature
+    log_p = (z - tl.load(max_ptr + row)) - tl.load(log_sum_ptr + row)  # exact at the max
+    p = tl.exp(log_p)
+    g_lp = tl.load(grad_lp_ptr + row)
+    dz = tl.where(offs == tl.load(targets_ptr + row), g_lp, 0.0) - g_lp * p
+    if ENTROPY_GRAD:
+        dz -= tl.load(grad_ent_ptr + row) * p * (log_p + tl.load(entropy_ptr + row))
+    if SCALED:
+        dz = dz / temperature
+    tl.store(dz_ptr + row.to(tl.int64) * stride_dz_row + offs,
+             _bf16_rounded(dz, BF16_INTERPRETED).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) gets bf16 wrong twice: tl.dot multiplies bf16 bit
 # patterns (triton-lang/triton#11584), so interpreted kernels upcast bf16 tiles to fp32 first (exact), and
 # fp32 -> bf16 casts truncate, so they round by hand (`_bf16_rounded`). Compiled kernels do neither.
@@ -334,6 +458,47 @@ def _backward(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, targets_N: torch
     return (grad_h32.to(hidden_ND.dtype) if need_hidden else None), grad_w
 
 
+def _forward_rows(logits_CV: torch.Tensor, targets_C: torch.Tensor, temperature: float, with_entropy: bool,
+                  config: LogprobConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`chunked.ForwardRows`: one program per row of the cuBLAS logits chunk."""
+    C, V = logits_CV.shape
+    logprob_C = torch.empty(C, dtype=torch.float32, device=logits_CV.device)
+    max_C, log_sum_C = torch.empty_like(logprob_C), torch.empty_like(logprob_C)
+    entropy_C = torch.empty_like(logprob_C) if with_entropy else max_C  # unused without ENTROPY
+    _row_stats_kernel[(C,)](
+        logits_CV, targets_C, logprob_C, max_C, log_sum_C, entropy_C, V, logits_CV.stride(0), float(temperature),
+        BLOCK_V=config.row_block_v, SCALED=temperature != 1.0, ENTROPY=with_entropy, num_warps=config.row_num_warps,
+    )
+    return logprob_C, max_C, log_sum_C, entropy_C if with_entropy else None
+
+
+def _backward_rows(logits_CV: torch.Tensor, targets_C: torch.Tensor, max_C: torch.Tensor, log_sum_C: torch.Tensor,
+                   entropy_C: torch.Tensor | None, grad_lp_C: torch.Tensor, grad_ent_C: torch.Tensor | None,
+                   temperature: float, dtype: torch.dtype, config: LogprobConfig) -> torch.Tensor:
+    """`chunked.BackwardRows`: dz in place when the logits are already in W's dtype (fp32_logits=False, or fp32
+    weights), else into a new [C, V] block in W's dtype."""
+    C, V = logits_CV.shape
+    dz_CV = logits_CV if logits_CV.dtype == dtype else torch.empty(C, V, dtype=dtype, device=logits_CV.device)
+    entropy_grad = grad_ent_C is not None
+    grad_lp_C = grad_lp_C.contiguous()
+    grad_ent_C = grad_ent_C.contiguous() if entropy_grad else grad_lp_C  # unused without ENTROPY_GRAD
+    entropy_C = entropy_C if entropy_grad else max_C
+    _row_grad_kernel[(C, triton.cdiv(V, config.row_block_v))](
+        logits_CV, dz_CV, targets_C, max_C, log_sum_C, entropy_C, grad_lp_C, grad_ent_C,
+        V, logits_CV.stride(0), dz_CV.stride(0), float(temperature),
+        BLOCK_V=config.row_block_v, SCALED=temperature != 1.0, ENTROPY_GRAD=entropy_grad,
+        BF16_INTERPRETED=_INTERPRETED and dtype == torch.bfloat16, num_warps=config.row_num_warps,
+    )
+    return dz_CV
+
+
+def row_pass(config: LogprobConfig) -> chunked.RowPass:
+    """The Triton row kernels as the chunk driver's row passes; they hold one fp32 [C, V] block (the logits)
+    besides dz."""
+    return chunked.RowPass(functools.partial(_forward_rows, config=config),
+                           functools.partial(_backward_rows, config=config), fp32_blocks=1)
+
+
 class LinearLogprobs(torch.autograd.Function):
     """(logprob_N, entropy_N) of `linear_logprobs_triton`; entropy is an empty tensor unless requested."""
 
@@ -368,10 +533,12 @@ def linear_logprobs_triton(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, tar
                            return_entropy: bool = False, *, fp32_logits: bool = True, temperature: float = 1.0,
                            chunk_size: int = 1024,
                            config: LogprobConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`ops.linear_logprobs` through the fused kernels: the signature and results of `linear_logprobs_torch`
-    (`chunk_size` is that implementation's and unused here). Inputs of different dtypes, or no rows, run the
-    torch reference. The logits are fp32 accumulations whatever `fp32_logits` says; False rounds them
-    through the inputs' dtype as the reference's half-precision head does."""
+    """`ops.linear_logprobs` through Triton: the signature and results of `linear_logprobs_torch`. From
+    `config.cublas_min_rows` rows, cuBLAS GEMMs on chunks of at most `chunk_size` rows and the Triton row
+    kernels (the chunk driver of model/linear_logprobs_chunked.py); below, the fused kernels (`chunk_size`
+    unused). Inputs of different dtypes, or no rows, run the torch reference. The logits are fp32
+    accumulations whatever `fp32_logits` says; False rounds them through the inputs' dtype as the
+    reference's half-precision head does."""
     assert hidden_ND.dim() == 2 and weight_VD.dim() == 2 and hidden_ND.shape[1] == weight_VD.shape[1], \
         f"hidden [N, D] and weight [V, D] expected, got {tuple(hidden_ND.shape)} and {tuple(weight_VD.shape)}"
     assert targets_N.shape == hidden_ND.shape[:1] and not targets_N.is_floating_point()
@@ -381,6 +548,9 @@ def linear_logprobs_triton(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, tar
     assert hidden_ND.is_cuda or _INTERPRETED, \
         "the Triton kernels need CUDA tensors (CPU only under TRITON_INTERPRET=1)"
     config = config or default_config(hidden_ND.shape[0], hidden_ND.element_size())
+    if hidden_ND.shape[0] >= config.cublas_min_rows:
+        return chunked.linear_logprobs_rows(hidden_ND, weight_VD, targets_N, return_entropy, fp32_logits,
+                                            temperature, chunk_size, row_pass(config))
     logprob_N, entropy_N = LinearLogprobs.apply(hidden_ND, weight_VD, targets_N.contiguous(), return_entropy,
                                                 fp32_logits, float(temperature), config)
     return logprob_N, entropy_N if return_entropy else None

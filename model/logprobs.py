@@ -3,7 +3,9 @@
 
 The [tokens x vocab] logits are never held at once: the torch implementation (CPU, and the fallback)
 reduces chunks of rows to log-probs and recomputes each chunk's logits in backward (torch.utils.checkpoint);
-the Triton one (CUDA default, m2rl/kernels/linear_logprob.py) tiles the vocabulary inside fused kernels.
+the Triton one (CUDA default, m2rl/kernels/linear_logprob.py) tiles the vocabulary inside fused kernels for
+few rows and runs cuBLAS GEMMs on row chunks with Triton row kernels for many; `chunked`
+(model/linear_logprobs_chunked.py) is that chunk driver with torch passes.
 """
 
 from __future__ import annotations

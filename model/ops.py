@@ -359,3 +359,8 @@ def _linear_logprobs_chunk(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, tar
 
 
 register("linear_logprobs", "torch", linear_logprobs_torch)
+
+# Last: the chunked implementation falls back to linear_logprobs_torch (mixed dtypes), imported lazily from here.
+from m2rl.model.linear_logprobs_chunked import linear_logprobs_chunked
+
+register("linear_logprobs", "chunked", linear_logprobs_chunked)

@@ -8,6 +8,7 @@ not multiples of them. The `gpu` tests run the M2 head's shapes (D 3072, V 20006
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -164,8 +165,8 @@ def test_default_config_and_no_rows(ll, device):
 
 def test_registered_not_selected_and_dispatches(ll, small, device):
     assert ("linear_logprobs", "triton") in importlib.import_module("m2rl.kernels").register_all()
-    assert ops.available("linear_logprobs") == ["torch", "triton"]
-    assert ops.PREFERRED["cuda"]["linear_logprobs"] == ("triton", "torch")
+    assert ops.available("linear_logprobs") == ["chunked", "torch", "triton"]
+    assert ops.PREFERRED["cuda"]["linear_logprobs"] == ("triton", "chunked", "torch")
     with ops.using(linear_logprobs="torch"):
         assert ll.register() == [("linear_logprobs", "triton")]
         assert ops.selected("linear_logprobs") == "torch"  # registering never selects
@@ -177,6 +178,100 @@ def test_registered_not_selected_and_dispatches(ll, small, device):
     torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
 
 
+# ---- the large-N design (cuBLAS GEMMs, Triton row kernels), forced at small shapes ----------------------------
+# every row count takes it; 32-column row tiles make several tiles and a ragged last one
+LARGE_N = {**SMALL, "cublas_min_rows": 1, "row_block_v": 32}
+
+
+@pytest.fixture
+def large_n(ll):
+    return ll.LogprobConfig(**LARGE_N)
+
+
+@pytest.mark.parametrize("N,D,V,chunk_size", [(1, 16, 50, 4), (17, 40, 100, 5), (17, 33, 257, 1024)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_large_n_fp32_matches_naive(ll, large_n, device, monkeypatch, N, D, V, chunk_size, temperature):
+    """Values and gradients (log-prob and entropy in the loss) through the chunk driver and the row kernels,
+    and nothing through the fused kernels."""
+    monkeypatch.setattr(ll, "_forward", None)  # the fused design would fail loudly
+    hidden, weight, targets = _problem(N, D, V, torch.float32, device, seed=N + V)
+    lp, ent = ll.linear_logprobs_triton(hidden, weight, targets, True, temperature=temperature,
+                                        chunk_size=chunk_size, config=large_n)
+    ref_lp, ref_ent = _naive(hidden, weight, targets, temperature)
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (N,)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    for got, ref, name in zip(_grads(lp, ent, hidden, weight), _grads(ref_lp, ref_ent, hidden, weight),
+                              ("hidden", "weight")):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("dtype,fp32_logits", [(torch.bfloat16, True), (torch.bfloat16, False),
+                                               (torch.float16, True)])
+def test_large_n_half_precision_matches_the_reference(ll, large_n, device, dtype, fp32_logits):
+    """Forward as the torch reference (fp32 products, or cuBLAS's logits in bf16 read by the row kernel);
+    gradients within a few roundings of it (dz in the inputs' dtype, in place for bf16 logits; dW summed over
+    4 chunks in bf16)."""
+    hidden, weight, targets = _problem(17, 40, 100, dtype, device, seed=6, scale=3.0)
+    kwargs = {"fp32_logits": fp32_logits, "temperature": 0.9, "chunk_size": 5}
+    lp, ent = ll.linear_logprobs_triton(hidden, weight, targets, True, config=large_n, **kwargs)
+    ref_lp, ref_ent = ops.linear_logprobs_torch(hidden, weight, targets, True, **kwargs)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
+    grads = _grads(lp, ent, hidden, weight)
+    assert [g.dtype for g in grads] == [dtype, dtype]
+    for got, ref in zip(grads, _grads(ref_lp, ref_ent, hidden, weight)):
+        assert _rel_err(got, ref) < 1e-2
+
+
+def test_large_n_partial_grads_strides_and_bad_targets(ll, large_n, device):
+    """Only one input needing a gradient, the entropy alone carrying it, strided inputs and int32 targets,
+    and an out-of-range target giving NaN (as the fused kernels)."""
+    hidden, weight, targets = _problem(17, 40, 100, torch.float32, device, seed=7, scale=5.0)
+    frozen = weight.detach()
+    lp, ent = ll.linear_logprobs_triton(hidden, frozen, targets, config=large_n, chunk_size=6)
+    assert ent is None
+    (grad_h,) = torch.autograd.grad(lp.sum(), (hidden,))
+    torch.testing.assert_close(grad_h, torch.autograd.grad(_naive(hidden, frozen, targets)[0].sum(), hidden)[0],
+                               rtol=1e-4, atol=1e-5)
+    _, ent = ll.linear_logprobs_triton(hidden, weight, targets, True, config=large_n, chunk_size=6)
+    for g, r in zip(torch.autograd.grad(ent.sum(), (hidden, weight)),
+                    torch.autograd.grad(_naive(hidden, weight, targets)[1].sum(), (hidden, weight))):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    wide = torch.cat([hidden.detach(), torch.randn(17, 9, device=device)], dim=1)[:, :40]
+    weight_t = weight.detach().t().contiguous().t()
+    lp, ent = ll.linear_logprobs_triton(wide, weight_t, targets.int(), True, config=large_n, chunk_size=6)
+    ref_lp, ref_ent = _naive(hidden, weight, targets)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=1e-4)
+    bad = targets.clone()
+    bad[3], bad[5] = 100, -1
+    lp_bad, _ = ll.linear_logprobs_triton(wide, weight_t, bad, config=large_n, chunk_size=6)
+    assert lp_bad[3].isnan() and lp_bad[5].isnan()
+    keep = torch.ones(17, dtype=torch.bool)
+    keep[[3, 5]] = False
+    torch.testing.assert_close(lp_bad[keep], lp[keep])
+
+
+def test_threshold_picks_the_design(ll, device, monkeypatch):
+    """Rows below `cublas_min_rows` run the fused kernels, from it the chunk driver (with `chunk_size`)."""
+    calls = []
+    real = ll.chunked.linear_logprobs_rows
+
+    def spy(*args):
+        calls.append(args[6])  # chunk_size
+        return real(*args)
+
+    monkeypatch.setattr(ll.chunked, "linear_logprobs_rows", spy)
+    hidden, weight, targets = _problem(9, 16, 50, torch.float32, device, seed=11)
+    config = ll.LogprobConfig(**{**LARGE_N, "cublas_min_rows": 9})
+    below, _ = ll.linear_logprobs_triton(hidden[:8], weight, targets[:8], config=config)
+    assert calls == []
+    at, _ = ll.linear_logprobs_triton(hidden, weight, targets, chunk_size=4, config=config)
+    assert calls == [4]
+    torch.testing.assert_close(at[:8], below, rtol=1e-5, atol=1e-5)
+
+
 def test_cost_model_and_chunks(ll):
     N, D, V = 16384, 3072, 200064
     assert ll.flops(N, D, V) == 2 * N * D * V and ll.flops(N, D, V, backward=True) == 8 * N * D * V
@@ -185,9 +280,19 @@ def test_cost_model_and_chunks(ll):
     assert columns % config.block_v == 0 and N * columns * 2 <= config.grad_chunk_bytes
     assert ll.grad_chunk_columns(3, 50, 2, config) == 50  # never past the vocabulary
     assert ll.grad_chunk_columns(10**9, V, 2, config) == config.block_v  # never below a tile
-    forward = ll.bytes_moved(N, D, V, 2)
-    assert V * D * 2 < forward < ll.bytes_moved(N, D, V, 2, backward=True)
-    assert ll.bytes_moved(N, D, V, 2, backward=True) > 3 * N * V * 2  # dz written and read twice
+    fused = ll.LogprobConfig(cublas_min_rows=N + 1)  # the fused design at the same shape
+    forward = ll.bytes_moved(N, D, V, 2, config=fused)
+    assert V * D * 2 < forward < ll.bytes_moved(N, D, V, 2, backward=True, config=fused)
+    assert ll.bytes_moved(N, D, V, 2, backward=True, config=fused) > 3 * N * V * 2  # dz written and read twice
+    # large N: W read by each chunk's GEMM (768-row chunks at this vocabulary in bf16) and the logits' round
+    # trip through HBM (fp32: twice the bytes of bf16 ones); backward repeats it and adds dz and dW's updates
+    assert ll.default_config(N).cublas_min_rows <= N
+    chunks = -(-N // 768)
+    for fp32_logits, logit_bytes in [(True, 4), (False, 2)]:
+        split = ll.bytes_moved(N, D, V, 2, fp32_logits=fp32_logits)
+        assert chunks * V * D * 2 + 2 * N * V * logit_bytes < split < (chunks + 1) * V * D * 2 + 2 * N * V * logit_bytes
+        split_bwd = ll.bytes_moved(N, D, V, 2, backward=True, fp32_logits=fp32_logits)
+        assert split_bwd > 2 * split + 3 * N * V * 2 + (2 * chunks - 1) * V * D * 2
 
 
 @pytest.mark.parametrize("elem_bytes", [2, 4])
@@ -317,16 +422,27 @@ def _reference_in_chunks(hidden, weight, targets, a, b, rows=1024):
     return torch.cat(lps), torch.cat(ents), torch.cat(grad_h), w32.grad
 
 
+def _m2_config(ll, N, design):
+    """The default config for N rows, or it with the design forced: "fused" kernels or "large" N's."""
+    config = ll.default_config(N)
+    return dataclasses.replace(config, cublas_min_rows={"fused": N + 1, "large": min(N, 512)}[design])
+
+
+# 256 and 1024 rows both ways (256: decode-sized, the fused design's default; 1024: the learner's chunk), 8192 the
+# learner's step through the default (large N) design
+M2_CASES = [(256, "fused"), (1024, "fused"), (1024, "large"), (8192, "large")]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [1024, 8192])
-def test_m2_head_bf16_forward_backward(ll, N):
+@pytest.mark.parametrize("N,design", M2_CASES)
+def test_m2_head_bf16_forward_backward(ll, N, design):
     hidden, weight, targets = _problem(N, M2_HEAD["D"], M2_HEAD["V"], torch.bfloat16, "cuda", seed=N, scale=4.0)
     gen = torch.Generator("cuda").manual_seed(N + 1)
     a = torch.randn(N, generator=gen, device="cuda") / N
     b = torch.randn(N, generator=gen, device="cuda") / N
     torch.cuda.set_sync_debug_mode("error")  # any host sync raises
     try:
-        lp, ent = ll.linear_logprobs_triton(hidden, weight, targets, True)
+        lp, ent = ll.linear_logprobs_triton(hidden, weight, targets, True, config=_m2_config(ll, N, design))
         ((a * lp).sum() + (b * ent).sum()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -335,18 +451,20 @@ def test_m2_head_bf16_forward_backward(ll, N):
     torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=2e-3)
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
     assert _rel_err(hidden.grad, ref_gh) < 1e-2  # dz in bf16
-    assert _rel_err(weight.grad, ref_gw) < 1e-2
+    assert _rel_err(weight.grad, ref_gw) < 1e-2  # large N: also summed over 11 chunks in bf16
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [1024, 8192])
-def test_m2_head_peak_memory(ll, N):
-    """Forward + backward allocate beyond inputs and gradients < 5% of the naive head's [N, V] fp32 logits
-    and log-softmax (which autograd keeps: 2 x N x V x 4 bytes, 12 GiB at N=8192)."""
+@pytest.mark.parametrize("N,design", M2_CASES)
+def test_m2_head_peak_memory(ll, N, design):
+    """Forward + backward allocate beyond inputs and gradients: fused, < 5% of the naive head's [N, V] fp32
+    logits and log-softmax (which autograd keeps: 2 x N x V x 4 bytes, 12 GiB at N=8192); large N, one
+    chunk's fp32 logits and dz, under the driver's 1 GiB budget (plus cuBLAS's workspace)."""
     hidden, weight, targets = _problem(N, M2_HEAD["D"], M2_HEAD["V"], torch.bfloat16, "cuda", seed=N)
+    config = _m2_config(ll, N, design)
 
     def step():
-        lp, ent = ll.linear_logprobs_triton(hidden, weight, targets, True)
+        lp, ent = ll.linear_logprobs_triton(hidden, weight, targets, True, config=config)
         (lp.sum() + ent.sum()).backward()
 
     step()  # compile, cuBLAS workspaces
@@ -359,7 +477,28 @@ def test_m2_head_peak_memory(ll, N):
     grads = hidden.grad.nbytes + weight.grad.nbytes
     extra = torch.cuda.max_memory_allocated() - before - grads
     naive = 2 * N * M2_HEAD["V"] * 4
-    assert extra < 0.05 * naive, f"{extra / 2**20:.0f} MiB beyond the gradients, naive {naive / 2**20:.0f} MiB"
+    limit = 0.05 * naive if design == "fused" else ll.chunked.CHUNK_BUDGET_BYTES + (64 << 20)
+    assert extra < limit, f"{extra / 2**20:.0f} MiB beyond the gradients, naive {naive / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_m2_head_large_n_half_logits_temperature_matches_chunked_torch(ll):
+    """The large-N design with fp32_logits=False (cuBLAS's bf16 logits, dz in place), a temperature and int32
+    targets, against the torch `chunked` implementation on the same cuBLAS GEMMs and the reference."""
+    N = 2048
+    hidden, weight, targets = _problem(N, M2_HEAD["D"], M2_HEAD["V"], torch.bfloat16, "cuda", seed=3, scale=4.0)
+    kwargs = {"fp32_logits": False, "temperature": 0.8}
+    lp, ent = ll.linear_logprobs_triton(hidden, weight, targets.int(), True, **kwargs)
+    grads = _grads(lp, ent, hidden, weight)
+    with ops.using(linear_logprobs="chunked"):
+        ref_lp, ref_ent = ops.linear_logprobs(hidden, weight, targets, True, **kwargs)
+    ref_grads = _grads(ref_lp, ref_ent, hidden, weight)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=1e-3)  # other chunkings: maybe other cuBLAS kernels
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=1e-3)
+    for got, ref in zip(grads, ref_grads):
+        assert _rel_err(got, ref) < 1e-2
+    slow_lp, _ = ops.linear_logprobs_torch(hidden.detach()[:512], weight.detach(), targets[:512], True, **kwargs)
+    torch.testing.assert_close(lp[:512], slow_lp, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.gpu
@@ -373,14 +512,16 @@ def test_token_logprobs_on_cuda_kernel_matches_torch(ll):
     ids = torch.randint(0, model.config.vocab_size, (4, 300), device="cuda",
                         generator=torch.Generator("cuda").manual_seed(0))
     results = {}
-    for impl in ("triton", "torch"):
+    for impl in ("triton", "chunked", "torch"):  # 1196 rows: the large-N design
         model.zero_grad()
         with ops.using(linear_logprobs=impl):
             lp, ent = token_logprobs(model, ids, return_entropy=True)
         lp.sum().backward()
         results[impl] = (lp.detach(), ent.detach(), model.lm_head.weight.grad.clone(),
                          model.model.embed_tokens.weight.grad.clone())
-    (lp, ent, g_head, g_embed), (ref_lp, ref_ent, ref_head, ref_embed) = results["triton"], results["torch"]
-    torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=1e-4)
-    assert _rel_err(g_head, ref_head) < 1e-2 and _rel_err(g_embed, ref_embed) < 2e-2
+    ref_lp, ref_ent, ref_head, ref_embed = results["torch"]
+    for impl in ("triton", "chunked"):
+        lp, ent, g_head, g_embed = results[impl]
+        torch.testing.assert_close(lp, ref_lp, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=1e-4)
+        assert _rel_err(g_head, ref_head) < 1e-2 and _rel_err(g_embed, ref_embed) < 2e-2, impl

@@ -59,6 +59,7 @@ from m2rl.rl.parity import batch_logprob_gap
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
 from m2rl.rl.groups import ScoredGroup
+from m2rl.rl.ray_backend import RayConfig
 from m2rl.rl.rollout import EpisodeRunner, RolloutError, ScoredTrajectory, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
 from m2rl.rl.trajectory_samples import trajectory_sample
@@ -75,6 +76,7 @@ from m2rl.runs import LoggingConfig, Run, atomic_write, default_run_name, progre
 if TYPE_CHECKING:
     from m2rl.envs.tasks.base import TaskSet
     from m2rl.rl.env_pool import EpisodePool
+    from m2rl.rl.ray_backend import RayEnvPool
     from m2rl.rl.rollout_thread import BackgroundRollouts
     from m2rl.model.tokenizer import M2Tokenizer
 
@@ -155,16 +157,12 @@ class RolloutSection:
     null: not limited."""
     sandbox_memory_mb: float | None = None
     """Asynchronous rollouts: sandbox memory (MB) the running episodes may declare together; null: not limited."""
-    env_workers: int = 2
-    """Ray backend: env-worker actors; the num_envs envs are split among them."""
-    ray_address: str = ""
-    """Ray backend: the cluster to join (e.g. auto, ray://host:10001); empty: start a local one for the run."""
+    ray: RayConfig = field(default_factory=RayConfig)
+    """The Ray backend's cluster, env workers (the num_envs envs split among them) and actor resources."""
 
     def __post_init__(self) -> None:
         if self.max_staleness < 0:
             raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
-        if self.env_workers < 1:
-            raise ValueError(f"rollout.env_workers must be >= 1, got {self.env_workers}")
 
     @property
     def asynchronous(self) -> bool:
@@ -463,6 +461,7 @@ class Trainer:
         self._envs: list[Any] = []  # every env made, so an interrupt mid-construction still closes them
         self._unlogged: dict[str, float] | None = None  # a completed step's metrics not yet in metrics.jsonl
         self.background: BackgroundRollouts | None = None  # asynchronous rollouts, started by the first step
+        self.ray_pool: RayEnvPool | None = None  # their env workers and generator (rollout.backend ray)
         self._finished_groups: list[ScoredGroup] = []  # finished, untrained groups (from a checkpoint, or closed)
         self._untrained: list[ScoredGroup] = []  # the batch of the step in progress, until its update is done
         self._task_lock = threading.Lock()  # the background rollouts draw tasks from the RNG and curriculum too
@@ -683,6 +682,8 @@ class Trainer:
         self._unlogged = metrics  # the step is complete: whatever ends the run from here logs it
         if kept:  # the weights changed; outside the deferred block: a restart may take a minute
             self._push_update(metrics)
+        if self.ray_pool is not None:  # the generator actor: the same weights, or the server's new version
+            self.ray_pool.sync(self.model, self.policy.policy_version)
         if self.background is not None:  # also when nothing changed: the next batch is built at this version
             self.background.on_weights_updated(self.policy.policy_version)
         metrics["step_s"] = time.perf_counter() - t0
@@ -722,7 +723,17 @@ class Trainer:
     def _episode_pool(self) -> EpisodePool:
         from m2rl.rl.env_pool import LocalEnvPool
 
-        return LocalEnvPool(self.train_runner, self.policy)
+        r = self.config.rollout
+        if r.backend == "local":
+            return LocalEnvPool(self.train_runner, self.policy)
+        from m2rl.rl.ray_backend import RayEnvPool, generator_factory
+
+        # The workers make their own envs (the run's envs stay for evaluation) and sample from a generator actor.
+        make_env = make_env_factory(self.config.env, "train", reward_spec_of(self.config.rewards))
+        self.ray_pool = RayEnvPool.for_run(make_env, r.num_envs, self.tokenizer,
+                                           generator_factory(self.policy, r.num_envs), r.ray)
+        self.ray_pool.version = self.policy.policy_version
+        return self.ray_pool
 
     def _next_task(self) -> str:
         with self._task_lock:
@@ -858,6 +869,9 @@ class Trainer:
         if background is not None:  # first: its episodes run on these envs
             background.close()
             self._finished_groups = background.finished_groups()
+        ray_pool, self.ray_pool = getattr(self, "ray_pool", None), None
+        if ray_pool is not None:
+            ray_pool.close()
         for runner in (getattr(self, "train_runner", None), getattr(self, "eval_runner", None)):
             if runner is not None:
                 runner.close()

@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
-EXTRAS="${M2RL_EXTRAS:-dev,mcp,browser,trl}"
+EXTRAS="${M2RL_EXTRAS:-dev,mcp,browser,trl,dist}"
 PYTHON="${PYTHON:-python3}"
 
 say() { printf '[setup] %s\n' "$*"; }

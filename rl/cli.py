@@ -1,10 +1,16 @@
-"""`m2rl train`: the training job (defaults: configs/train.yaml — tiny policy, Python env, CISPO, CPU)."""
+"""`m2rl train`: the training job (defaults: configs/train.yaml — tiny policy, Python env, CISPO, CPU).
+
+`m2rl train --nproc N ...` starts the same command under torchrun on N local ranks (a data-parallel learner,
+docs/distributed.md); under torchrun, rank 0 trains and the other ranks serve its learner updates.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG), help="YAML config (default: configs/train.yaml)")
     train.add_argument("--help-config", action="store_true",
                        help="list every config key with its type, value and meaning, then exit (as `m2rl config show`)")
+    train.add_argument("--nproc", type=int, default=1,
+                       help="ranks on this machine: >1 relaunches the command under torchrun with a data-parallel "
+                            "(FSDP2) learner, one GPU each with device=cuda (docs/distributed.md)")
     train.add_argument("overrides", nargs="*",
                        help="key.sub=value overrides, e.g. steps=10 learner.loss.kind=grpo; +key=value adds a key "
                             "the file does not set, ++key=value adds or overrides")
@@ -35,6 +44,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(schema_text(TrainConfig, args.config, args.overrides), end="")
         return 0
     config = load_config(TrainConfig, args.config, args.overrides)
+    from m2rl.config import ConfigError
+    from m2rl.rl.distributed import launched_rank, under_torchrun
+
+    if config.stages and (args.nproc > 1 or under_torchrun()):
+        raise ConfigError("stages: a multi-stage pipeline runs in one process (no --nproc, no torchrun)")
+    if args.nproc > 1 and not under_torchrun():
+        return _launch_torchrun(args)
+    if launched_rank() > 0:
+        from m2rl.rl.learner_group import run_follower
+
+        run_follower(config)  # rank 0 prints the summary
+        return 0
     with stop_on_signals():
         try:
             if config.stages:
@@ -48,6 +69,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 128 + exc.signum  # the shell convention for "ended by this signal"
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """This command again, as `--nproc` ranks of one torchrun job on this machine; its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "m2rl.cli", "train", "--config", args.config, *args.overrides]
+    return subprocess.call(command)
 
 
 def _report_resume(trainer: Any) -> None:

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "DataParallel", "DistributedConfig", "SingleProcess", "clip_grad_norm", "global_normalizer", "init_distributed",
-    "shard_model", "split_batch", "split_rows", "under_torchrun",
+    "launched_rank", "shard_model", "split_batch", "split_rows", "under_torchrun",
 ]
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
@@ -93,6 +93,11 @@ class DistributedConfig:
 def under_torchrun() -> bool:
     """Whether torchrun (or another launcher with its environment) started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (0 when not under torchrun), before any group exists."""
+    return int(os.environ["RANK"]) if under_torchrun() else 0
 
 
 # ------------------------------------------------------------------------------------------ row splits
@@ -165,6 +170,9 @@ class SingleProcess:
     rank = 0
     world = 1
 
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)  # the learner's device
+
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that runs rollouts, evaluations, logging, checkpoints and the weight sync."""
@@ -222,7 +230,8 @@ class DataParallel(SingleProcess):
 
         if not dist.is_initialized():
             raise RuntimeError("DataParallel needs torch.distributed initialised (init_distributed does it)")
-        self.config, self.device, self.owns_group = config, device, owns_group
+        super().__init__(device)
+        self.config, self.owns_group = config, owns_group
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.world % config.replicas:
             raise ValueError(f"distributed.replicas={config.replicas} does not divide the {self.world} ranks")
@@ -292,17 +301,21 @@ class DataParallel(SingleProcess):
             dist.destroy_process_group()
 
 
-def init_distributed(config: DistributedConfig, device_type: str) -> SingleProcess | DataParallel:
+def init_distributed(config: DistributedConfig, device: str | torch.device) -> SingleProcess | DataParallel:
     """Join the group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and bind this rank
-    to cuda:LOCAL_RANK on CUDA; a single process gets SingleProcess(). An already initialised group (a test's
-    spawned ranks) is joined as it is."""
+    to cuda:LOCAL_RANK when `device` is CUDA; a single process gets SingleProcess(device). An already
+    initialised group (a test's spawned ranks) is joined as it is."""
+    device_type = torch.device(device).type
     if not dist.is_initialized() and not under_torchrun():
-        return SingleProcess()
+        return SingleProcess(device)
     if not config.enabled:
         raise RuntimeError("distributed.enabled is false but this process is one of several ranks; launch it "
                            "as a single process, or set distributed.enabled=true")
     if device_type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        # torchrun's LOCAL_RANK; a group made without it (launch.spawn) has already picked each rank's device
+        local = os.environ.get("LOCAL_RANK")
+        index = int(local) % torch.cuda.device_count() if local is not None else torch.cuda.current_device()
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)

@@ -53,9 +53,10 @@ from m2rl.rl.checkpoint import (
 )
 from m2rl.rl.curriculum import CurriculumConfig, DifficultyCurriculum
 from m2rl.rl.curves import plot_training_curve
+from m2rl.rl.distributed import DistributedConfig, init_distributed
 from m2rl.rl.interrupts import TrainingInterrupted, deferred_interrupts, interrupts_ignored, run_async
-from m2rl.rl.learner import Learner, LearnerConfig
-from m2rl.rl.parity import batch_logprob_gap
+from m2rl.rl.learner import LearnerConfig
+from m2rl.rl.learner_group import LearnerGroup
 from m2rl.rl.pipeline import StageConfig
 from m2rl.rl.preflight import check_config, resolve_init
 from m2rl.rl.groups import ScoredGroup
@@ -236,6 +237,8 @@ class TrainConfig:
     """How episodes are sampled for training, and how their advantages are computed."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     """The optimizer and loss of the policy update."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Data-parallel learner (FSDP2) when launched on several ranks (`m2rl train --nproc N`, or torchrun)."""
     eval: EvalSection = field(default_factory=EvalSection)
     """Held-out evaluation."""
     sft: SFTSection = field(default_factory=SFTSection)
@@ -484,17 +487,26 @@ class Trainer:
                 self.backend.close()
             if hasattr(self, "run"):
                 self.run.close()
+            if hasattr(self, "group"):
+                self._release_ranks()
             raise
 
     def _build(self, model: torch.nn.Module | None, tokenizer: M2Tokenizer | None) -> None:
         config = self.config
+        # Under torchrun this is rank 0; the other ranks run rl/learner_group.py's run_follower.
+        self.parallel = init_distributed(config.distributed, config.device)
+        if self.parallel.world > 1 and (model is not None or config.resume):
+            raise ConfigError("distributed: a data-parallel run cannot resume (its optimizer state is sharded and "
+                              "not checkpointed yet) nor be a pipeline stage; run it in one process")
         if model is None:
-            self.model, self.tokenizer = build_model_and_tokenizer(config.model, config.device)
+            model, self.tokenizer = build_model_and_tokenizer(config.model, str(self.parallel.device))
         else:
             from m2rl.model import M2Tokenizer
 
-            self.model, self.tokenizer = model, tokenizer or M2Tokenizer.tiny()
-        self.learner = Learner(self.model, config.learner)
+            self.tokenizer = tokenizer or M2Tokenizer.tiny()
+        # self.model is the whole policy (synced, probed, checkpointed); data-parallel, the learner's is a shard
+        self.group = LearnerGroup(model, config.learner, self.parallel)
+        self.model, self.learner = self.group.full_model, self.group.learner
         reward_spec = reward_spec_of(config.rewards)
         train_envs = make_env_factory(config.env, "train", reward_spec)
         eval_envs = make_env_factory(config.env, "test", reward_spec)
@@ -540,8 +552,10 @@ class Trainer:
     def save(self, final: bool = False) -> Path:
         """Checkpoint this step (the model as a Hugging Face directory, the learner state beside it);
         `final`: also publish its model as runs/<name>/final/, the run's export."""
+        # Data-parallel, AdamW's state is sharded over the ranks: not saved (such a run cannot resume yet).
+        optimizer = None if self.group.sharded else self.learner.optimizer
         checkpoint = save_checkpoint(
-            self.run.directory / CHECKPOINTS_DIR, self.step, self.model, self.learner.optimizer,
+            self.run.directory / CHECKPOINTS_DIR, self.step, self.model, optimizer,
             self.learner.scheduler, trainer_state=self._trainer_state(), data_position=self.step,
             keep_last=self.config.keep_checkpoints, tokenizer=self.tokenizer,
         )
@@ -751,9 +765,7 @@ class Trainer:
         if not kept:
             return {"learner/skipped_no_signal": 1.0}
         batch = episodes_to_batch([e for e, _ in kept], [a for _, a in kept], pad_id=self.tokenizer.eos_id)
-        gap = batch_logprob_gap(self.learner, batch)
-        metrics = {f"learner/{k}": v for k, v in self.learner.update(batch).items()}
-        return metrics | gap
+        return self.group.update(batch)  # on every rank; self.model then holds the new weights
 
     def _push_update(self, metrics: dict[str, float]) -> None:
         """The step's weight sync and its metrics, also those of a rejected one (the shutdown logs them)."""
@@ -886,6 +898,15 @@ class Trainer:
         self._close_envs()
         self.backend.close()
         self.run.close()
+        self._release_ranks()
+
+    def _release_ranks(self) -> None:
+        """Data-parallel: the other ranks stop waiting for updates and leave the process group."""
+        try:
+            self.group.stop()
+            self.parallel.close()
+        except Exception:  # ranks already gone (torchrun stops them all on a failure): nothing left to release
+            logger.debug("releasing the other ranks failed", exc_info=True)
 
 
 def _show(value: Any) -> str:

@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from m2rl.model import M2Config, M2ForCausalLM
 from m2rl.model.parallel import launch
 from m2rl.rl.batch import RolloutBatch
@@ -44,11 +43,14 @@ UNCOMPARABLE = {"tokens_per_s", "update_time_s"}
 # ------------------------------------------------------------------------------------------ row splits
 
 
-@settings(max_examples=80, deadline=None)
-@given(st.lists(st.integers(0, 60), max_size=24), st.integers(1, 5), st.randoms(use_true_random=False))
-def test_split_rows_deals_every_row_once_balanced_and_deterministically(lengths, world, random):
+@pytest.mark.parametrize("seed", range(40))
+def test_split_rows_deals_every_row_once_balanced_and_deterministically(seed):
+    # seeded cases rather than hypothesis: the GPU machines run this file without the dev extras
+    rng = random.Random(seed)
+    lengths = [rng.randint(0, 60) for _ in range(rng.randint(0, 24))]
+    world = rng.randint(1, 5)
     rows = list(range(len(lengths)))
-    random.shuffle(rows)  # a shuffled mini-batch, as the learner passes it
+    rng.shuffle(rows)  # a shuffled mini-batch, as the learner passes it
     shares = split_rows(rows, lengths, world)
     assert len(shares) == world
     assert sorted(r for share in shares for r in share) == sorted(rows)

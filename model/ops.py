@@ -346,7 +346,9 @@ def _linear_logprobs_chunk(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, tar
                            return_entropy: bool, fp32_logits: bool,
                            temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     if fp32_logits:
-        logits_NV = F.linear(hidden_ND.float(), weight_VD.float())
+        # autocast (learner.bf16) would run this GEMM in bf16: the fp32 head is the point of the option
+        with torch.autocast(hidden_ND.device.type, enabled=False):
+            logits_NV = F.linear(hidden_ND.float(), weight_VD.float())
     else:
         logits_NV = F.linear(hidden_ND, weight_VD).float()
     if temperature != 1.0:
@@ -354,8 +356,8 @@ def _linear_logprobs_chunk(hidden_ND: torch.Tensor, weight_VD: torch.Tensor, tar
     lse_N = torch.logsumexp(logits_NV, dim=-1)
     logprob_N = logits_NV.gather(1, targets_N[:, None])[:, 0] - lse_N
     if not return_entropy:
-        return logprob_N, None
-    return logprob_N, lse_N - (torch.softmax(logits_NV, dim=-1) * logits_NV).sum(-1)
+        return logprob_N.float(), None
+    return logprob_N.float(), (lse_N - (torch.softmax(logits_NV, dim=-1) * logits_NV).sum(-1)).float()
 
 
 register("linear_logprobs", "torch", linear_logprobs_torch)

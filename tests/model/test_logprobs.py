@@ -89,3 +89,24 @@ def test_target_mask_computes_only_wanted_positions(tiny_model, chunk_size):
                                  list(tiny_model.parameters()))
     for a, b in zip(g_full, g_mask):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("implementation", ["torch", "chunked"])
+def test_autocast_keeps_the_fp32_head_fp32(tiny_model, implementation):
+    """Under bf16 autocast (`learner.bf16`) the head still computes fp32 logits when asked (M1's fp32 LM head):
+    autocast must not turn the head's fp32 GEMM into a bf16 one, and the result stays fp32 (it was bf16 from
+    the torch reference, which then failed to scatter into the fp32 positions with a target mask)."""
+    from m2rl.model import ops
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 7:] = 0
+    hidden = tiny_model.hidden_states(ids, attention_mask=mask).detach()
+    h, w, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), tiny_model.lm_head.weight, ids[:, 1:].reshape(-1)
+    with ops.using(linear_logprobs=implementation):
+        plain, _ = ops.linear_logprobs(h, w, targets, fp32_logits=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast, _ = ops.linear_logprobs(h, w, targets, fp32_logits=True)
+            positions = token_logprobs(tiny_model, ids, attention_mask=mask, target_mask=mask)
+    assert autocast.dtype == torch.float32 and positions.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain)

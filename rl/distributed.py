@@ -350,7 +350,11 @@ def shard_model(model: nn.Module, config: DistributedConfig, mesh: Any) -> nn.Mo
         if isinstance(module, FSDPModule):
             # SUM, not FSDP's mean: each rank's loss is already divided by the global token count.
             module.set_gradient_divide_factor(1.0)
-            module.set_force_sum_reduction_for_comms(True)
-            # A parameter without a gradient on one rank (an unused branch) still joins the reduce-scatter.
-            module.set_reduce_scatter_unused_params(True, recurse=False)
+            # Both setters are newer than torch 2.11 (the GPU machines'): there the divide factor alone
+            # already reduces with a plain sum, and every M2 parameter (experts stacked) gets a gradient.
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
+            if hasattr(module, "set_reduce_scatter_unused_params"):
+                # A parameter without a gradient on one rank (an unused branch) still joins the reduce-scatter.
+                module.set_reduce_scatter_unused_params(True, recurse=False)
     return model

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 import torch
+ray = pytest.importorskip("ray")  # the dist extra: installed by scripts/setup.sh, absent on the GPU machines
+
 from m2rl.rl.orchestrator import OrchestratorBatch, OrchestratorConfig, RolloutOrchestrator
 from m2rl.rl.ray_backend import LocalPolicyFactory, RayConfig, RayEnvPool, split_envs
 from m2rl.rl.staleness import oldest_version

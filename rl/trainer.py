@@ -712,7 +712,11 @@ class Trainer:
             return self._rollouts(self.train_runner, tasks, r.group_size, self._sampling()), len(tasks), {}
         if self.background is None:
             self.background = self._start_background()
-        batch = self.background.next_batch(num_tasks)
+        try:
+            batch = self.background.next_batch(num_tasks)
+        except RolloutError:  # a dead generator server is raised as itself, with its log tail
+            self.backend.check_alive()
+            raise
         self._untrained = batch.groups  # kept by a checkpoint taken before this step's update is done
         return batch.episodes(), len(batch.groups), batch.metrics
 

@@ -96,11 +96,16 @@ def packed_attention(q_1HND: torch.Tensor, k_1HND: torch.Tensor, v_1HND: torch.T
     """Causal attention within each packed segment, [1, H, N, D]."""
     if segments.block_mask is not None:
         flex = _flex_attention()
-        if flex is not None:
+        # A lowering failure is specific to its shapes and device (e.g. a head size Triton's templates do
+        # not take): only that kind of call falls back, the others keep FlexAttention.
+        kind = (q_1HND.shape[1], k_1HND.shape[1], q_1HND.shape[-1], q_1HND.dtype, q_1HND.device)
+        if flex is not None and kind not in _FLEX_FAILED:
             try:
                 return flex(q_1HND, k_1HND, v_1HND, block_mask=segments.block_mask, enable_gqa=enable_gqa)
             except Exception as err:  # noqa: BLE001 - any compile/lowering failure: the exact path below
-                _disable_flex(err)
+                _FLEX_FAILED.add(kind)
+                log.warning("packed attention: FlexAttention failed for heads %d/%d of %d, %s on %s (%s: %s); "
+                            "those calls use SDPA per segment", *kind, type(err).__name__, str(err)[:500])
     # split's backward is one cat of the gradients (slicing would allocate a full-size gradient per segment)
     outs = []
     for q, k, v in zip(q_1HND.split(segments.lengths, 2), k_1HND.split(segments.lengths, 2),
@@ -113,6 +118,7 @@ def packed_attention(q_1HND: torch.Tensor, k_1HND: torch.Tensor, v_1HND: torch.T
 
 
 _FLEX: dict[str, Callable[..., torch.Tensor] | None] = {}
+_FLEX_FAILED: set[tuple[Any, ...]] = set()  # (q heads, kv heads, head dim, dtype, device) that failed to lower
 
 
 def _flex_attention() -> Callable[..., torch.Tensor] | None:

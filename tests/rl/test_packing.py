@@ -227,6 +227,31 @@ def test_non_m2_models_keep_the_padded_path():
     assert metrics["optimizer_steps"] == 1
 
 
+def test_a_flex_failure_falls_back_for_its_kind_of_call_only(monkeypatch):
+    """A FlexAttention lowering failure (say, a head size its templates refuse) sends that kind of call to
+    SDPA per segment, exactly, and leaves FlexAttention on for the others."""
+    calls = []
+
+    def flaky_flex(q, k, v, block_mask, enable_gqa):
+        calls.append(q.shape[-1])
+        if q.shape[-1] == 16:
+            raise RuntimeError("LoweringException: head_dim 16")
+        return torch.zeros_like(q)
+
+    monkeypatch.setitem(attention_module._FLEX, "fn", flaky_flex)
+    monkeypatch.setattr(attention_module, "_FLEX_FAILED", set())
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    segments = PackedSegments(cu, (3, 5), block_mask=object())
+    g = torch.Generator().manual_seed(0)
+    q16, k16, v16 = (torch.randn(1, 2, 8, 16, generator=g) for _ in range(3))
+    exact = packed_attention(q16, k16, v16, PackedSegments(cu, (3, 5)), enable_gqa=False)
+    for _ in range(2):  # the failing kind: SDPA's exact result, FlexAttention tried once only
+        torch.testing.assert_close(packed_attention(q16, k16, v16, segments, enable_gqa=False), exact)
+    q32 = torch.randn(1, 2, 8, 32, generator=g)
+    assert packed_attention(q32, q32, q32, segments, enable_gqa=False).abs().sum() == 0  # still Flex
+    assert calls == [16, 32]
+
+
 # ---- CUDA: FlexAttention vs SDPA per segment ---------------------------------------------------------
 
 
@@ -249,7 +274,9 @@ def test_flex_attention_matches_sdpa_per_segment(dtype):
         out = packed_attention(*qkv, segments, enable_gqa=True)
         grads = torch.autograd.grad(out, qkv, grad_out)
         results.append((out, *grads))
-    assert attention_module._FLEX["fn"] is not None, "FlexAttention failed and fell back to SDPA"
+    kind = (8, 2, 128, dtype, qkv[0].device)
+    assert attention_module._FLEX["fn"] is not None and kind not in attention_module._FLEX_FAILED, \
+        "FlexAttention failed and fell back to SDPA (see the log warning)"
     tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {"rtol": 1e-4, "atol": 1e-4}
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, **tol)

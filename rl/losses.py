@@ -64,6 +64,9 @@ class LossConfig:
     kl_coef: float = 0.0  # > 0 needs ref_logprobs in the batch; M1 uses no KL term
     tis: bool = False  # truncated importance sampling against the generator's log-probs
     tis_cap: float = 2.0  # C in min(exp(logp_learner_old - logp_generator), C)
+    trust_mask: bool = False
+    """cispo only: M1's token mask M_it (eq. 5), dropping the gradient of tokens PPO would clip (A > 0 and
+    r > 1 + eps_high, or A < 0 and r < 1 - eps_low), a trust region that plain CISPO has none of."""
 
     def __post_init__(self) -> None:
         if self.kind not in DEFAULT_EPS:
@@ -80,6 +83,8 @@ class LossConfig:
             raise ValueError(f"LossConfig.kl_coef must be >= 0, got {self.kl_coef!r}")
         if not self.tis_cap > 0:
             raise ValueError(f"LossConfig.tis_cap must be > 0, got {self.tis_cap!r}")
+        if self.trust_mask and self.kind != "cispo":
+            raise ValueError(f"LossConfig.trust_mask is CISPO's token mask; got kind {self.kind!r}")
 
     @property
     def eps(self) -> tuple[float, float]:
@@ -235,11 +240,13 @@ def cispo_loss(
     generator_logprobs: Tensor | None = None,
     tis_cap: float | None = None,
     entropy: Tensor | None = None,
+    trust_mask: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """CISPO: J = 1/N sum_{i,t} sg(clip(r_it, 1-eps_low, 1+eps_high)) * A_it * log pi_theta(o_it).
 
     The clipped ratio is a constant weight, so a clipped token still gets gradient w * A / N on its
-    log-prob (PPO-style clipping would zero it).
+    log-prob (PPO-style clipping would zero it). `trust_mask`: multiply by M1's M_it, 0 where PPO's clip
+    would remove the gradient (A > 0 and r > 1 + eps_high, or A < 0 and r < 1 - eps_low), else 1.
     """
     advantages = _check_inputs(logprobs, advantages, old_logprobs=old_logprobs, mask=mask)
     mask = mask.to(logprobs.dtype)
@@ -248,6 +255,10 @@ def cispo_loss(
     weight_is = ratio.clamp(min=low, max=high)  # already detached: sg(clip(r))
     per_token = -weight_is * advantages * logprobs
     metrics = _token_ratio_metrics(ratio, mask, low, high)
+    if trust_mask:
+        outside = ((advantages > 0) & (ratio > high)) | ((advantages < 0) & (ratio < low))
+        per_token = per_token * (~outside).to(per_token.dtype)
+        metrics["trust_masked_frac"] = _masked_mean(outside.to(ratio.dtype), mask)
     metrics["is_weight_mean"] = _masked_mean(weight_is, mask)
     metrics["is_weight_max"] = _masked_max(weight_is, mask)
     metrics["is_weight_min"] = _masked_min(weight_is, mask)
@@ -424,4 +435,5 @@ def policy_loss(
         generator_logprobs=generator_logprobs if config.tis else None,
         tis_cap=config.tis_cap if config.tis else None,
         entropy=entropy,
+        **({"trust_mask": True} if config.trust_mask else {}),
     )

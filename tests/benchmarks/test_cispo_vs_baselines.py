@@ -7,21 +7,27 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from m2rl.agent.format import render
 from m2rl.benchmarks.cispo_vs_baselines import (
     QUICK,
     Budget,
+    ClipStats,
     RunResult,
     eval_curve,
     format_steps,
     format_table,
     make_budget,
     mean_std,
+    offpolicy_metrics,
     parse_args,
+    parse_custom,
+    regime_overrides,
     steps_to_target,
     summarize,
+    token_ratios,
 )
 from m2rl.benchmarks.trl_single_turn import (
     SingleTurnReward,
@@ -109,6 +115,71 @@ def test_budget_and_arguments() -> None:
             parse_args(bad)
     with pytest.raises(ValueError, match="group size"):
         Budget(group_size=1)
+
+
+# ------------------------------------------------------------------------------------------ off-policy regimes
+
+
+def test_clip_stats_counts_clipped_tokens_by_generator_probability() -> None:
+    # bins [0,.01) [.01,.1) [.1,.5) [.5,.9) [.9,1]; one token per bin in row 0, row 1 masked after 2 tokens
+    probs = torch.tensor([[0.005, 0.05, 0.3, 0.7, 0.95], [0.95, 0.3, 0.5, 0.5, 0.5]])
+    ratio = torch.tensor([[3.0, 0.5, 1.0, 1.1, 1.0], [0.7, 1.5, 9.0, 9.0, 9.0]])
+    adv = torch.tensor([1.0, -1.0])  # per sequence, broadcast
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    stats = ClipStats()
+    stats.add(ratio, probs.log(), adv, mask, low=0.8, high=1.2)
+    out = stats.result()
+    assert out["tokens"] == 7 and out["tokens_per_bin"] == [1, 1, 2, 1, 2]
+    # clipped: 3.0 (high, A>0: gradient removed), 0.5 (low, A>0: kept), 0.7 (low, A<0: removed), 1.5 (high, A<0: kept)
+    assert out["clipped_per_bin"] == [1, 1, 1, 0, 1]
+    assert out["clip_frac_low"] == pytest.approx(2 / 7) and out["clip_frac_high"] == pytest.approx(2 / 7)
+    assert out["zeroed_frac"] == pytest.approx(2 / 7)
+    assert out["gen_prob_mean_clipped"] == pytest.approx((0.005 + 0.05 + 0.95 + 0.3) / 4)
+    assert out["gen_prob_mean_all"] == pytest.approx((0.005 + 0.05 + 0.3 + 0.7 + 0.95 + 0.95 + 0.3) / 7)
+    assert out["clip_rate_per_bin"] == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.5])
+    stats.add(ratio, probs.log(), adv, mask, low=0.8, high=1.2)  # accumulates
+    assert stats.result()["tokens"] == 14 and stats.result()["clip_frac"] == pytest.approx(4 / 7)
+    assert ClipStats().result()["gen_prob_mean_clipped"] is None
+
+
+def test_token_ratios_per_token_and_gspo_sequence_ratio() -> None:
+    old = torch.zeros(1, 3)
+    new = torch.tensor([[0.2, -0.2, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    assert torch.allclose(token_ratios("cispo", new, old, mask)[0, :2], torch.exp(new[0, :2]))
+    assert torch.allclose(token_ratios("gspo", new, old, mask), torch.ones(1, 3))  # geometric mean over 2 tokens
+
+
+def test_regimes_and_custom_rows() -> None:
+    assert regime_overrides("onpolicy") == []
+    assert regime_overrides("minibatch") == ["learner.mini_batches=4", "learner.epochs=2"]
+    assert "rollout.max_staleness=3" in regime_overrides("stale-3")
+    assert "learner.recompute_old_logprobs=false" in regime_overrides("bf16-gen")
+    for bad in ("stale-0", "stale-5", "stale-x", "offpolicy"):
+        with pytest.raises(ValueError):
+            regime_overrides(bad)
+    assert parse_custom("cispo-eh0.28:cispo:learner.loss.eps_high=0.28,learner.lr=2.5e-4") == (
+        "cispo-eh0.28", "cispo", ["learner.loss.eps_high=0.28", "learner.lr=2.5e-4"])
+    assert parse_custom("g:grpo") == ("g", "grpo", [])
+    for bad in ("x:ppo:a=1", "x", "x:cispo:eps", "a/b:cispo"):
+        with pytest.raises(ValueError):
+            parse_custom(bad)
+    args = parse_args(["--regime", "onpolicy,minibatch", "--custom", "c:cispo:learner.loss.eps_low=0.2"])
+    assert args.custom == [("c", "cispo", ["learner.loss.eps_low=0.2"])]
+    with pytest.raises(SystemExit):
+        parse_args(["--regime", "minibatch,stale-9"])
+
+
+def test_offpolicy_metrics_average_steps_and_keep_extremes() -> None:
+    records = [
+        {"step": 1, "learner/clip_frac_high": 0.1, "learner/ratio_max": 1.5, "learner/ratio_min": 0.8,
+         "learner/loss": 3.0, "eval/success_rate": 0.5},
+        {"step": 2, "learner/clip_frac_high": 0.3, "learner/ratio_max": 1.2, "learner/ratio_min": 0.6,
+         "rollout/staleness_mean": 1.0},
+    ]
+    out = offpolicy_metrics(records)
+    assert out == pytest.approx({"learner/clip_frac_high": 0.2, "learner/ratio_max": 1.5, "learner/ratio_min": 0.6,
+                                 "rollout/staleness_mean": 1.0})
 
 
 # ------------------------------------------------------------------------------------------ single-turn reward

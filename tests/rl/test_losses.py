@@ -159,6 +159,30 @@ def test_grpo_matches_cispo_gradient_on_policy():
     torch.testing.assert_close(g1, g2)
 
 
+def test_cispo_trust_mask_drops_the_tokens_ppo_clips_and_matches_grpo_off_policy():
+    """Off policy, plain CISPO keeps a gradient on every token; with M1's mask M_it it drops exactly the
+    tokens whose gradient PPO's clip removes, and where the remaining ratios lie inside the clip range the
+    two objectives (same per-token normalisation) have the same gradient."""
+    old = f64([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # r: 1.5 (A>0: masked), 1.1 (inside), 0.5 (A<0 in row 1: masked), 0.9 (inside)
+    logp = leaf([[LOG(1.5), LOG(1.1), 0.0], [LOG(0.5), 0.0, 0.0]])
+    adv = f64([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    mask = f64([[1, 1, 0], [1, 0, 0]])
+    (plain,) = torch.autograd.grad(cispo_loss(logp, old, adv, mask, 0.2, 0.2)[0], logp)
+    loss, metrics = cispo_loss(logp, old, adv, mask, 0.2, 0.2, trust_mask=True)
+    (masked,) = torch.autograd.grad(loss, logp)
+    (ppo,) = torch.autograd.grad(grpo_loss(logp, old, adv, mask, 0.2, 0.2)[0], logp)
+    assert plain[0, 0] != 0 and plain[1, 0] != 0  # CISPO: capped weight 1.2 / 0.8, gradient kept
+    assert masked[0, 0] == 0 and masked[1, 0] == 0
+    torch.testing.assert_close(masked, ppo)
+    assert float(metrics["trust_masked_frac"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="trust_mask"):
+        LossConfig(kind="grpo", trust_mask=True)
+    cfg = LossConfig(kind="cispo", eps_low=0.2, eps_high=0.2, trust_mask=True)
+    (via_config,) = torch.autograd.grad(policy_loss(cfg, logp, old, adv, mask)[0], logp)
+    torch.testing.assert_close(via_config, masked)
+
+
 # -------------------------------------------------------------------------------------------- DAPO
 
 

@@ -53,7 +53,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -514,6 +514,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--run-root", type=Path, default=None, help="parent of this invocation's run folder (default: the system temp dir)")
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: merge these results files into one (--out) with one --target")
     args = ap.parse_args(argv)
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS) - {""})
     if unknown:
@@ -557,8 +559,32 @@ def make_budget(args: argparse.Namespace) -> Budget:
     return Budget(**values)
 
 
+def merge_records(records: list[dict[str, Any]], target: float | None, target_delta: float = 0.2) -> dict[str, Any]:
+    """One record from several invocations' JSON records (e.g. rows run in parallel processes): their runs
+    regrouped by regime/variant and summarised against one target (default: mean initial + target_delta)."""
+    names = {f.name for f in fields(RunResult)}
+    runs = [RunResult(**{**{k: v for k, v in r.items() if k in names},
+                         "curve": [(int(a), float(b)) for a, b in r["curve"]]})
+            for record in records for r in record["runs"]]
+    grouped: dict[str, list[RunResult]] = {}
+    for run in runs:
+        grouped.setdefault(f"{run.regime}/{run.variant}", []).append(run)
+    if target is None:
+        target = min(1.0, statistics.fmean(r.initial for r in runs) + target_delta)
+    return {"benchmark": "cispo_vs_baselines", "machine": records[0]["machine"], "budgets": [r["budget"] for r in records],
+            "init": records[0]["init"], "target": target, "initial_single_turn": records[0]["initial_single_turn"],
+            "summaries": {k: summarize(v, target) for k, v in grouped.items()},
+            "runs": [{**asdict(r), "initial": r.initial, "final": r.final} for r in runs]}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        record = merge_records([json.loads(Path(f).read_text()) for f in args.merge], args.target, args.target_delta)
+        print(format_table(record["summaries"], record["target"], record["initial_single_turn"]))
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
+        return record
     try:
         budget = make_budget(args)
     except ValueError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from m2rl.benchmarks.cispo_vs_baselines import (
     format_table,
     make_budget,
     mean_std,
+    merge_records,
     offpolicy_metrics,
     parse_args,
     parse_custom,
@@ -168,6 +170,22 @@ def test_regimes_and_custom_rows() -> None:
     assert args.custom == [("c", "cispo", ["learner.loss.eps_low=0.2"])]
     with pytest.raises(SystemExit):
         parse_args(["--regime", "minibatch,stale-9"])
+
+
+def test_merge_records_regroups_runs_of_separate_invocations_under_one_target() -> None:
+    def record(variant: str, regime: str, seed: int, curve: list[tuple[int, float]]) -> dict:
+        run = RunResult(variant, seed, curve, 0.5, 10.0, 3, {"clip_stats": {"clip_frac": 0.01}}, regime)
+        return {"machine": "m", "budget": {"steps": 3}, "init": "/i", "initial_single_turn": 0.25,
+                "runs": [{**asdict(run), "initial": run.initial, "final": run.final}]}
+
+    merged = merge_records([record("grpo", "minibatch", 0, [(0, 0.3), (3, 0.6)]),
+                            record("cispo", "minibatch", 0, [(0, 0.4), (3, 0.5)]),
+                            record("cispo", "minibatch", 1, [(0, 0.3), (3, 0.7)])], target=None)
+    assert merged["target"] == pytest.approx(1 / 3 + 0.2)
+    assert sorted(merged["summaries"]) == ["minibatch/cispo", "minibatch/grpo"]
+    assert merged["summaries"]["minibatch/cispo"]["steps_to_target"] == [None, 3]
+    assert merged["summaries"]["minibatch/cispo"]["clip_frac_mean"] == pytest.approx(0.01)
+    assert merge_records([record("grpo", "onpolicy", 0, [(0, 0.3)])], target=0.9)["target"] == 0.9
 
 
 def test_offpolicy_metrics_average_steps_and_keep_extremes() -> None:

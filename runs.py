@@ -5,6 +5,7 @@
     runs/<name>/run.log                        every record of the `m2rl` logger tree while the run is open
     runs/<name>/tensorboard/ (wandb/, mlflow/) the experiment trackers of `logging.trackers` (m2rl.trackers)
     runs/<name>/trajectories/step_000010.jsonl a few episodes of each training step (`Run.write_trajectories`)
+    runs/<name>/trajectories/report.html      the trajectory viewer over those samples (rl/trajectory_samples.py)
 
 Logging: every module logs to `logging.getLogger(__name__)`, a child of the `m2rl` logger, and handlers
 are attached to `m2rl` only: the run's file handler while a run is open, the console handler by the CLI

@@ -63,7 +63,7 @@ from m2rl.rl.groups import ScoredGroup
 from m2rl.rl.ray_backend import RayConfig
 from m2rl.rl.rollout import EpisodeRunner, RolloutError, ScoredTrajectory, rollout_metrics
 from m2rl.rl.schedules import BatchSizeWarmup, ContextLengthSchedule
-from m2rl.rl.trajectory_samples import trajectory_sample
+from m2rl.rl.trajectory_samples import trajectory_sample, write_sample_report
 from m2rl.rl.weight_sync import (
     GENERATOR_FAILURES,
     PolicyBackend,
@@ -780,10 +780,12 @@ class Trainer:
             raise
 
     def _save_trajectory_sample(self, episodes: list[ScoredTrajectory]) -> None:
-        """A few of this step's episodes, as text, in trajectories/step_NNNNNN.jsonl (logging.trajectory_*)."""
+        """A few of this step's episodes in trajectories/step_NNNNNN.jsonl (logging.trajectory_*), and the
+        viewer over the samples of every step so far, trajectories/report.html."""
         c = self.config.logging
         records = trajectory_sample(episodes, self.tokenizer, self.step, c.trajectory_samples, c.trajectory_max_chars)
-        self.run.write_trajectories(self.step, records)
+        if self.run.write_trajectories(self.step, records) is not None:
+            write_sample_report(self.run.directory / "trajectories")  # the viewer over every step so far
 
     # ------------------------------------------------------------------ the whole job
 

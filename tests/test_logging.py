@@ -289,6 +289,9 @@ def test_training_writes_samples_and_library_records_to_the_run(tmp_path: Path) 
         assert len(records) == 3 and all(r["step"] == step for r in records)
         assert all(len(r["text"]) <= 500 and r["text"].startswith("]~!b[") for r in records)
         assert all(r["task_id"].startswith("python/") and r["tokens"]["sampled"] > 0 for r in records)
+        assert all(r["trajectory"]["ids"] and len(r["trajectory"]["ids"]) == r["tokens"]["total"] for r in records)
+    report = (run / "trajectories" / "report.html").read_text()  # the viewer over both steps
+    assert '"family":"step 1"' in report and '"family":"step 2"' in report
     log = (run / "run.log").read_text()
     assert "INFO m2rl.runs: training t for 2 steps" in log
     events = list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -427,3 +427,16 @@ def test_an_asynchronous_run_logs_the_bound_and_resumes_without_losing_finished_
     finally:
         resumed.close()
     assert all(e["trajectory"]["ids"] in trained for g in saved for e in g["episodes"])
+
+
+def test_the_rollout_settings_are_checked_when_the_config_loads() -> None:
+    from m2rl.config import ConfigError, load_config
+    from m2rl.rl.trainer import TrainConfig
+    from test_trainer import REPO
+
+    with pytest.raises(ConfigError, match="max_staleness must be >= 0, got -1"):
+        load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rollout.max_staleness=-1"])
+    with pytest.raises(ConfigError, match="env_workers must be >= 1"):
+        load_config(TrainConfig, REPO / "configs" / "train.yaml", ["rollout.ray.env_workers=0"])
+    config = load_config(TrainConfig, REPO / "configs" / "train.yaml", [])
+    assert config.rollout.max_staleness == 0 and not config.rollout.asynchronous  # the main job: synchronous

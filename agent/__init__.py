@@ -5,6 +5,7 @@ imports `m2rl.agent.format`, which runs this file first, and should not pay for 
 loop's imports, nor make a cycle through them.
 
     from m2rl.agent import LocalPolicy, OpenAIPolicy, ScriptedPolicy, run_episode
+    from m2rl.agent import ChatAgentPolicy  # a hosted chat model (native tool calls), for evaluation
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ _EXPORTS: dict[str, str] = {
     "run_episode": "m2rl.agent.loop",
     "arun_episode": "m2rl.agent.loop",
     "Trajectory": "m2rl.agent.trajectory",
+    "ChatAgentPolicy": "m2rl.agent.chat_adapter",
 }
 
 __all__ = [  # the keys of _EXPORTS (tests/test_docs.py checks both lists agree)
-    "LocalPolicy", "LoopConfig", "OpenAIPolicy", "Policy", "PolicyOutput", "SamplingParams", "ScriptedPolicy",
-    "Trajectory", "arun_episode", "run_episode",
+    "ChatAgentPolicy", "LocalPolicy", "LoopConfig", "OpenAIPolicy", "Policy", "PolicyOutput", "SamplingParams",
+    "ScriptedPolicy", "Trajectory", "arun_episode", "run_episode",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports on demand
+    from m2rl.agent.chat_adapter import ChatAgentPolicy
     from m2rl.agent.local_policy import LocalPolicy
     from m2rl.agent.loop import LoopConfig, arun_episode, run_episode
     from m2rl.agent.openai_policy import OpenAIPolicy

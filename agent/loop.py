@@ -14,6 +14,9 @@ Token-in, token-out (shared/reference/m2-format.md): history is never re-rendere
   itself starts such an observation with `[e~[`; for an env that does not, the loop adds the id.
   Either way the cut segment cannot re-render exactly, so it counts in `metadata["length_cut_turns"]`.
 - The terminal observation is not appended: the policy never reads it.
+- A `ChatPolicy` (a hosted chat model, agent/chat_adapter.py) is asked with the message view instead of the
+  ids; its reply comes back as the ids of the M2 text it stands for, and `metadata["chat_mode"]` marks the
+  episode as evaluation-only.
 - Each step's info is read once as a `StepInfo` (the env -> everyone contract, rewards/episode.py) and
   kept in its dict form in `metadata["steps"]`, one per env step; the step's reward is `rewards[k]`.
 - The message view (for humans and `check_continuity`) is the parsed assistant message of each turn
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, SupportsFloat, TypeVar, runtime_checkable
 
 from m2rl.agent.format import EOS, MESSAGE_OPEN, generation_prompt, parse, render_ids, render_tool_suffix
-from m2rl.agent.policy import Policy, PolicyOutput, SamplingParams
+from m2rl.agent.policy import ChatPolicy, Policy, PolicyOutput, SamplingParams
 from m2rl.agent.trajectory import Trajectory
 from m2rl.rewards.episode import StepInfo
 from m2rl.runs import atomic_write
@@ -208,7 +211,12 @@ class EpisodeRun:
             raise ContextLimitExceeded(f"context of {len(traj.ids)} tokens reached the limit of "
                                        f"{self.config.max_context_tokens}")
         params = dataclasses.replace(self.params, max_tokens=min(self.params.max_tokens, budget))
-        out = await self.within_time(self.policy.generate(list(traj.ids), params), "generation")
+        if isinstance(self.policy, ChatPolicy):  # a chat model reads the message view, not the ids
+            traj.metadata["chat_mode"] = True  # its ids are our tokenization, its log-probs 0: never trained on
+            sample = self.policy.chat_turn([dict(m) for m in traj.messages], traj.tools, params, self.thinking)
+        else:
+            sample = self.policy.generate(list(traj.ids), params)
+        out = await self.within_time(sample, "generation")
         traj.append_sampled(out.ids, out.logprobs, out.policy_version)
         traj.metadata["length_cut_turns"] += not self.ended_with_eos(out)
         return out
@@ -216,7 +224,10 @@ class EpisodeRun:
     async def act(self, out: PolicyOutput) -> bool:
         """Send the sampled text to the env and record its step; append the reply unless the episode ended."""
         action = self.tokenizer.decode(out.ids)
-        self.traj.messages.append(parse(action, self.traj.tools, enable_thinking=self.thinking).to_message())
+        message = out.message  # a chat policy's own message keeps its calls' ids, invalid calls included
+        if message is None:
+            message = parse(action, self.traj.tools, enable_thinking=self.thinking).to_message()
+        self.traj.messages.append(message)
         obs, reward, terminated, truncated, info = await self.within_time(
             asyncio.to_thread(self.env.step, action), "env.step")
         step = StepInfo.from_dict(info, len(self.traj.rewards))

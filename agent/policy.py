@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 # One sampling-parameter type for the whole project: the model's own generate() defines it.
 from m2rl.model.generation import SamplingParams
@@ -17,7 +17,7 @@ from m2rl.model.generation import SamplingParams
 FinishReason = Literal["stop", "length"]
 
 __all__ = [
-    "FinishReason", "Policy", "PolicyError", "PolicyOutput", "PolicyRequestError",
+    "ChatPolicy", "FinishReason", "Policy", "PolicyError", "PolicyOutput", "PolicyRequestError",
     "PolicyResponseError", "PolicyUnavailableError", "SamplingParams", "validate_prompt_ids",
 ]
 
@@ -30,12 +30,16 @@ class PolicyOutput:
     logprobs: log pi(ids[i] | prompt, ids[:i]) for each sampled id, as the sampler computed it
         (the raw policy distribution at temperature 1, like vLLM's default `raw_logprobs` mode).
     policy_version: which weights produced the segment, so the learner can measure staleness.
+    message: set only by a chat policy (`ChatPolicy`): the assistant message as the chat model wrote it
+        (native tool calls with their ids); the loop keeps it as the turn's message view instead of parsing
+        the ids back, so every call it made, valid or not, stays paired with its tool result.
     """
 
     ids: list[int]
     logprobs: list[float]
     finish_reason: FinishReason
     policy_version: int
+    message: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.logprobs):
@@ -47,6 +51,18 @@ class PolicyOutput:
 @runtime_checkable
 class Policy(Protocol):
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> PolicyOutput: ...
+
+
+@runtime_checkable
+class ChatPolicy(Protocol):
+    """A policy that reads the conversation as OpenAI chat messages instead of token ids (a hosted model
+    behind native tool calls, `m2rl.agent.chat_adapter.ChatAgentPolicy`). The agent loop prefers
+    `chat_turn` when a policy has it. Its output ids are our tokenization of the M2 text its reply stands
+    for, with log-probs 0.0: such episodes are scored like any other but are never trained on
+    (`Trajectory.chat_mode`)."""
+
+    async def chat_turn(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                        params: SamplingParams, enable_thinking: bool) -> PolicyOutput: ...
 
 
 class PolicyError(RuntimeError):

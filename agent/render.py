@@ -197,16 +197,16 @@ def parameter_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def render_invoke(call: Any, where: str = "assistant message") -> str:
+    """One call of a tool-call block: `<invoke name="NAME">\n`, a line per argument, `</invoke>\n`."""
+    name, args = tool_call_parts(call, where)
+    params = "".join(f'{PARAMETER_OPEN} name="{key}">{parameter_value(value)}{PARAMETER_CLOSE}\n'
+                     for key, value in args.items())
+    return f'{INVOKE_OPEN} name="{name}">\n{params}{INVOKE_CLOSE}\n'
+
+
 def render_tool_calls(calls: Sequence[Any], where: str = "assistant message") -> str:
-    out = [f"\n{TOOL_CALL_OPEN}\n"]
-    for call in calls:
-        name, args = tool_call_parts(call, where)
-        out.append(f'{INVOKE_OPEN} name="{name}">\n')
-        for key, value in args.items():
-            out.append(f'{PARAMETER_OPEN} name="{key}">{parameter_value(value)}{PARAMETER_CLOSE}\n')
-        out.append(f"{INVOKE_CLOSE}\n")
-    out.append(TOOL_CALL_CLOSE)
-    return "".join(out)
+    return f"\n{TOOL_CALL_OPEN}\n" + "".join(render_invoke(call, where) for call in calls) + TOOL_CALL_CLOSE
 
 
 def render_assistant(message: Message, with_reasoning: bool, where: str = "assistant message") -> str:

@@ -87,6 +87,13 @@ class Trajectory:
         """Ids of the rendered env suffix (tool results or user reply, then the next generation prompt)."""
         return self._append("env", ids, [0.0] * len(ids), -1, 0)
 
+    @property
+    def chat_mode(self) -> bool:
+        """A chat model played it (`metadata["chat_mode"]`, set by the agent loop for a `ChatPolicy`): its
+        "sampled" ids are our tokenization of the model's messages and its log-probs are 0.0 placeholders.
+        Scored like any episode, never trained on (the learner refuses it)."""
+        return bool(self.metadata.get("chat_mode"))
+
     def sampled_spans(self) -> list[TurnSpan]:
         return [s for s in self.spans if s.kind == "sampled"]
 

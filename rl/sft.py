@@ -142,6 +142,8 @@ def train_sft(
     """AdamW on shuffled mini-batches of demonstrations; returns the loss of every step."""
     if not demonstrations:
         raise ValueError("no demonstrations to train on (did the expert solve any task?)")
+    if any(t.chat_mode for t in demonstrations):
+        raise ValueError("a demonstration was played by a chat policy (Trajectory.chat_mode): evaluation only")
     rng = random.Random(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                   weight_decay=config.weight_decay)

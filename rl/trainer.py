@@ -359,6 +359,10 @@ def task_pool(env: TextEnv, split: str, count: int, kinds: list[str] | None) -> 
 def episodes_to_batch(episodes: list[ScoredTrajectory], advantages: Sequence[float | Sequence[float]],
                       pad_id: int) -> RolloutBatch:
     trajectories = [e.trajectory for e in episodes]
+    chat = [e.task_id for e in episodes if e.trajectory.chat_mode]
+    if chat:  # placeholder log-probs of ids no model sampled: a loss on them would be silently wrong
+        raise ValueError(f"{len(chat)} episode(s) were played by a chat policy (e.g. task {chat[0]!r}); they are "
+                         "for evaluation only and cannot be trained on")
     return collate(
         [t.ids for t in trajectories],
         [t.loss_mask for t in trajectories],

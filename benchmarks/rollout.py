@@ -81,6 +81,9 @@ class Settings:
     tool_latency_sigma: float = 0.5
     threads: int = 2
     sandbox: str = "bwrap"
+    env_id: str = "m2rl/Python-v0"
+    max_context_tokens: int = 768  # the SWE env's first prompt alone is ~1,500 tokens: 3072 there
+    kinds: tuple[str, ...] | None = ("arith",)
 
 
 @dataclass
@@ -104,16 +107,20 @@ class Stack:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.model, self.tokenizer = build_model_and_tokenizer(ModelSection(), "cpu")
-        self.envs = make_env_factory(EnvSection(sandbox=settings.sandbox, kinds=["arith"], max_steps=settings.max_turns),
-                                     "train")
+        kinds = list(settings.kinds) if settings.kinds else None
+        self.envs = make_env_factory(EnvSection(id=settings.env_id, sandbox=settings.sandbox, kinds=kinds,
+                                                max_steps=settings.max_turns), "train")
         self.envs().close()  # the first env made lists the tasks
-        self.tasks = self.envs.task_ids("train", 512, ["arith"])
+        self.tasks = self.envs.task_ids("train", 512, kinds)
         self.params = SamplingParams(max_tokens=settings.max_new_tokens, temperature=1.0,
                                      stop_ids=(self.tokenizer.eos_id,))
-        self.loop = LoopConfig(max_turns=settings.max_turns, max_context_tokens=768, check_continuity=False)
+        self.loop = LoopConfig(max_turns=settings.max_turns, max_context_tokens=settings.max_context_tokens,
+                               check_continuity=False)
 
     def make_env(self, seed: int) -> TextEnv:
         s = self.settings
+        if s.tool_latency_s <= 0:  # the env's own tools only (the SWE env: containers and test runs)
+            return self.envs()
         return ToolLatency(self.envs(), s.tool_latency_s, s.tool_latency_sigma, seed)  # type: ignore[arg-type]
 
     def runner(self, num_envs: int) -> EpisodeRunner:
@@ -216,6 +223,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tool-latency-s", type=float, default=Settings.tool_latency_s)
     ap.add_argument("--tool-latency-sigma", type=float, default=Settings.tool_latency_sigma)
     ap.add_argument("--threads", type=int, default=Settings.threads, help="torch threads")
+    ap.add_argument("--env", default=Settings.env_id,
+                    help="env id; m2rl/SWE-v0 runs the shipped SWE starter set in Docker (use --tool-latency-s 0: "
+                         "its containers and test runs are the latency)")
+    ap.add_argument("--sandbox", default=None, help="sandbox backend (default: bwrap; docker for m2rl/SWE-v0)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds: 1-2 envs, 2 steps, short latencies")
     return ap.parse_args(argv)
 
@@ -224,9 +235,13 @@ def settings_of(args: argparse.Namespace) -> tuple[Settings, list[int], list[int
     if args.smoke:
         return (Settings(steps=2, groups=1, group_size=2, max_new_tokens=16, max_turns=2, tool_latency_s=0.05,
                          threads=args.threads), [2], [1])
+    python = args.env == Settings.env_id
+    sandbox = args.sandbox or ("docker" if args.env == "m2rl/SWE-v0" else Settings.sandbox)
     settings = Settings(steps=args.steps, groups=args.groups, group_size=args.group_size,
                         max_new_tokens=args.max_new_tokens, tool_latency_s=args.tool_latency_s,
-                        tool_latency_sigma=args.tool_latency_sigma, threads=args.threads)
+                        tool_latency_sigma=args.tool_latency_sigma, threads=args.threads, sandbox=sandbox,
+                        env_id=args.env, kinds=Settings.kinds if python else None,
+                        max_context_tokens=Settings.max_context_tokens if python else 3072)
     return settings, [int(x) for x in args.envs.split(",")], [int(x) for x in args.staleness.split(",")]
 
 
@@ -241,10 +256,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
                f"{settings.threads}, {platform.platform()}")
     print(f"# {machine}; load {os.getloadavg()[0]:.2f}", flush=True)
-    print(f"# tiny M2 (tiny-python-sft) LocalPolicy, m2rl/Python-v0 arith in {settings.sandbox}, batch "
+    what = f"{settings.env_id}" + (f" {','.join(settings.kinds)}" if settings.kinds else "")
+    print(f"# tiny M2 (tiny-python-sft) LocalPolicy, {what} in {settings.sandbox}, batch "
           f"{settings.groups} x {settings.group_size} episodes, <= {settings.max_turns} turns x "
-          f"{settings.max_new_tokens} tokens, tool latency lognormal median {settings.tool_latency_s} s sigma "
-          f"{settings.tool_latency_sigma}, {settings.steps} steps (the first one is warm-up)", flush=True)
+          f"{settings.max_new_tokens} tokens, " + (f"added tool latency lognormal median {settings.tool_latency_s} "
+          f"s sigma {settings.tool_latency_sigma}" if settings.tool_latency_s > 0 else "no added tool latency")
+          + f", {settings.steps} steps (the first one is warm-up)", flush=True)
     rows: list[Row] = []
     print("\n".join(HEADER), flush=True)
     for n in env_counts:

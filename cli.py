@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "m2rl.envs.cli",       # tasks
     "m2rl.sandboxes.cli",  # sandboxes, images
     "m2rl.model.serving.cli",  # serve
+    "m2rl.evaluation.cli",  # eval
 ]
 
 REPO_ROOT = Path(__file__).resolve().parent
@@ -61,6 +62,9 @@ _USER_ERROR_TYPES = [
     ("m2rl.rl.weight_sync", "WeightTransferError"),  # the generator refused an update: its reason
     ("m2rl.envs.swe.instances", "InstanceError"),
     ("m2rl.envs.swe.factory.sources", "LibraryError"),
+    ("m2rl.evaluation.spec", "SpecError"),  # a --policy that cannot be used: a path, an endpoint, a model
+    ("m2rl.evaluation.runner", "EvalError"),  # an env, task or run directory an eval cannot use
+    ("m2rl.evaluation.runner", "EvalStopped"),  # the policy's server stopped answering: rerun to continue
 ]
 
 

@@ -189,6 +189,8 @@ class Verification:
     score: float  # in [0, 1]: the fraction of the task done (1.0 when resolved)
     details: str = ""
     exit_code: int | None = None  # optional: a checker program's exit status
+    # optional: the change that was graded (a SWE episode's git diff), so an eval can hand it on as a prediction
+    patch: str | None = None
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "verification") -> Verification:
@@ -199,17 +201,21 @@ class Verification:
                 f"{where}: verification.score must be a number, got {d.get('score')!r}"
             ) from None
         exit_code = d.get("exit_code")
+        patch = d.get("patch")
         return cls(
             resolved=bool(d.get("resolved", False)),
             score=score,
             details=_as_str(d.get("details"), "verification.details", where),
             exit_code=None if exit_code is None else int(exit_code),
+            patch=None if patch is None else _as_str(patch, "verification.patch", where),
         )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"resolved": self.resolved, "score": float(self.score), "details": self.details}
         if self.exit_code is not None:
             out["exit_code"] = self.exit_code
+        if self.patch is not None:
+            out["patch"] = self.patch
         return out
 
 

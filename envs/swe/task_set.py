@@ -170,7 +170,7 @@ class SWETaskSet(TaskSet):
         prepared = prepare(grader, inst.base_commit, self.repo_dir)
         result = grade_patch(grader, patch, self.grading_task(inst, prepared))
         detail = result.details if result.applied else f"{result.details}: {result.log[-600:]}"
-        return Verification(result.resolved, result.score, detail, result.exit_code)
+        return Verification(result.resolved, result.score, detail, result.exit_code, patch=patch)
 
     def forget(self, sandbox: Any) -> None:
         """Drop what was recorded about a sandbox that is closed."""

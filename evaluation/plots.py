@@ -24,6 +24,7 @@ def write_plots(directory: Path, records: Sequence[EpisodeRecord],
 
     matplotlib.use("Agg")  # no display where evals run
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     written = []
     labels = sorted(by_group)
@@ -49,6 +50,7 @@ def write_plots(directory: Path, records: Sequence[EpisodeRecord],
                   label=["resolved", "not resolved"])
         axis.set_xlabel(label)
         axis.set_ylabel("episodes")
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5-episode ticks
         axis.legend(loc="best")
         axis.grid(alpha=0.3)
         written.append(_save(plt, figure, directory / relative, relative))

@@ -476,3 +476,11 @@ def test_end_to_end_against_vllm_in_chat_mode(tmp_path: Path) -> None:
                     "--reasoning-parser", "minimax_m2"]))
     with server:
         play_python_episodes(server.base_url, server.model_name, tokenizer, n=2)
+        # and `m2rl eval` in chat mode against the same server (one vLLM start for both: ~70 s on 2 cores)
+        from m2rl.evaluation.runner import EvalConfig, run_eval
+        outcome = run_eval(EvalConfig(env="m2rl/Python-v0", policy=f"openai:{server.base_url}#tiny", mode="chat",
+                                      tasks=2, samples=1, max_new_tokens=48, env_options={"max_steps": 3},
+                                      show_progress=False, threads=1, name="vllm-chat",
+                                      run_root=str(tmp_path / "runs")))
+        assert outcome.summary["mode"] == "chat" and outcome.summary["episodes"] == 2
+        assert outcome.summary["failed"] == 0, [r.error for r in outcome.records]

@@ -47,6 +47,12 @@ def _mcp() -> dict[str, ScriptFactory]:
     return {"expert": lambda env: mcp_expert, "wrong": lambda env: mcp_wrong}
 
 
+def _miniwob() -> dict[str, ScriptFactory]:
+    from m2rl.envs.miniwob.experts import miniwob_expert, miniwob_random
+
+    return {"expert": lambda env: miniwob_expert, "random": lambda env: miniwob_random}
+
+
 def _swe() -> dict[str, ScriptFactory]:
     from m2rl.envs.swe.expert import gold_patch_script
 
@@ -55,6 +61,7 @@ def _swe() -> dict[str, ScriptFactory]:
 
 FAMILIES: dict[str, Callable[[], dict[str, ScriptFactory]]] = {
     "python": _python, "shell": _shell, "browser": _browser, "mcp": _mcp, "swe": _swe,
+    "miniwob": _miniwob,
 }
 
 

@@ -49,6 +49,12 @@ def target_tests_fraction(steps: Sequence[StepInfo], task: RewardTask) -> list[f
     return _on_terminal(steps, 0.0 if v is None else min(1.0, max(0.0, v.score)))
 
 
+def grader_score(steps: Sequence[StepInfo], task: RewardTask) -> list[float]:
+    """The grader's score as it gave it, unclamped: a benchmark's own reward (a MiniWoB page's, in [-1, 1])."""
+    v = _terminal_verification(steps)
+    return _on_terminal(steps, 0.0 if v is None else float(v.score))
+
+
 def answer_match(steps: Sequence[StepInfo], task: RewardTask) -> list[float]:
     """1 if the last submitted answer matches the task's expected answer (exact or numeric)."""
     if task.expected_answer is None:
@@ -157,6 +163,7 @@ def repetition(steps: Sequence[StepInfo], task: RewardTask) -> list[float]:
 OUTCOME_COMPONENTS: dict[str, Component] = {
     "resolved": resolved,
     "tests_fraction": target_tests_fraction,
+    "grader_score": grader_score,
     "answer_match": answer_match,
     "checker_exit": checker_exit,
 }

@@ -186,7 +186,8 @@ class Verification:
     """
 
     resolved: bool
-    score: float  # in [0, 1]: the fraction of the task done (1.0 when resolved)
+    score: float  # in [0, 1]: the fraction of the task done (1.0 when resolved); a benchmark's own reward where
+    # its page or checker computes one (MiniWoB: [-1, 1])
     details: str = ""
     exit_code: int | None = None  # optional: a checker program's exit status
     # optional: the change that was graded (a SWE episode's git diff), so an eval can hand it on as a prediction

@@ -68,6 +68,9 @@ else
         # and break `import transformers`; we need none of them.
         "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
     fi
+    # m2rl/MiniWoB-v0 reads only the wheel's task pages (pyproject's `bench` extra): no Selenium, so --no-deps.
+    say "installing miniwob==1.1.0 (MiniWoB++ task pages, without its Selenium dependencies)"
+    "${PIP[@]}" --no-deps "miniwob==1.1.0"
     echo "$stamp" > "$VENV/.m2rl-stamp"
     say "Python packages installed (stamp $stamp)"
 fi

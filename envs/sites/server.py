@@ -2,7 +2,8 @@
 
 `SiteServer(render_fn)` starts at construction; `.origin` is `http://127.0.0.1:PORT`; `.close()` shuts
 the server down and joins its thread (no leaked threads or sockets). `render_fn(path, query)` returns
-`(status, html)` and is pure, so the server is the only I/O here.
+`(status, html)`, or `(status, body, content_type)` for other files (the MiniWoB pages' scripts and
+stylesheets, whose MIME type Chromium checks), and is pure, so the server is the only I/O here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
 from urllib.parse import parse_qs, urlsplit
 
-RenderFn = Callable[[str, dict[str, str]], tuple[int, str]]
+RenderFn = Callable[[str, dict[str, str]], tuple[int, str] | tuple[int, str | bytes, str]]
+HTML = "text/html; charset=utf-8"
 
 
 class SiteServer:
@@ -30,15 +32,16 @@ class SiteServer:
                 with server._lock:
                     server.requests.append(self.path)
                 try:
-                    status, body = server.render_fn(split.path, query)
+                    status, body, content_type = (*server.render_fn(split.path, query), HTML)[:3]
                 except Exception as exc:  # a rendering bug must not kill the server thread
-                    status, body = (
+                    status, body, content_type = (
                         500,
                         f"<html><body><h1>Server error</h1><p>{type(exc).__name__}</p></body></html>",
+                        HTML,
                     )
-                data = body.encode("utf-8")
+                data = body.encode("utf-8") if isinstance(body, str) else body
                 self.send_response(status)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

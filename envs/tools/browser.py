@@ -218,6 +218,17 @@ class BrowserTool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ------------------------------------------------------------------ for tools built on this context
+
+    @property
+    def page(self) -> Any:
+        """The Playwright page; use it only inside coroutines passed to `call` (they run on the host's loop)."""
+        return self._page
+
+    def call(self, coro: Any, what: str) -> Any:
+        """Run `coro` on the browser's loop with this tool's timeout; a failure is a one-line `ToolError`."""
+        return self._run(coro, what)
+
     # ------------------------------------------------------------------ helpers
 
     def _allowed(self, url: str) -> bool:

@@ -44,9 +44,12 @@ def _quote(text: str, limit: int) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 
 
-def element_line(node: dict[str, Any], options: list[str] | None = None) -> str:
+def element_line(node: dict[str, Any], select: dict[str, Any] | None = None) -> str:
     """`[ref] TAG #id .classes "text" value=... (focused)` for one node of `core.getDOMInfo()`; a SELECT's
-    `options` (its closed list has no boxes, so core.js lists none) follow as `options="a"|"b"`."""
+    chosen option and options (its closed list has no boxes, so core.js lists none) come from `select`
+    ({options, value}) as `value="a" options="a"|"b"`."""
+    if select is not None:
+        node = {**node, "value": select.get("value", "")}
     parts = [f"[{node['ref']}]", str(node.get("tag", "?"))]
     if node.get("id"):
         parts.append(f"#{node['id']}")
@@ -58,8 +61,8 @@ def element_line(node: dict[str, Any], options: list[str] | None = None) -> str:
     if "value" in node:
         value = node["value"]
         parts.append(f"checked={str(value).lower()}" if isinstance(value, bool) else f"value={_quote(str(value), 80)}")
-    if options is not None:
-        parts.append("options=" + "|".join(_quote(o, MAX_TEXT_CHARS) for o in options))
+    if select is not None:
+        parts.append("options=" + "|".join(_quote(str(o), MAX_TEXT_CHARS) for o in select.get("options", [])))
     if node.get("focused"):
         parts.append("(focused)")
     return " ".join(parts)
@@ -76,9 +79,9 @@ def flatten(root: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
-def listing(root: dict[str, Any], select_options: dict[str, list[str]] | None = None) -> tuple[str, dict[int, Element]]:
+def listing(root: dict[str, Any], selects: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[int, Element]]:
     """The page as indented lines, and its elements by ref (for the tools). BODY is the root and not listed.
-    `select_options`: each SELECT's option texts by ref (JSON keys are strings)."""
+    `selects`: each SELECT's {options, value} by ref (JSON keys are strings)."""
     lines: list[str] = []
     elements: dict[int, Element] = {}
     for depth, node in flatten(root):
@@ -86,7 +89,7 @@ def listing(root: dict[str, Any], select_options: dict[str, list[str]] | None = 
         elements[ref] = Element(ref, str(node.get("tag", "")), str(node.get("text") or ""), float(node["left"]),
                                 float(node["top"]), float(node["width"]), float(node["height"]))
         if depth > 0:
-            lines.append("  " * (depth - 1) + element_line(node, (select_options or {}).get(str(ref))))
+            lines.append("  " * (depth - 1) + element_line(node, (selects or {}).get(str(ref))))
     return "\n".join(lines), elements
 
 

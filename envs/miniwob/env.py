@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from m2rl.config import from_dict as config_from_dict
-from m2rl.envs.miniwob.page import MiniWoBSession, PageState, available_tasks, pages_root, serve_pages
+from m2rl.envs.miniwob.page import MiniWoBSession, PageState, available_tasks, serve_pages
 from m2rl.envs.registration import register_env
 from m2rl.envs.sites.server import SiteServer
 from m2rl.envs.tasks.base import Task, TaskSandbox, TaskSet
@@ -111,7 +111,7 @@ class MiniWoBEnv(ToolEnv):
         if "tasks" in own:
             own["tasks"] = _tasks_option(own["tasks"])
         self.miniwob = config_from_dict(MiniWoBConfig, own, source="MiniWoB options")
-        pages_root()  # MiniWoBMissing now, not at the first reset
+        task_set = MiniWoBTaskSet(self.miniwob.tasks)  # MiniWoBMissing, or an unknown page, before anything starts
         self._own_root = self.miniwob.episode_root is None
         self.episode_root = Path(self.miniwob.episode_root or tempfile.mkdtemp(prefix="m2rl-miniwob-"))
         self.host: ChromiumHost | None = None
@@ -119,7 +119,7 @@ class MiniWoBEnv(ToolEnv):
         self.session: MiniWoBSession | None = None
         self._episodes = 0
         options.setdefault("max_steps", 10)
-        super().__init__(MiniWoBTaskSet(self.miniwob.tasks), self._episode_tools, backend=None,
+        super().__init__(task_set, self._episode_tools, backend=None,
                          reward_spec=RewardSpec(weights={"grader_score": 1.0}) if reward_spec is None else reward_spec,
                          render_mode=render_mode, **options)
 

@@ -39,12 +39,16 @@ _START_JS = """([seed, mode, maxTimeMs]) => {
   core.EPISODE_MAX_TIME = maxTimeMs;
   core.startEpisodeReal();
 }"""
-# core.getDOMInfo() (it also maps refs to elements for core.elementClick), plus each SELECT's options and value.
+# core.getDOMInfo() (it also maps refs to elements for core.elementClick), plus each SELECT's options and the
+# chosen one's text (core.js lists neither).
 _DOM_JS = """() => {
   const dom = core.getDOMInfo();
   const options = {};
   for (const [ref, el] of Object.entries(core.previousDOMInfo)) {
-    if (el instanceof HTMLSelectElement) options[ref] = Array.from(el.options).map((o) => o.text);
+    if (el instanceof HTMLSelectElement) {
+      options[ref] = {options: Array.from(el.options).map((o) => o.text),
+                      value: el.selectedIndex >= 0 ? el.options[el.selectedIndex].text : ""};
+    }
   }
   return {dom, options};
 }"""

@@ -25,7 +25,7 @@ DOM = node(1, "BODY", [node(2, "DIV", id="wrap", children=[
 
 
 def test_listing_golden_lines_and_elements_by_ref():
-    text, elements = listing(DOM, {"7": ["Iceland", "Peru"]})
+    text, elements = listing(DOM, {"7": {"options": ["Iceland", "Peru"], "value": "Iceland"}})
     assert text.splitlines() == [
         "[2] DIV #wrap",
         "  [3] DIV #boxes",
@@ -33,7 +33,7 @@ def test_listing_golden_lines_and_elements_by_ref():
         "      [5] INPUT_checkbox #ch0 checked=false",
         '      [-1] t "say \\"hi\\""',
         '  [6] INPUT_text value="abc" (focused)',
-        '  [7] SELECT #options options="Iceland"|"Peru"',
+        '  [7] SELECT #options value="Iceland" options="Iceland"|"Peru"',
         '  [8] BUTTON .secondary-action.big "Submit"',
     ]
     assert set(elements) == {1, 2, 3, 4, 5, -1, 6, 7, 8}

@@ -120,6 +120,10 @@ def test_mistakes_are_observations_not_crashes(env) -> None:
         assert expected in obs, (expected, obs[-600:])
         assert reward == 0.0 and not terminated and not truncated and info["errors"]
     assert page_globals(env)["done"] is False  # none of it reached the page's verdict
+    option = env.unwrapped.session.utterance.split("Select ")[1].split(" from the list")[0]
+    obs, reward, terminated, _, _ = env.step(action_text([("select", {"ref": find(page, "SELECT").ref,
+                                                                       "option": option})]))
+    assert f'SELECT #options value="{option}"' in obs and not terminated  # the listing shows the choice
 
 
 def test_chat_mode_plays_an_episode(no_leaks: None) -> None:

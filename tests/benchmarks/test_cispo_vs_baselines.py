@@ -294,3 +294,16 @@ def test_grpo_config_gives_trl_our_cap_and_optimizer(tmp_path: Path) -> None:
     assert (c.per_device_train_batch_size, c.gradient_accumulation_steps, c.max_steps) == (8, 1, 5)
     assert (c.learning_rate, c.adam_beta2, c.adam_epsilon, c.max_completion_length) == (2e-4, 0.95, 1e-15, 64)
     assert c.use_cpu and not c.bf16 and c.report_to == [] and c.seed == 3
+
+
+def test_recommended_offpolicy_config_is_the_main_job_with_the_masked_cispo_learner() -> None:
+    """configs/train_offpolicy.yaml (benchmarks/results/cispo_offpolicy-2026-11-30.md) changes only the learner."""
+    from m2rl.config import load_config, to_dict
+    from m2rl.rl.trainer import TrainConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    main, off = (load_config(TrainConfig, repo / "configs" / name) for name in ("train.yaml", "train_offpolicy.yaml"))
+    assert (off.learner.mini_batches, off.learner.epochs) == (4, 2)
+    assert off.learner.loss.kind == "cispo" and off.learner.loss.trust_mask and off.learner.loss.eps == (0.2, 0.28)
+    differing = {k for k, v in to_dict(off).items() if to_dict(main)[k] != v}
+    assert differing == {"learner"}

@@ -16,7 +16,8 @@ from m2rl.envs.tool_env import ToolEnv, ToolEnvConfig
 register_core_envs()
 
 # Families that live in other modules register themselves on import (each calls `register_env`).
-for _module in ("m2rl.envs.browser_env", "m2rl.envs.mcp_env", "m2rl.envs.swe", "m2rl.envs.miniwob.env"):
+for _module in ("m2rl.envs.browser_env", "m2rl.envs.mcp_env", "m2rl.envs.swe", "m2rl.envs.miniwob.env",
+                "m2rl.envs.bfcl.env"):
     try:
         importlib.import_module(_module)
     except ModuleNotFoundError as _exc:

@@ -195,11 +195,7 @@ class ToolEnv(gym.Env[str, str]):
             if tool.name in self._tools:
                 raise ValueError(f"two tools are named {tool.name!r}; tool names must be unique")
             self._tools[tool.name] = tool
-        system = self.config.system_prompt or getattr(self.task_set, "system_prompt", None)
-        self._messages = [
-            {"role": "system", "content": system or "You are a helpful assistant."},
-            {"role": "user", "content": self.task.prompt},
-        ]
+        self._messages = self._initial_messages(self.task)
         obs = render(
             self._messages,
             tools=self.tools_spec(),
@@ -285,6 +281,15 @@ class ToolEnv(gym.Env[str, str]):
         rng = random.Random(int(self.np_random.integers(0, 2**63 - 1)))
         return self.task_set.sample(split, rng, kinds=kinds)
 
+    def _initial_messages(self, task: Task) -> list[dict[str, Any]]:
+        """The messages the episode starts with: the system prompt and the task's user message (an env whose
+        tasks are conversations, e.g. BFCL's, starts from the task's own messages instead)."""
+        system = self.config.system_prompt or getattr(self.task_set, "system_prompt", None)
+        return [
+            {"role": "system", "content": system or "You are a helpful assistant."},
+            {"role": "user", "content": task.prompt},
+        ]
+
     def _prepare_sandbox(self) -> None:
         if self.backend is None:
             return
@@ -345,8 +350,7 @@ class ToolEnv(gym.Env[str, str]):
         """
         # The parser validates every call against its tool's schema (closed: a tool takes only the parameters
         # it declares), so the calls it returns are the ones to run, with typed arguments.
-        call_specs = [closed_spec(tool.spec) for tool in self._tools.values()]
-        parsed = parse(text, tools=call_specs, enable_thinking=self.config.enable_thinking)
+        parsed = parse(text, tools=self._call_specs(), enable_thinking=self.config.enable_thinking)
         by_invoke: dict[int, list[str]] = {}
         general: list[str] = []
         for err in parsed.errors:
@@ -396,6 +400,11 @@ class ToolEnv(gym.Env[str, str]):
         if general:
             responses.append("Error: " + "\n".join(general[:5]))
         return responses, ended, False
+
+    def _call_specs(self) -> list[dict[str, Any]]:
+        """The specs calls are checked against (`closed_spec` of each tool's; an env whose grader accepts more
+        than the prompt's schema, e.g. BFCL's, relaxes them)."""
+        return [closed_spec(tool.spec) for tool in self._tools.values()]
 
     def _call_tool(self, name: str, arguments: dict[str, Any], info: dict[str, Any]) -> tuple[str, bool]:
         """Run one call the parser validated; returns (response text, episode ended). Never raises."""

@@ -59,8 +59,14 @@ def _swe() -> dict[str, ScriptFactory]:
     return {"expert": gold_patch_script, "wrong": lambda env: submit_nothing}
 
 
+def _bfcl() -> dict[str, ScriptFactory]:
+    from m2rl.envs.bfcl.expert import bfcl_empty, bfcl_expert
+
+    return {"expert": lambda env: bfcl_expert, "empty": lambda env: bfcl_empty}
+
+
 FAMILIES: dict[str, Callable[[], dict[str, ScriptFactory]]] = {
-    "python": _python, "shell": _shell, "browser": _browser, "mcp": _mcp, "swe": _swe,
+    "python": _python, "shell": _shell, "browser": _browser, "mcp": _mcp, "swe": _swe, "bfcl": _bfcl,
     "miniwob": _miniwob,
 }
 

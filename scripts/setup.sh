@@ -71,6 +71,12 @@ else
     # m2rl/MiniWoB-v0 reads only the wheel's task pages (pyproject's `bench` extra): no Selenium, so --no-deps.
     say "installing miniwob==1.1.0 (MiniWoB++ task pages, without its Selenium dependencies)"
     "${PIP[@]}" --no-deps "miniwob==1.1.0"
+    # m2rl/BFCL-v0 loads only bfcl-eval's data and checkers (envs/bfcl/checker.py); its pins (numpy==1.26.4,
+    # faiss, vendor SDKs) would break the venv, so --no-deps, then the small packages those modules import.
+    say "installing bfcl-eval==2026.3.23 (BFCL data and checkers, without its dependencies) and its small deps"
+    "${PIP[@]}" --no-deps "bfcl-eval==2026.3.23"
+    "${PIP[@]}" "filelock>=3" "mpmath>=1.3" "tenacity>=8" "tree_sitter==0.21.3" "tree-sitter-java==0.21.0" \
+        "tree-sitter-javascript==0.21.4"
     echo "$stamp" > "$VENV/.m2rl-stamp"
     say "Python packages installed (stamp $stamp)"
 fi

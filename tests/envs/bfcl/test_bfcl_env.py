@@ -199,3 +199,12 @@ def test_chat_mode_episode() -> None:
 def test_no_answer_categories_have_no_possible_answers() -> None:
     for category in NO_ANSWER:
         assert BFCLTaskSet().generate(category, 0).meta["answer"] is None
+
+
+def test_category_option_at_reset_and_seeded_sampling(env: BFCLEnv) -> None:
+    _, info = env.reset(seed=7, options={"category": "live_parallel"})
+    assert info["task_id"].startswith("bfcl/live_parallel/")
+    again = env.reset(seed=7, options={"category": "live_parallel"})[1]["task_id"]
+    assert again == info["task_id"]  # the same seed gives the same entry
+    ids = {env.reset(seed=s)[1]["task_id"].split("/")[1] for s in range(40)}
+    assert len(ids) > 8  # training draws across the categories

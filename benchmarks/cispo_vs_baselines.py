@@ -1,7 +1,8 @@
-"""Peer comparison: CISPO vs GRPO vs DAPO (our trainer) and TRL's GRPOTrainer (loss cispo / grpo).
+"""Peer comparison: CISPO vs GRPO vs DAPO vs GSPO (our trainer) and TRL's GRPOTrainer (loss cispo / grpo).
 
 Same env (m2rl/Python-v0 arith tasks), same warm-start checkpoint (`model.init`), same seeds, same budget:
-`--steps` rollout batches of `--prompts` tasks x G samples, one on-policy optimizer step per batch (ours
+`--steps` rollout batches of `--prompts` tasks x G samples, one on-policy optimizer step per batch in the
+default `onpolicy` regime (ours
 skips the step when dynamic sampling drops every group; the table counts the steps taken), the same
 learning rate and AdamW settings. Our rows run
 `m2rl.rl.trainer.Trainer` (multi-turn episodes in bubblewrap sandboxes); TRL rows run `GRPOTrainer` on
@@ -38,7 +39,12 @@ TRL rows run only on-policy. `--custom NAME:KIND:OVERRIDE,...` adds an ablation 
 the sequence ratio for GSPO; for the PPO-style losses also the tokens whose gradient the clip removed), binned
 by the probability the generator gave the sampled token; `offpolicy_metrics` averages the learner's own
 per-step metrics (clip fractions, ratio extremes and percentiles, generator-learner log-prob gap).
-Results and conclusions: benchmarks/results/cispo_offpolicy-2026-11-30.md.
+Runs can be split over processes and joined with `--merge A.json B.json --out all.json` (one target).
+Results and conclusions: benchmarks/results/cispo_offpolicy-2026-11-30.md (minibatch: plain CISPO collapses
+without a trust region; `learner.loss.trust_mask` fixes it).
+
+    python -m m2rl.benchmarks.cispo_vs_baselines --regime minibatch --variants grpo,cispo --steps 15 \
+        --custom cispo-mask:cispo:learner.loss.trust_mask=true,learner.loss.eps_low=0.2,learner.loss.eps_high=0.28
 """
 
 from __future__ import annotations

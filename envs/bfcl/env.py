@@ -9,8 +9,8 @@ test entry, played as BFCL's FC harness plays it (`base_handler.inference_multi_
 - The prompt is the entry's first-turn messages, with its function docs as M2 tools (convert.py).
 - Single-turn categories: the policy answers once. Its calls are checked by BFCL's AST checker (simple,
   multiple, parallel, parallel_multiple, java, javascript and the live variants); the irrelevance categories
-  pass when the reply makes no call (nothing parsed and no malformed call block), live_relevance when it
-  makes one. Nothing is executed; the episode ends after that one step.
+  pass when the reply makes no call, live_relevance when it makes one (a call: an invoke the parser read,
+  valid or not; a block that does not parse is BFCL's decode failure, no call). Nothing is executed; the episode ends after that one step.
 - Multi-turn categories: each call runs on the episode's own instances of BFCL's backends (file system,
   math, messages, posts, tickets, trading, travel, vehicle), state carrying across steps and turns; its
   result is the tool response. A reply with no call ends the user turn and the next user message is the
@@ -143,7 +143,9 @@ class BFCLEnv(ToolEnv):
         """A single-turn entry: parse (nothing runs) and end the episode; malformed invokes are shown."""
         parsed = parse(text, tools=self._call_specs(), enable_thinking=self.config.enable_thinking)
         self._single_calls = [(str(c.name), dict(c.arguments)) for c in parsed.tool_calls]
-        self._abstained = not parsed.tool_calls and not parsed.errors
+        # A call is an invoke the parser read, valid or not (an FC API hands BFCL a hallucinated name or bad
+        # arguments as a call too); a block that does not parse at all is BFCL's decode failure: no call.
+        self._abstained = not parsed.tool_calls and all(e.invoke_index is None for e in parsed.errors)
         for name, arguments in self._single_calls:
             info["tool_calls"].append({"name": name, "arguments": json.loads(json.dumps(arguments))})
         responses = []

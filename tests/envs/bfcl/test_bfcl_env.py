@@ -208,3 +208,13 @@ def test_category_option_at_reset_and_seeded_sampling(env: BFCLEnv) -> None:
     assert again == info["task_id"]  # the same seed gives the same entry
     ids = {env.reset(seed=s)[1]["task_id"].split("/")[1] for s in range(40)}
     assert len(ids) > 8  # training draws across the categories
+
+
+def test_relevance_rule_counts_invokes_not_unparseable_blocks(env: BFCLEnv) -> None:
+    made_up = "x\n</think>\n\n<minimax:tool_call>\n<invoke name=\"no_such_tool\">\n</invoke>\n</minimax:tool_call>[e~["
+    unclosed = "x\n</think>\n\n<minimax:tool_call>\nnot an invoke"
+    for text, abstained in [(made_up, False), (unclosed, True), (action_text([]), True)]:
+        for category in ("irrelevance", "live_relevance"):
+            env.reset(options={"task_id": f"bfcl/{category}/0"})
+            info = env.step(text)[4]
+            assert info["verification"]["resolved"] is (abstained == (category == "irrelevance")), (category, text)

@@ -17,6 +17,7 @@ import copy
 import importlib
 import inspect
 from collections.abc import Sequence
+from keyword import iskeyword
 from typing import Any
 
 from m2rl.envs.bfcl.checker import load
@@ -74,7 +75,15 @@ def ast_form(calls: Sequence[Call]) -> list[dict[str, dict[str, Any]]]:
 
 
 def executable_form(calls: Sequence[Call]) -> list[str]:
-    """`["name(a='x',b=1)"]`: the strings BFCL's executable backends take (its `convert_to_function_call`)."""
+    """`["name(a='x',b=1)"]`: the strings BFCL's executable backends take (its `convert_to_function_call`).
+
+    BFCL `eval`s these strings. Values are written with `repr` (JSON values: safe literals) and names come
+    from the tool table, but parameter names are the policy's text: anything but a plain identifier is
+    refused here (`ValueError`), so no text of the policy's ever runs as code."""
+    for name, arguments in calls:
+        bad = [key for key in arguments if not (isinstance(key, str) and key.isidentifier() and not iskeyword(key))]
+        if bad or not name.isidentifier():
+            raise ValueError(f"parameter names must be plain identifiers; {name} got {bad}")
     return list(load().convert_to_function_call(ast_form(calls))) if calls else []
 
 

@@ -218,3 +218,14 @@ def test_relevance_rule_counts_invokes_not_unparseable_blocks(env: BFCLEnv) -> N
             env.reset(options={"task_id": f"bfcl/{category}/0"})
             info = env.step(text)[4]
             assert info["verification"]["resolved"] is (abstained == (category == "irrelevance")), (category, text)
+
+
+def test_parameter_names_never_run_as_code(env: BFCLEnv, tmp_path) -> None:
+    """BFCL evals call strings; a parameter name the policy wrote must not become code."""
+    marker = tmp_path / "pwned"
+    key = f'folder="x",y=open("{marker}","w").write("1"),z'
+    text = ("x\n</think>\n\n<minimax:tool_call>\n<invoke name=\"cd\">\n"
+            f"<parameter name=\"{key}\">a</parameter>\n</invoke>\n</minimax:tool_call>[e~[")
+    env.reset(options={"task_id": "bfcl/multi_turn_base/0"})
+    obs, _, terminated, _, _ = env.step(text)
+    assert not marker.exists() and not terminated and "identifiers" in obs

@@ -2,9 +2,10 @@
 
 `bfcl-eval` (the Berkeley Function Calling Leaderboard, v4) pins an old numpy, faiss, sentence-transformers
 and a dozen vendor SDKs for its model handlers. None of that is needed to load its data and run its checkers,
-so it is installed with `pip install --no-deps bfcl-eval` plus four small wheels (`tree_sitter==0.21.3`,
+so it is installed with `pip install --no-deps bfcl-eval` plus small packages (`tree_sitter==0.21.3`,
 `tree-sitter-java`, `tree-sitter-javascript`: its Java/JS call parsers, imported by the module holding its
-tool-schema converter; `overrides`) and only these submodules are imported (docs/benchmark_envs.md):
+tool-schema converter; `filelock`, `mpmath`, `tenacity`: pyproject's `bfcl` extra) and only these submodules
+are imported (docs/benchmark_envs.md):
 
 - `bfcl_eval.utils`: the data loaders (`load_dataset_entry`, `load_ground_truth_entry`);
 - `bfcl_eval.model_handler.utils`: `convert_to_tool` (BFCL function docs -> OpenAI tools) and
@@ -78,9 +79,9 @@ def load() -> types.SimpleNamespace:
         from bfcl_eval.model_handler.utils import convert_to_function_call, convert_to_tool
     except ImportError as exc:
         raise BFCLNotInstalled(
-            f"bfcl-eval is not usable ({exc}); install it with scripts/setup.sh or `pip install --no-deps "
-            "bfcl-eval==2026.3.23 tree_sitter==0.21.3 tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4 "
-            "overrides`"
+            f"bfcl-eval is not usable ({exc}); install it with scripts/setup.sh, or `pip install --no-deps "
+            "bfcl-eval==2026.3.23` and `pip install filelock mpmath tenacity tree_sitter==0.21.3 "
+            "tree-sitter-java==0.21.0 tree-sitter-javascript==0.21.4` (pyproject's `bfcl` extra)"
         ) from exc
     LOCK_DIR_ROOT.joinpath(".file_locks").mkdir(parents=True, exist_ok=True)
     _BFCL = types.SimpleNamespace(

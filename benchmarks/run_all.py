@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import logging
 import os
 import platform
 import shutil
@@ -28,6 +29,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 RESULT_CHARS = 160  # of the last output line, in the table
@@ -79,7 +82,8 @@ def _docker() -> bool:
         from m2rl.sandboxes.docker_backend import engine_available
 
         return bool(engine_available())
-    except Exception:  # noqa: BLE001  no client library, no engine: either way, no Docker
+    except Exception as exc:  # noqa: BLE001  no client library, no engine: either way, no Docker
+        log.info("run_all: no Docker engine (%s: %s)", type(exc).__name__, exc)
         return False
 
 

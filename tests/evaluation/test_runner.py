@@ -68,9 +68,12 @@ def eval_command(root: Path, name: str, tasks: int = 8) -> list[str]:
 
 def start_and_stop(command: list[str], directory: Path, after: int, sig: int) -> tuple[int, str]:
     """Start `m2rl <command>` in its own process group; send `sig` once `after` episodes are recorded."""
+    # SIGINT as a terminal delivers it: a test run started in the background (`cmd &` in a script, as a CI job
+    # may be) has SIGINT ignored, which children inherit, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "m2rl.cli", *command], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     path = directory / "results.jsonl"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,10 @@ class ToolEnv(gym.Env[str, str]):
         self.action_space = UnicodeText(self.config.max_action_chars)
 
         self.sandbox: Any = None
+        # close() may run on another thread while a reset() starts a sandbox (an abandoned episode's worker
+        # thread): the lock orders the two, and `_closed` tells reset that the sandbox it made has no owner.
+        self._sandbox_lock = threading.Lock()
+        self._closed = False
         self.task: Task | None = None
         self._tools: dict[str, Tool] = {}
         self._messages: list[dict[str, Any]] = []
@@ -182,6 +187,8 @@ class ToolEnv(gym.Env[str, str]):
     ) -> tuple[str, dict[str, Any]]:
         super().reset(seed=seed)
         options = dict(options or {})
+        with self._sandbox_lock:
+            self._closed = False  # gymnasium lets a closed env be reset: it reopens
         self._close_episode()
         self.task = self._pick_task(options)
         timings: dict[str, float] = {}
@@ -250,6 +257,8 @@ class ToolEnv(gym.Env[str, str]):
         return None
 
     def close(self) -> None:
+        with self._sandbox_lock:
+            self._closed = True
         self._close_episode()
         self._drop_sandbox()
         super().close()
@@ -257,9 +266,13 @@ class ToolEnv(gym.Env[str, str]):
     def _drop_sandbox(self) -> None:
         """Give the sandbox back (to the pool, which resets it and discards it if that fails) or close it;
         dead ones included."""
-        if self.sandbox is None:
+        with self._sandbox_lock:
+            sandbox, self.sandbox = self.sandbox, None
+        if sandbox is None:
             return
-        sandbox, self.sandbox = self.sandbox, None
+        self._give_back(sandbox)
+
+    def _give_back(self, sandbox: Any) -> None:
         try:
             if self.pool is not None:
                 self.pool.release(sandbox)
@@ -300,11 +313,21 @@ class ToolEnv(gym.Env[str, str]):
             except SandboxError:  # dead, or its state cannot be restored: never reuse it
                 self._drop_sandbox()
         if self.pool is not None:
-            self.sandbox = self.pool.acquire()
+            sandbox = self.pool.acquire()
         else:
-            self.sandbox = make_sandbox(
-                self.backend, image=self.image, limits=self.sandbox_limits, **self.sandbox_options
-            )
+            sandbox = make_sandbox(self.backend, image=self.image, limits=self.sandbox_limits, **self.sandbox_options)
+        self._adopt_sandbox(sandbox)
+
+    def _adopt_sandbox(self, sandbox: Any) -> None:
+        """Make a freshly started sandbox the env's, unless close() ran meanwhile: then give it back and fail
+        the reset, so that no sandbox outlives its env."""
+        with self._sandbox_lock:
+            closed = self._closed
+            if not closed:
+                self.sandbox = sandbox
+        if closed:
+            self._give_back(sandbox)
+            raise RuntimeError("the env was closed while its reset was starting a sandbox; the sandbox is closed")
 
     def _setup_task(self, task: Task) -> None:
         self.task_set.setup(task, self.sandbox)

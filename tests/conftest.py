@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
 import os
 import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +58,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
                 break
+
+
+_STATE_ROOTS = (Path(tempfile.gettempdir()) / "m2rl-bwrap", Path(tempfile.gettempdir()) / "m2rl-docker")
+
+
+def _own_sandbox_state_dirs() -> list[str]:
+    """Every live sandbox of either backend has a state directory named `<owner pid>-<random>`."""
+    prefix = f"{os.getpid()}-"
+    return [str(d) for root in _STATE_ROOTS if root.is_dir() for d in root.iterdir() if d.name.startswith(prefix)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_sandbox_outlives_its_module() -> Iterator[None]:
+    """A sandbox left open by a test lives on until a garbage collection runs its `__del__`, and the
+    per-test leak checks of whichever tests run meanwhile (tests/sandboxes) are blamed for it. Set up
+    first, this fixture is torn down last in each module: it names the module that leaked, then
+    collects the garbage so that the next module starts clean."""
+    yield
+    deadline = time.monotonic() + 5.0
+    while (leaked := _own_sandbox_state_dirs()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a sandbox closing on another thread may need a moment
+    if leaked:
+        gc.collect()
+        pytest.fail(f"this module left {len(leaked)} sandbox(es) open (state dirs: {leaked})", pytrace=False)

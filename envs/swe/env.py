@@ -130,7 +130,7 @@ class SWEEnv(ToolEnv):
             except SandboxError:  # dead, or its state cannot be restored: never reuse it
                 logger.warning("the SWE sandbox could not be reset; starting a new one", exc_info=True)
         self._drop_sandbox()
-        self.sandbox = self._start_sandbox(image)
+        self._adopt_sandbox(self._start_sandbox(image))
         self._sandbox_image = image
 
     def _drop_sandbox(self) -> None:
@@ -152,7 +152,13 @@ class SWEEnv(ToolEnv):
                 grader = None
         if grader is None:
             grader = self._start_sandbox(image)
-        self._graders[image] = grader  # (re)inserted last: the most recently used
+        with self._sandbox_lock:
+            closed = self._closed
+            if not closed:
+                self._graders[image] = grader  # (re)inserted last: the most recently used
+        if closed:  # close() ran while the grader started (an abandoned episode's thread): nobody would close it
+            _close_quietly(grader)
+            raise SandboxError("the env was closed while its grading sandbox was starting")
         while len(self._graders) > MAX_WARM_GRADERS:
             _close_quietly(self._graders.popitem(last=False)[1])
         return grader

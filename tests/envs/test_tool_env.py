@@ -499,3 +499,43 @@ def test_a_sandbox_whose_reset_fails_is_replaced(pooled: bool) -> None:
         env.close()
         if pool is not None:
             pool.close()
+
+
+def test_closing_an_env_while_its_reset_starts_a_sandbox_leaks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An abandoned episode's worker thread may still be inside reset() when the rollout closes its env (the
+    orchestrator replaces it, or shuts down): the sandbox that reset is starting must not outlive the env.
+    Seen in CI as a bubblewrap sandbox that lived on until a garbage collection, many tests later."""
+    import threading
+
+    from m2rl.envs import tool_env
+    from m2rl.sandboxes import make_sandbox
+
+    starting, release = threading.Event(), threading.Event()
+    made = []
+
+    def slow_make_sandbox(*args, **kwargs):
+        starting.set()
+        release.wait(10)  # close() runs now, while the sandbox is still starting
+        made.append(make_sandbox(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tool_env, "make_sandbox", slow_make_sandbox)
+    env = gym.make("m2rl/Shell-v0").unwrapped
+    errors: list[BaseException] = []
+
+    def reset() -> None:
+        try:
+            env.reset(seed=0)
+        except Exception as exc:  # noqa: BLE001  the reset of a closed env may fail; it must not leak
+            errors.append(exc)
+
+    worker = threading.Thread(target=reset)
+    worker.start()
+    assert starting.wait(10)
+    env.close()
+    release.set()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert made and made[0].closed, "the sandbox started for a closed env is still open"
+    assert env.sandbox is None
+    assert errors and "closed" in str(errors[0])

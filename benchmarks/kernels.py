@@ -10,6 +10,14 @@ Ops, each only where `ops.available` lists it (Triton kernels register when `m2r
   qk_norm_rope     q [T, 6144], k [T, 1024], their norm weights, cos/sin [T, 64] (or with a leading batch of 1)
   route            router logits [T, 256] fp32 and the correction bias -> top-8 weights and expert ids
   linear_logprobs  hidden [T, 3072] x LM head [200064, 3072] -> log-prob of each target token
+  fp8_block_linear x [T, 3072] x M2's stacked q/k/v projection [6144 + 2*1024, 3072] held as FP8 e4m3 with
+                   128x128 block scales (not an `ops` op: model/fp8_linear.py calls kernels/fp8_block_linear.py
+                   directly). Forward only (inference weights). Rows: `triton` (the fp8 tiles read and scaled in
+                   registers), `torch` (F.linear on the weight dequantised once to bf16 and kept: the best PyTorch
+                   path, at twice the weight memory) and `torch_dequant` (the reference: dequantise every call).
+                   Bytes are each implementation's own least traffic (fp8 + scales for triton, the bf16 weight
+                   for torch); err is against `torch`. Left out of `--smoke`'s defaults (its CPU check is
+                   tests/kernels/test_fp8_block_linear.py); `--smoke --ops fp8_block_linear` runs it in fp16.
 Each op runs forward (under no_grad) and, where its output is differentiable, forward+backward (random output
 gradients). Inputs are passed by parameter name: the shape suffix is dropped (`x_TD` -> `x`) and the name
 looked up among the inputs built for that op; the torch implementation is probed at 4 tokens, flat [T, ...]
@@ -62,9 +70,12 @@ from m2rl.benchmarks.gpu_decode import copy_bandwidth, real_shape_config
 from m2rl.model import ops
 from m2rl.model.attention import rope_cos_sin
 from m2rl.model.config import M2Config
+from m2rl.model.fp8 import FP8_DTYPE, FP8_MAX, dequantize_fp8_blocks
 
 KNOWN_OPS = ("moe_experts", "rms_norm", "qk_norm_rope", "route", "linear_logprobs")
 """Ops this benchmark knows how to feed; those not registered in this checkout are skipped."""
+FP8_LINEAR = "fp8_block_linear"
+"""A kernel with no `ops` op (inference only, forward only): benchmarked by `run_fp8_linear`."""
 DEFAULT_TOKENS = (1, 64, 512, 4096, 16384)
 SMOKE_TOKENS = (1, 8)
 
@@ -507,6 +518,70 @@ def measure(row: Row, bench: OpBench, fn: Callable[..., object], args: tuple, gr
     row.roofline_pct = 100 * max(flops / peaks.flop_s, nbytes / peaks.bytes_s) / seconds
 
 
+# ---- the FP8 block linear (no ops op) ------------------------------------------------------------------
+def run_fp8_linear(c: M2Config, token_counts: list[int], device: str, dtype: torch.dtype, peaks: Peaks,
+                   budget_s: float, max_call_ms: float, reps: int) -> list[Row]:
+    """x [T, hidden] through the stacked q/k/v projection held in FP8 with block scales, forward only:
+    triton (fp8 read in the kernel) against F.linear on the bf16 weight dequantised once, and the reference
+    that dequantises every call."""
+    try:
+        kernel = importlib.import_module("m2rl.kernels.fp8_block_linear")
+    except Exception as e:  # noqa: BLE001 - no Triton: the torch rows alone
+        print(f"  no triton row ({type(e).__name__}: {e})", flush=True)
+        kernel = None
+    N, K = c.q_dim + 2 * c.kv_dim, c.hidden_size
+    block = (128, 128) if min(N, K) >= 128 else (32, 32)  # the smoke config's widths of 64 hold 32-blocks
+    codes = (torch.randn(N, K, device=device) * FP8_MAX / 4).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    scales = (4 * 0.02 / FP8_MAX) * (0.5 + torch.rand(-(-N // block[0]), -(-K // block[1]), device=device))
+    dense = dequantize_fp8_blocks(codes, scales, block).to(dtype)
+    impls: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "torch": lambda x: torch.nn.functional.linear(x, dense),
+        # kernels/fp8_block_linear.py's reference, inlined so the row runs where Triton is missing
+        "torch_dequant": lambda x: torch.nn.functional.linear(x, dequantize_fp8_blocks(codes, scales, block).to(x.dtype)),
+    }
+    if kernel is not None:
+        impls["triton"] = lambda x: kernel.fp8_block_linear(x, codes, scales, block)
+    elem = torch.finfo(dtype).bits // 8
+    weight_bytes = {"torch": N * K * elem, "torch_dequant": N * K * (1 + 4 + 4 + 2 * elem),
+                    "triton": N * K + 4 * scales.numel()}  # the reference: fp8 read, fp32 written + read, cast
+    print(f"  [{N}, {K}] weight, {block[0]}x{block[1]} blocks; bytes: each implementation's own least traffic",
+          flush=True)
+    bench = OpBench(FP8_LINEAR, inputs=lambda *args: {})
+    rows: list[Row] = []
+    start = time.perf_counter()
+    last: dict[tuple[str, str], tuple[int, float]] = {}
+    for tokens in token_counts:
+        x = torch.randn(tokens, K, device=device, dtype=dtype)
+        with torch.no_grad():
+            reference = impls["torch"](x)
+        group = [Row(FP8_LINEAR, name, "fwd", tokens) for name in impls]
+        for row in group:
+            row.note = skip_reason(bench, row, last, time.perf_counter() - start, budget_s, max_call_ms)
+            if row.note:
+                print(f"  {row}", flush=True)
+                continue
+            fn = impls[row.implementation]
+            try:
+                with torch.no_grad():
+                    row.rel_err = relative_error(fn(x), reference)
+                    row.ms = time_ms(lambda fn=fn, x=x: fn(x), device, reps=reps)
+            except Exception as e:  # noqa: BLE001 - one failing implementation must not end the run
+                row.note = f"error: {type(e).__name__}: {str(e)[:200]}"
+            if math.isfinite(row.ms):
+                last[(row.implementation, "fwd")] = (tokens, row.ms)
+                flops = 2.0 * tokens * N * K
+                nbytes = weight_bytes[row.implementation] + tokens * (K + N) * elem
+                row.tflop_s = flops / (row.ms / 1e3) / 1e12
+                row.tb_s = nbytes / (row.ms / 1e3) / 1e12
+                row.roofline_pct = 100 * max(flops / peaks.flop_s, nbytes / peaks.bytes_s) / (row.ms / 1e3)
+            print(f"  {row}", flush=True)
+        best = min((r.ms for r in group if is_pytorch(r.implementation) and math.isfinite(r.ms)), default=math.nan)
+        for row in group:
+            row.vs_best_torch = best / row.ms
+        rows += group
+    return rows
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 def import_kernels(interpret: bool) -> None:
     """Register the Triton kernels; on the CPU under Triton's interpreter, which must be on before Triton
@@ -543,7 +618,8 @@ def print_table(rows: list[Row]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", nargs="+", default=list(KNOWN_OPS), choices=KNOWN_OPS)
+    parser.add_argument("--ops", nargs="+", choices=(*KNOWN_OPS, FP8_LINEAR),
+                        help=f"default: all ({FP8_LINEAR} only on the GPU: forward only, the smoke test wants both modes)")
     parser.add_argument("--tokens", type=int, nargs="+", help=f"token counts (default {DEFAULT_TOKENS})")
     parser.add_argument("--op-budget", type=float, default=40.0,
                         help="seconds per op; its token counts left when they are spent are skipped")
@@ -562,7 +638,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"{dtype}; hidden {config.hidden_size}, experts {config.num_local_experts} of {config.intermediate_size}, "
           f"top-{config.num_experts_per_tok}, vocab {config.vocab_size}", flush=True)
-    found = registered_ops(args.ops)
+    wanted = args.ops or [*KNOWN_OPS, *(() if args.smoke else (FP8_LINEAR,))]
+    found = registered_ops([op for op in wanted if op != FP8_LINEAR])
     print("registered: " + ", ".join(f"{op}={'/'.join(impls)}" for op, impls in found.items()), flush=True)
     peaks = Peaks(matmul_peak(device, 256 if args.smoke else 8192, dtype),
                   copy_bandwidth(device) if device == "cuda" else float("nan"))
@@ -583,6 +660,14 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
         print(f"{op}: {time.perf_counter() - started:.1f} s", flush=True)
+    if FP8_LINEAR in wanted:
+        started = time.perf_counter()
+        print(f"{FP8_LINEAR}:", flush=True)
+        # tl.dot runs in bf16/fp16: the smoke run's fp32 becomes fp16 here
+        fp8_dtype = torch.float16 if dtype == torch.float32 else dtype
+        rows += run_fp8_linear(config, token_counts, device, fp8_dtype, peaks, args.op_budget,
+                               math.inf if args.smoke else args.max_call_ms, reps=1 if args.smoke else 5)
+        print(f"{FP8_LINEAR}: {time.perf_counter() - started:.1f} s", flush=True)
     print()
     print_table(rows)
     print(json.dumps({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",

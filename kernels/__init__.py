@@ -12,6 +12,7 @@ heavy where it is not.
     router.py       route: sigmoid scores, biased top-k by max-and-mask, renormalised weights
     linear_logprob.py  linear_logprobs: LM head + log-softmax + gather (and entropy), fwd + bwd, no [N, V] logits
                        (fused below 512 rows; from 512 cuBLAS GEMMs on row chunks + Triton row kernels)
+    fp8_block_linear.py  x @ (W_fp8 * 128x128 block scales)^T without dequantising W (no op: model/fp8_linear.py)
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-KERNEL_MODULES = ("m2rl.kernels.fused_moe", "m2rl.kernels.linear_logprob", "m2rl.kernels.rms_norm",
-                  "m2rl.kernels.rope", "m2rl.kernels.router")
+KERNEL_MODULES = ("m2rl.kernels.fp8_block_linear", "m2rl.kernels.fused_moe", "m2rl.kernels.linear_logprob",
+                  "m2rl.kernels.rms_norm", "m2rl.kernels.rope", "m2rl.kernels.router")
 """Modules that register their implementations on import; each names them in its `OPS` dict."""
 
 

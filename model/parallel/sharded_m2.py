@@ -23,9 +23,11 @@ Choices, and why:
   gathers the shards.
 - Every gather is an all-reduce of zero-filled slots: one collective kind, supported by gloo (CPU tests) and
   by NCCL inside CUDA graphs.
-- Embedding replicated in the model dtype (a lookup reads B rows; only memory is spent). Attention weights in
-  the model dtype (bf16), not FP8: 2.7 GB per rank at full M2 on 2 ranks; experts in FP8 when the config
-  has a quantization_config (fp8_experts.py), else dense.
+- Embedding replicated in the model dtype (a lookup reads B rows; only memory is spent). When the config has
+  a quantization_config, experts (fp8_experts.py) and the attention projections (model/fp8_linear.py: 1.4 GB
+  per rank at full M2 on 2 ranks instead of 2.7 GB in bf16, and half the bytes a decode step reads) stay in
+  FP8 with their block scales; else both are dense in the model dtype. A rank's head slice of q/k/v (and
+  o_proj's columns) must start and end on scale-block boundaries: the loader refuses a cut block.
 - Decode feeds one token per row to equal-length prompts (no padding): the step has fixed shapes and no
   host sync (KV slot and mask from a device position), so it is captured in a CUDA graph when asked.
 """
@@ -42,6 +44,8 @@ import torch.nn.functional as F
 from m2rl.model import ops
 from m2rl.model.attention import apply_partial_rope, rope_cos_sin
 from m2rl.model.config import M2Config
+from m2rl.model.fp8 import quantize_fp8_blocks
+from m2rl.model.fp8_linear import Fp8Linear
 from m2rl.model.parallel.fp8_experts import DenseExperts, Fp8Experts, fp8_expert_bytes
 from m2rl.model.parallel.layout import ShardLayout, localize_experts
 from m2rl.model.router import route
@@ -82,15 +86,22 @@ class ShardKVCache:
 
 class TPAttention(nn.Module):
     def __init__(self, config: M2Config, layout: ShardLayout, group: dist.ProcessGroup | None,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, fp8_block: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.group, self.rank, self.world = group, layout.rank, layout.world
         self.n_q, self.n_kv, self.head_dim = len(layout.q_heads), len(layout.kv_heads), config.head_dim
         self.q_dim_full, self.kv_dim_full = config.q_dim, config.kv_dim
         self.eps, self.use_qk_norm = config.rms_norm_eps, config.use_qk_norm
         q, kv, d = self.n_q * self.head_dim, self.n_kv * self.head_dim, config.hidden_size
-        self.register_buffer("qkv_proj", torch.empty(q + 2 * kv, d, dtype=dtype, device=device))  # [q_r; k_r; v_r]
-        self.register_buffer("o_proj", torch.empty(d, q, dtype=dtype, device=device))
+        # [q_r; k_r; v_r] x D and D x q_r: dense buffers, or fp8 codes + block scales (read as fp8 by the GEMM)
+        self.qkv_proj: torch.Tensor | Fp8Linear
+        self.o_proj: torch.Tensor | Fp8Linear
+        if fp8_block is None:
+            self.register_buffer("qkv_proj", torch.empty(q + 2 * kv, d, dtype=dtype, device=device))
+            self.register_buffer("o_proj", torch.empty(d, q, dtype=dtype, device=device))
+        else:
+            self.qkv_proj = Fp8Linear(d, q + 2 * kv, fp8_block, device)
+            self.o_proj = Fp8Linear(q, d, fp8_block, device)
         self.register_buffer("q_norm", torch.ones(q, dtype=dtype, device=device))
         self.register_buffer("k_norm", torch.ones(kv, dtype=dtype, device=device))
 
@@ -109,7 +120,7 @@ class TPAttention(nn.Module):
         Decode: one token per row at slot decode_pos (0-dim device tensor), attending to slots <= it."""
         B, T, _ = x_BTD.shape
         Dh, q_dim, kv_dim = self.head_dim, self.n_q * self.head_dim, self.n_kv * self.head_dim
-        q, k, v = F.linear(x_BTD, self.qkv_proj).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q, k, v = _project(x_BTD, self.qkv_proj).split((q_dim, kv_dim, kv_dim), dim=-1)
         if self.use_qk_norm:
             q, k = self.qk_norm(q, k)
         q_BHTD = q.reshape(B, T, self.n_q, Dh).transpose(1, 2)
@@ -138,7 +149,11 @@ class TPAttention(nn.Module):
             out_BKGD = F.scaled_dot_product_attention(q_BKGD, cache.k[layer], cache.v[layer],
                                                       attn_mask=visible_S[None, None, None, :])
             out_BTQ = out_BKGD.reshape(B, 1, q_dim)
-        return all_reduce(F.linear(out_BTQ, self.o_proj), self.group, self.world)
+        return all_reduce(_project(out_BTQ, self.o_proj), self.group, self.world)
+
+
+def _project(x: torch.Tensor, weight: torch.Tensor | Fp8Linear) -> torch.Tensor:
+    return weight(x) if isinstance(weight, Fp8Linear) else F.linear(x, weight)
 
 
 class EPMoE(nn.Module):
@@ -180,7 +195,7 @@ class ShardedLayer(nn.Module):
         super().__init__()
         self.eps = config.rms_norm_eps
         self.register_buffer("input_layernorm", torch.ones(config.hidden_size, dtype=dtype, device=device))
-        self.self_attn = TPAttention(config, layout, group, dtype, device)
+        self.self_attn = TPAttention(config, layout, group, dtype, device, fp8_block)
         self.register_buffer("post_attention_layernorm", torch.ones(config.hidden_size, dtype=dtype, device=device))
         self.block_sparse_moe = EPMoE(config, layout, group, dtype, device, fp8_block, moe_backend)
 
@@ -235,11 +250,13 @@ class ShardedM2(nn.Module):
         """normal(0, std) matrices, unit norms, zero routing bias, generated on the device. Replicated tensors
         (embedding, norms, router) get the same values on every rank; sharded ones (attention, experts,
         lm_head) differ per rank. Deterministic for a given (seed, rank, world, device)."""
+        filled = set()  # buffers of modules that fill themselves (their own law for fp8 codes and scales)
         for name, module in self.named_modules():
-            if isinstance(module, (Fp8Experts, DenseExperts)):
-                module.random_(std, seed=_seed_for(seed, name, self.rank))
+            if isinstance(module, (Fp8Experts, DenseExperts, Fp8Linear)):
+                module.random_(std, seed=_seed_for(seed, name, self.rank))  # all sharded: rank-dependent
+                filled |= {f"{name}.{b}" for b, _ in module.named_buffers()}
         for name, buf in self.named_buffers():
-            if ".experts." in name:
+            if name in filled:
                 continue
             if name.endswith("norm"):  # every RMSNorm weight: norm, *_layernorm, q_norm, k_norm
                 buf.fill_(1.0)
@@ -262,8 +279,9 @@ class ShardedM2(nn.Module):
                              group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
                              dtype: torch.dtype = torch.bfloat16, moe_backend: str = "auto") -> ShardedM2:
         """This rank's slices of an M2ForCausalLM state dict (tests and small models: the dict is whole).
-        With FP8 experts, `...experts.w1` may be fp8 codes with `...experts.w1_scale_inv` beside them;
-        dense expert weights are quantised on load."""
+        With FP8 experts, `...experts.w1` may be fp8 codes with `...experts.w1_scale_inv` beside them, and
+        `...self_attn.q_proj.weight` (k, v, o) codes with `...weight_scale_inv`; dense weights are quantised on
+        load (attention: the whole matrix, then sliced, so every world size holds the same codes)."""
         model = cls(config, rank, world, group, device, dtype, moe_backend)
         lay, Dh = model.layout, config.head_dim
         q_rows, kv_rows = lay.q_rows(Dh), lay.kv_rows(Dh)
@@ -275,10 +293,13 @@ class ShardedM2(nn.Module):
             layer.input_layernorm.copy_(state[p + "input_layernorm.weight"])
             layer.post_attention_layernorm.copy_(state[p + "post_attention_layernorm.weight"])
             attn = layer.self_attn
-            attn.qkv_proj.copy_(torch.cat((state[p + "self_attn.q_proj.weight"][q_rows],
-                                           state[p + "self_attn.k_proj.weight"][kv_rows],
-                                           state[p + "self_attn.v_proj.weight"][kv_rows])))
-            attn.o_proj.copy_(state[p + "self_attn.o_proj.weight"][:, q_rows])
+            if isinstance(attn.qkv_proj, Fp8Linear) and isinstance(attn.o_proj, Fp8Linear):
+                _load_fp8_attention(attn.qkv_proj, attn.o_proj, state, p + "self_attn.", q_rows, kv_rows)
+            else:
+                attn.qkv_proj.copy_(torch.cat((state[p + "self_attn.q_proj.weight"][q_rows],
+                                               state[p + "self_attn.k_proj.weight"][kv_rows],
+                                               state[p + "self_attn.v_proj.weight"][kv_rows])))
+                attn.o_proj.copy_(state[p + "self_attn.o_proj.weight"][:, q_rows])
             if config.use_qk_norm:
                 attn.q_norm.copy_(state[p + "self_attn.q_norm.weight"][q_rows])
                 attn.k_norm.copy_(state[p + "self_attn.k_norm.weight"][kv_rows])
@@ -397,8 +418,9 @@ class ShardedM2(nn.Module):
         here is only the context it needs."""
         c, L, elt = self.config, self.config.num_hidden_layers, self.embed_tokens.element_size()
         attn = self.layers[0].self_attn
-        per_layer = (attn.qkv_proj.numel() + attn.o_proj.numel() + attn.q_norm.numel() + attn.k_norm.numel()
-                     + 2 * c.hidden_size) * elt
+        # projections: bf16 buffers, or fp8 codes + fp32 scales (Fp8Linear.nbytes), as the GEMM reads them
+        per_layer = attn.qkv_proj.nbytes + attn.o_proj.nbytes + \
+            (attn.q_norm.numel() + attn.k_norm.numel() + 2 * c.hidden_size) * elt
         router = c.num_local_experts * (c.hidden_size + 1) * 4
         if self.fp8_block is not None:
             expert = fp8_expert_bytes(c.hidden_size, c.intermediate_size, self.fp8_block)
@@ -440,6 +462,41 @@ class _DecodeGraph:
     def replay(self) -> torch.Tensor:
         self.graph.replay()
         return self.ids_B
+
+
+def _fp8_weight(state: dict[str, torch.Tensor], key: str, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp8 codes, scale_inv) of `key`: as stored, or the dense weight quantised whole."""
+    scale = state.get(key + "_scale_inv")
+    return (state[key], scale) if scale is not None else quantize_fp8_blocks(state[key], block)
+
+
+def _block_slice(rows: slice, total: int, side: int, name: str, tail_ok: bool) -> slice:
+    """The blocks (of `side` rows or columns) that `rows` covers; ValueError if a shard boundary cuts one.
+    tail_ok: the slice may end in the matrix's last, partial block (nothing is concatenated after it)."""
+    start, stop = rows.start, rows.stop
+    stop_ok = stop % side == 0 or (tail_ok and stop == total)
+    if start % side or not stop_ok:
+        raise ValueError(f"{name}: this rank's slice [{start}, {stop}) of {total} cuts a {side}-wide FP8 scale "
+                         f"block; shard boundaries must fall on block boundaries (choose a world size whose head "
+                         f"slices are multiples of {side})")
+    return slice(start // side, -(-stop // side))
+
+
+def _load_fp8_attention(qkv: Fp8Linear, o: Fp8Linear, state: dict[str, torch.Tensor], prefix: str,
+                        q_rows: slice, kv_rows: slice) -> None:
+    """This rank's rows of q/k/v (stacked) and columns of o_proj, codes and scales sliced alike."""
+    bn, bk = qkv.block
+    codes, scales = [], []
+    for part, rows, last in (("q_proj", q_rows, False), ("k_proj", kv_rows, False), ("v_proj", kv_rows, True)):
+        w, s = _fp8_weight(state, prefix + part + ".weight", qkv.block)
+        # q and k are followed by the next part: they must end on a block boundary to keep the stack's blocks
+        blocks = _block_slice(rows, w.shape[0], bn, prefix + part, tail_ok=last)
+        codes.append(w[rows])
+        scales.append(s[blocks])
+    qkv.load_(torch.cat(codes).to(qkv.weight.device), torch.cat(scales).to(qkv.weight.device))
+    w, s = _fp8_weight(state, prefix + "o_proj.weight", o.block)
+    blocks = _block_slice(q_rows, w.shape[1], bk, prefix + "o_proj", tail_ok=True)
+    o.load_(w[:, q_rows].to(o.weight.device), s[:, blocks].to(o.weight.device))
 
 
 def _synced_time(device: torch.device) -> float:

@@ -53,7 +53,8 @@ def tiny_config(fp8: bool) -> M2Config:
 
 def reference_and_state(config: M2Config, seed: int = 0) -> tuple[M2ForCausalLM, dict[str, torch.Tensor]]:
     """A random fp32 reference (non-trivial norms and routing bias) and the state dict to shard. With FP8,
-    the state holds each expert matrix as fp8 codes + scales and the reference their dequantised values."""
+    the state holds each expert matrix and each attention projection as fp8 codes + scales and the
+    reference their dequantised values."""
     model = M2ForCausalLM(config).init_weights(std=0.1, seed=seed).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -74,6 +75,11 @@ def reference_and_state(config: M2Config, seed: int = 0) -> tuple[M2ForCausalLM,
                     state[key], state[key + "_scale_inv"] = torch.stack(codes), torch.stack(scales)
                     dense.copy_(torch.stack([dequantize_fp8_blocks(c, s, block) for c, s in zip(codes, scales,
                                                                                                strict=True)]))
+                for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    proj = getattr(layer.self_attn, name).weight
+                    key = f"model.layers.{layer_idx}.self_attn.{name}.weight"
+                    state[key], state[key + "_scale_inv"] = quantize_fp8_blocks(proj, block)
+                    proj.copy_(dequantize_fp8_blocks(state[key], state[key + "_scale_inv"], block))
     return model, state
 
 
@@ -240,8 +246,31 @@ def test_a_released_m2_rank_fits_an_h200_and_reads_what_the_roofline_counts():
     assert 115e9 < total < 120e9  # 141 GB per H200: ~20 GB left for the KV cache and activations
     counted = model.decode_step_bytes(batch=1, context=160, experts_hit=62 * 4)
     assert counted["lm_head"] == 100032 * 3072 * 2 + 3072 * 2
-    assert counted["attention_weights"] == 62 * 2 * (3072 * (3072 + 2 * 512) + 3072 * 3072 + 3072 + 512 + 2 * 3072)
+    # fp8 q/k/v and o_proj with their fp32 128x128 block scales, bf16 q/k norms and the two layer norms
+    fp8_projections = 3072 * (3072 + 2 * 512) + 4 * 32 * 24 + 3072 * 3072 + 4 * 24 * 24
+    assert counted["attention_weights"] == 62 * (fp8_projections + 2 * (3072 + 512 + 2 * 3072))
+    attention = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "_proj." in n)
+    assert attention == 62 * fp8_projections  # held as read: nothing is dequantised to memory
     assert counted["kv_cache"] == 160 * 62 * 2 * 4 * 128 * 2
+
+
+def test_fp8_attention_is_quantised_whole_on_load_and_refuses_a_shard_that_cuts_a_scale_block():
+    config = tiny_config(fp8=True)
+    reference = M2ForCausalLM(config).init_weights(std=0.1, seed=0)
+    state = dict(reference.state_dict())  # dense attention weights: quantised on load
+    model = ShardedM2.from_full_state_dict(state, config, rank=1, world=2, dtype=torch.float32)
+    attn, block = model.layers[0].self_attn, (32, 32)
+    full = {n: dequantize_fp8_blocks(*quantize_fp8_blocks(state[f"model.layers.0.self_attn.{n}.weight"], block), block)
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    q_rows, kv_rows = model.layout.q_rows(32), model.layout.kv_rows(32)
+    expected_qkv = torch.cat((full["q_proj"][q_rows], full["k_proj"][kv_rows], full["v_proj"][kv_rows]))
+    assert attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(attn.qkv_proj.dequantized(), expected_qkv)
+    assert torch.equal(attn.o_proj.dequantized(), full["o_proj"][:, q_rows])
+    # 64x64 blocks: each rank's 32 KV rows (one head of 32) would split a block in two
+    cut = M2Config(**TINY, quantization_config={**FP8, "weight_block_size": [64, 64]})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj: .*cuts a 64-wide FP8 scale block"):
+        ShardedM2.from_full_state_dict(state, cut, rank=0, world=2, dtype=torch.float32)
 
 
 def _two_rank_worker(rank: int, world: int) -> None:
@@ -255,7 +284,7 @@ def _two_rank_worker(rank: int, world: int) -> None:
     for name, t, replicated in (("router", layer.block_sparse_moe.gate_weight, True),
                                 ("embedding", model.embed_tokens, True),
                                 ("experts", layer.block_sparse_moe.experts.w1.float(), False),
-                                ("attention", layer.self_attn.qkv_proj, False)):
+                                ("attention", layer.self_attn.qkv_proj.weight.float(), False)):
         both = gather_shards(t, rank, world, dist.group.WORLD)
         assert torch.equal(both[0], both[1]) == replicated, name
     ids = model.generate_greedy(prompts(batch=2, length=4), NEW_TOKENS).ids.float()

@@ -45,17 +45,18 @@ def blocks_supported(block: tuple[int, int]) -> bool:
 
 
 def launch_options(rows: int, block: tuple[int, int]) -> dict[str, int]:
-    """Tiles by row count. Decode (a few rows): BLOCK_M 16 (tl.dot's least) and narrow BLOCK_N, so the
-    weight streams through many programs (M2's qkv at N 8192: 256 programs for 132 SMs). Prefill: 64x128
-    tiles reuse each weight tile across 64 rows."""
+    """Tiles by row count, the fastest of a sweep on an H200 at M2's qkv shape (N 8192, K 3072; BLOCK_M x
+    BLOCK_N x BLOCK_K x warps x stages, 2026-11-30). Decode: BLOCK_M 16 (tl.dot's least) and narrow BLOCK_N,
+    so the weight streams through many programs (256 for 132 SMs); prefill: 128x128 tiles reuse each weight
+    tile across 128 rows, with BLOCK_K 64 (deeper pipelining beat fewer scale loads)."""
     if rows <= 16:
-        block_m, block_n, warps = 16, 32, 4
+        block_m, block_n, block_k, warps, stages = 16, 32, 128, 4, 4
     elif rows <= 64:
-        block_m, block_n, warps = 32, 64, 4
+        block_m, block_n, block_k, warps, stages = 64, 32, 128, 4, 4
     else:
-        block_m, block_n, warps = 64, 128, 8
-    return {"BLOCK_M": block_m, "BLOCK_N": min(block_n, block[0]), "BLOCK_K": min(128, block[1]),
-            "num_warps": warps, "num_stages": 3}
+        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 3
+    return {"BLOCK_M": block_m, "BLOCK_N": min(block_n, block[0]), "BLOCK_K": min(block_k, block[1]),
+            "num_warps": warps, "num_stages": stages}
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _fp8_block_linear_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn  # W^T tile [BLOCK_K, BLOCK_N]
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # W tile [BLOCK_N, BLOCK_K], K contiguous
     # BLOCK_N divides SCALE_N: the whole tile's rows of W share one row of scales.
     s_row = s_ptr + ((pid_n * BLOCK_N) // SCALE_N) * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -82,9 +83,12 @@ def _fp8_block_linear_kernel(
         k_idx = k0 + offs_k
         k_mask = k_idx < K
         a = tl.load(x_rows + k_idx[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_cols + k_idx[:, None] * stride_wk, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_rows + k_idx[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         scale = tl.load(s_row + (k0 // SCALE_K) * stride_sk)  # BLOCK_K divides SCALE_K: one scale per tile
-        acc += tl.dot(a, b.to(a.dtype)) * scale
+        # The tile is scaled before the dot, in x's dtype (the value the reference's dequantised weight
+        # rounds to), so the tensor cores accumulate straight into `acc`.
+        w = (w.to(tl.float32) * scale).to(a.dtype)
+        acc = tl.dot(a, tl.trans(w), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -105,8 +109,10 @@ def fp8_block_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale_inv: tor
 
 
 def fp8_block_linear_2d(x_MK: torch.Tensor, weight_NK: torch.Tensor, scale_inv: torch.Tensor,
-                        block: tuple[int, int], bias_N: torch.Tensor | None = None) -> torch.Tensor:
-    """y [M, N] in x's dtype from x [M, K] (bf16 or fp16: the dtype tl.dot runs in)."""
+                        block: tuple[int, int], bias_N: torch.Tensor | None = None,
+                        options: dict[str, int] | None = None) -> torch.Tensor:
+    """y [M, N] in x's dtype from x [M, K] (bf16 or fp16: the dtype tl.dot runs in). `options` overrides
+    `launch_options` (the tile sweep in benchmarks/kernels.py)."""
     M, K = x_MK.shape
     N = weight_NK.shape[0]
     assert x_MK.is_cuda or _INTERPRETED, "the Triton kernels need CUDA tensors (CPU only under TRITON_INTERPRET=1)"
@@ -120,7 +126,7 @@ def fp8_block_linear_2d(x_MK: torch.Tensor, weight_NK: torch.Tensor, scale_inv: 
     y_MN = torch.empty(M, N, dtype=x_MK.dtype, device=x_MK.device)
     if M == 0:
         return y_MN
-    opts = launch_options(M, block)
+    opts = options or launch_options(M, block)
     grid = (triton.cdiv(M, opts["BLOCK_M"]), triton.cdiv(N, opts["BLOCK_N"]))
     _fp8_block_linear_kernel[grid](
         x_MK, weight_NK, scale_inv, bias_N if bias_N is not None else scale_inv, y_MN,

@@ -39,6 +39,10 @@ Columns:
 - x torch: time of the fastest non-Triton implementation at the same op, mode and tokens / this time
 - err: relative L2 difference of the forward output from the torch implementation's (expert ids and their
   weights compared after sorting by id; none where the torch implementation is over its token cap)
+- graph ms, graph % roof (forward rows of the bandwidth-bound ops on CUDA): the same call replayed from a CUDA
+  graph, each call after an L2 flush, the flushes' own time subtracted. `ms` includes the host's time to
+  issue the call (Python dispatch, launch), which these small ops cannot hide; this is the GPU's time alone,
+  what a decode step replayed from a graph pays.
 Each op has a time budget (`--op-budget`): token counts left when it is spent are skipped, as is a case
 whose one call, scaled from the last token count, would take over `--max-call-ms`.
 
@@ -114,6 +118,41 @@ def time_ms(fn: Callable[[], object], device: str, grad_to_none: list[torch.Tens
         if i:  # the first call is a warm-up
             times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def time_graph_ms(fn: Callable[[], object], calls: int = 10, replays: int = 7,
+                  flush_bytes: int = 256 << 20) -> float:
+    """Milliseconds of one fn() on the GPU alone: `calls` x (L2 flush, fn) captured in one CUDA graph, and
+    the flushes alone in another; the median replay of each, the difference over `calls`. fn must be
+    capturable (no host sync)."""
+    cache = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    both, flushes = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(both):
+        for _ in range(calls):
+            cache.zero_()
+            fn()
+    with torch.cuda.graph(flushes):
+        for _ in range(calls):
+            cache.zero_()
+
+    def replay_ms(graph: torch.cuda.CUDAGraph) -> float:
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+    return max(0.0, (replay_ms(both) - replay_ms(flushes)) / calls)
 
 
 def matmul_peak(device: str, n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
@@ -244,6 +283,8 @@ class OpBench:
     read, the input gradients written"""
     max_tokens: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     """(implementation, mode) -> most tokens it runs at (the slow references)"""
+    graph_forward: bool = False
+    """also time the forward replayed from a CUDA graph (the bandwidth-bound ops, whose host time shows)"""
 
 
 def moe_flops(c: M2Config, tokens: int, args: tuple) -> float:
@@ -270,9 +311,9 @@ BENCHES = {
                            # reads the hit experts' weights again and writes their gradients
                            backward_bytes=lambda args, out, forward: 2 * forward,
                            max_tokens={("torch", "fwd"): 4096, ("torch", "fwd+bwd"): 1}),
-    "rms_norm": OpBench("rms_norm", rms_norm_inputs),
-    "qk_norm_rope": OpBench("qk_norm_rope", qk_norm_rope_inputs),
-    "route": OpBench("route", route_inputs, flops=route_flops),
+    "rms_norm": OpBench("rms_norm", rms_norm_inputs, graph_forward=True),
+    "qk_norm_rope": OpBench("qk_norm_rope", qk_norm_rope_inputs, graph_forward=True),
+    "route": OpBench("route", route_inputs, flops=route_flops, graph_forward=True),
     "linear_logprobs": OpBench("linear_logprobs", linear_logprobs_inputs,
                                flops=lambda c, tokens, args: 2.0 * tokens * c.hidden_size * c.vocab_size),
 }
@@ -346,6 +387,8 @@ class Row:
     vs_best_torch: float = float("nan")
     rel_err: float = float("nan")
     note: str = ""
+    graph_ms: float = float("nan")
+    graph_roofline_pct: float = float("nan")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,6 +542,12 @@ def measure(row: Row, bench: OpBench, fn: Callable[..., object], args: tuple, gr
             with torch.no_grad():
                 fn(*args)
         row.ms = time_ms(forward, device, reps=reps)
+        if bench.graph_forward and device == "cuda":
+            try:
+                row.graph_ms = time_graph_ms(forward)
+                row.graph_roofline_pct = 100 * max(flops / peaks.flop_s, nbytes / peaks.bytes_s) / (row.graph_ms / 1e3)
+            except RuntimeError as e:  # not capturable (a host sync): the row keeps its plain time
+                row.note = f"no graph: {str(e)[:80]}"
     else:
         differentiable = [t for t in tensors(fn(*args)) if t.requires_grad]
         if not differentiable:
@@ -608,12 +657,12 @@ def print_table(rows: list[Row]) -> None:
     def num(x: float, fmt: str) -> str:
         return format(x, fmt) if math.isfinite(x) else "-"
 
-    print("| op | impl | mode | tokens | ms | TFLOP/s | TB/s | % roof | x torch | err | note |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| op | impl | mode | tokens | ms | TFLOP/s | TB/s | % roof | x torch | err | graph ms | graph % roof | note |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r.op} | {r.implementation} | {r.mode} | {r.tokens} | {num(r.ms, '.3f')} | {num(r.tflop_s, '.1f')} "
               f"| {num(r.tb_s, '.2f')} | {num(r.roofline_pct, '.1f')} | {num(r.vs_best_torch, '.2f')} "
-              f"| {num(r.rel_err, '.1e')} | {r.note} |")
+              f"| {num(r.rel_err, '.1e')} | {num(r.graph_ms, '.3f')} | {num(r.graph_roofline_pct, '.1f')} | {r.note} |")
 
 
 def main() -> None:

@@ -227,7 +227,7 @@ class ChatAgentPolicy:
         ids = list(self.tokenizer.encode(assistant_text(message, enable_thinking)))
         finish = "length" if out.finish_reason == "length" else "stop"
         return PolicyOutput(ids=ids, logprobs=[0.0] * len(ids), finish_reason=finish,
-                            policy_version=self.policy_version, message=message)
+                            policy_version=self.policy_version, message=message, usage=dict(out.usage) or None)
 
     async def aclose(self) -> None:
         close = getattr(self.client, "aclose", None)

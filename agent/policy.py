@@ -33,6 +33,8 @@ class PolicyOutput:
     message: set only by a chat policy (`ChatPolicy`): the assistant message as the chat model wrote it
         (native tool calls with their ids); the loop keeps it as the turn's message view instead of parsing
         the ids back, so every call it made, valid or not, stays paired with its tool result.
+    usage: the server's own token counts for this request (an OpenAI-compatible API's `usage`:
+        prompt_tokens, completion_tokens, ...), where it reported them; what a hosted model bills.
     """
 
     ids: list[int]
@@ -40,6 +42,7 @@ class PolicyOutput:
     finish_reason: FinishReason
     policy_version: int
     message: dict[str, Any] | None = None
+    usage: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.logprobs):

@@ -73,6 +73,9 @@ class EpisodeRecord:
     kind: str  # the task kind within the family (for SWE: the repository)
     repository: str | None = None  # SWE tasks: the repository; None otherwise
     trajectory: str = ""  # its key in trajectories.jsonl (episode_key)
+    # The server's own token counts summed over the episode's requests (prompt_tokens, completion_tokens, ...),
+    # where it reports them (hosted chat APIs): what the provider bills. Empty otherwise.
+    server_usage: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -95,7 +98,7 @@ class EpisodeRecord:
 
 
 def episode_record(scored: ScoredTrajectory, sample: int, *, family: str, kind: str, wall_s: float, seed: int,
-                   policy_version: int) -> EpisodeRecord:
+                   policy_version: int, server_usage: Mapping[str, int] | None = None) -> EpisodeRecord:
     """The record of a finished episode (a failed one too: resolved False, no tokens)."""
     steps = scored.episode.steps
     invalid = sum(step.error_count(*INVALID_CALL_ERRORS) for step in steps)
@@ -122,6 +125,7 @@ def episode_record(scored: ScoredTrajectory, sample: int, *, family: str, kind: 
         kind=kind,
         repository=kind if family == "swe" else None,
         trajectory=episode_key(scored.task_id, sample),
+        server_usage=dict(server_usage or {}),
     )
 
 

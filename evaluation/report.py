@@ -83,6 +83,7 @@ def summarize(records: Sequence[EpisodeRecord], context: Mapping[str, Any]) -> d
             "total_mean": _mean([r.tokens.total for r in records]),
             "sampled_total": sum(r.tokens.sampled for r in records),
             "billed_input_total": sum(r.tokens.billed_input for r in records),
+            "server_usage": server_usage(records),
         },
         "tool_calls": {"total": tool_calls, "errors": tool_errors,
                        "error_rate": tool_errors / tool_calls if tool_calls else 0.0,
@@ -125,15 +126,37 @@ def by_group(records: Sequence[EpisodeRecord]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def cost(records: Sequence[EpisodeRecord], price_in: float | None, price_out: float | None) -> dict[str, float] | None:
-    """USD at the given prices per 1M tokens: every turn's whole prompt is input (no prompt caching assumed)."""
+def server_usage(records: Sequence[EpisodeRecord]) -> dict[str, int]:
+    """The server's own token counts summed over every episode that has them (hosted chat APIs report them)."""
+    total: Counter[str] = Counter()
+    for r in records:
+        total.update(r.server_usage)
+    return dict(sorted(total.items()))
+
+
+def _server_billed(record: EpisodeRecord) -> bool:
+    return {"prompt_tokens", "completion_tokens"} <= record.server_usage.keys()
+
+
+def cost(records: Sequence[EpisodeRecord], price_in: float | None, price_out: float | None) -> dict[str, Any] | None:
+    """USD at the given prices per 1M tokens. From the server's own counts (`usage`: prompt_tokens and
+    completion_tokens, in its tokenizer) where every episode has them, as the provider bills; otherwise from
+    ours, every turn's whole prompt counted as input (no prompt caching assumed)."""
     if price_in is None and price_out is None:
         return None
-    input_usd = sum(r.tokens.billed_input for r in records) * (price_in or 0.0) / TOKENS_PER_PRICE
-    output_usd = sum(r.tokens.sampled for r in records) * (price_out or 0.0) / TOKENS_PER_PRICE
+    from_server = bool(records) and all(_server_billed(r) for r in records)
+    if from_server:
+        tokens_in = sum(r.server_usage["prompt_tokens"] for r in records)
+        tokens_out = sum(r.server_usage["completion_tokens"] for r in records)
+    else:
+        tokens_in = sum(r.tokens.billed_input for r in records)
+        tokens_out = sum(r.tokens.sampled for r in records)
+    input_usd = tokens_in * (price_in or 0.0) / TOKENS_PER_PRICE
+    output_usd = tokens_out * (price_out or 0.0) / TOKENS_PER_PRICE
     total = input_usd + output_usd
     return {"input": input_usd, "output": output_usd, "total": total,
-            "per_episode": total / len(records) if records else 0.0}
+            "per_episode": total / len(records) if records else 0.0,
+            "counted_by": "server usage" if from_server else "m2rl tokenizer"}
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -173,7 +196,10 @@ def report_markdown(summary: Mapping[str, Any], html_note: str | None = None) ->
     if summary.get("cost_usd"):
         c = summary["cost_usd"]
         rows.append(("cost", f"${c['total']:.4f} (input ${c['input']:.4f}, output ${c['output']:.4f}; "
-                             f"${c['per_episode']:.5f} per episode)"))
+                             f"${c['per_episode']:.5f} per episode; tokens counted by {c['counted_by']})"))
+    if tokens.get("server_usage"):
+        usage = tokens["server_usage"]
+        rows.append(("server-reported tokens", ", ".join(f"{k} {v}" for k, v in usage.items())))
     lines = [f"# Eval {summary.get('name') or ''}", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in rows]
     if summary["pass_at_k"]:

@@ -321,7 +321,8 @@ async def _run_jobs(jobs: list[Job], runner: Any, policy: EvalPolicy, files: Eva
         if scored.failed:
             await stop_if_policy_is_down(policy, episode_policy)
         record = episode_record(scored, job.sample, family=job.task.family, kind=job.task.kind,
-                                wall_s=time.perf_counter() - start, seed=job.seed, policy_version=policy.version)
+                                wall_s=time.perf_counter() - start, seed=job.seed, policy_version=policy.version,
+                                server_usage=getattr(episode_policy, "usage", None))
         files.append(record, trajectory_line(scored.trajectory, job.task.id, job.sample))
         resolved[0] += record.resolved
         advance(1, status=f"resolved {resolved[0]}/{len(files.records)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
 
@@ -47,6 +48,7 @@ class SeededPolicy:
         self.policy, self.seed = policy, seed
         self.turn = 0
         self.failure: BaseException | None = None
+        self.usage: Counter[str] = Counter()  # the server's token counts over this episode's requests
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> PolicyOutput:
         return await self.watched(self.policy.generate(prompt_ids, self.seeded(params)))
@@ -59,10 +61,13 @@ class SeededPolicy:
 
     async def watched(self, request: Awaitable[PolicyOutput]) -> PolicyOutput:
         try:
-            return await request
+            out = await request
         except Exception as exc:
             self.failure = self.failure or exc
             raise
+        if out.usage:
+            self.usage.update(out.usage)
+        return out
 
 
 class SeededChatPolicy(SeededPolicy):

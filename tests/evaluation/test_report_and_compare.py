@@ -43,6 +43,30 @@ def test_summary_numbers() -> None:
     assert summarize(records, {"samples": 4})["cost_usd"] is None  # no prices, no cost
 
 
+def test_cost_counts_the_servers_usage_where_every_episode_has_it(tmp_path: Path) -> None:
+    """A hosted model bills its own tokenizer's counts: those win over ours, but only when no episode lacks them."""
+    import dataclasses
+
+    records = [dataclasses.replace(record("a", s, True), server_usage={"prompt_tokens": 1000, "completion_tokens": 70,
+                                                                       "total_tokens": 1070}) for s in range(2)]
+    prices = {"samples": 2, "price_in": 2.0, "price_out": 10.0}
+    s = summarize(records, prices)
+    assert s["tokens"]["server_usage"] == {"completion_tokens": 140, "prompt_tokens": 2000, "total_tokens": 2140}
+    assert s["cost_usd"]["counted_by"] == "server usage"
+    assert s["cost_usd"]["input"] == pytest.approx(2000 * 2.0 / 1e6)
+    assert s["cost_usd"]["output"] == pytest.approx(140 * 10.0 / 1e6)
+    mixed = summarize(records + [record("b", 0, False)], {**prices, "samples": 1})
+    assert mixed["cost_usd"]["counted_by"] == "m2rl tokenizer"
+    assert mixed["cost_usd"]["input"] == pytest.approx(3 * 400 * 2.0 / 1e6)
+    line = EpisodeRecord.from_dict(json.loads(json.dumps(dataclasses.asdict(records[0]))))
+    assert line.server_usage == records[0].server_usage  # results.jsonl keeps it
+    old = dataclasses.asdict(record("c", 0, True))
+    del old["server_usage"]  # a results.jsonl written before the field existed still loads
+    assert EpisodeRecord.from_dict(old).server_usage == {}
+    write_report(tmp_path, records, {}, {"name": "hosted", "samples": 2, **prices})
+    assert "server-reported tokens | completion_tokens 140, prompt_tokens 2000" in (tmp_path / "report.md").read_text()
+
+
 def test_write_report_files_and_swe_predictions(tmp_path: Path) -> None:
     records = [record("org__lib-1", 0, True, family="swe", kind="org/lib"),
                record("org__lib-2", 0, False, family="swe", kind="org/lib")]

@@ -50,6 +50,11 @@ def test_eval_against_m2rl_serve_in_chat_mode(serve: M2RLServer, tmp_path: Path)
                                   run_root=str(tmp_path), **SMALL))
     assert outcome.summary["mode"] == "chat" and outcome.summary["episodes"] == 2
     assert outcome.summary["failed"] == 0, [r.error for r in outcome.records]
+    # The server's own counts, per episode (what a hosted API bills).
+    for r in outcome.records:
+        assert r.server_usage["completion_tokens"] > 0 and r.server_usage["prompt_tokens"] > 0
+    assert outcome.summary["tokens"]["server_usage"]["completion_tokens"] == sum(
+        r.server_usage["completion_tokens"] for r in outcome.records)
 
 
 @pytest.mark.vllm

@@ -195,7 +195,11 @@
     }
     out.push(h("div", {class: "breakdown"}, h("span", {class: "muted", text: "reward breakdown:"}),
       breakdownParts(ep.reward_breakdown)));
-    if (!t.ids) {
+    if (ep.trajectory_omitted) {
+      out.push(h("p", {class: "muted", text: `This trajectory (${(ep.trajectory_omitted / 1e6).toFixed(1)} MB) ` +
+        `was left out of the page to keep the page small enough to open; trajectories.jsonl holds it ` +
+        `(episode ${ep.id}).`}));
+    } else if (!t.ids) {
       out.push(h("p", {class: "muted", text: "No trajectory was kept for this episode."}));
     } else {
       out.push(...maskStrip(t), ...renderTurns(t, steps));

@@ -29,6 +29,10 @@ ASSETS = Path(__file__).parent
 # Nothing may be fetched: inline style and script only, images only as data: URLs.
 CONTENT_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 LOGPROB_DIGITS = 4  # per-token log-probs are rounded in the page (the JSONL keeps them exact)
+# Trajectories the page embeds, in the order given, until their JSON reaches this size: a browser opens a page of
+# this size in seconds, while a big eval's trajectories (hundreds of long SWE episodes) would not open at all.
+# The others keep their row, with a note; trajectories.jsonl holds them whole.
+MAX_TRAJECTORY_BYTES = 64_000_000
 
 
 class ViewerEpisode(TypedDict):
@@ -50,14 +54,16 @@ class ViewerEpisode(TypedDict):
     text: NotRequired[str]  # optional: the decoded transcript, shown raw under the turns
 
 
-def write_report_html(path: Path, title: str, summary: Mapping[str, Any],
-                      episodes: Sequence[Mapping[str, Any]]) -> Path:
+def write_report_html(path: Path, title: str, summary: Mapping[str, Any], episodes: Sequence[Mapping[str, Any]],
+                      max_trajectory_bytes: int = MAX_TRAJECTORY_BYTES) -> Path:
     """Write the viewer page for `episodes` under the headline numbers `summary` (atomically)."""
-    return atomic_write(path, render_report_html(title, summary, episodes))
+    return atomic_write(path, render_report_html(title, summary, episodes, max_trajectory_bytes))
 
 
-def render_report_html(title: str, summary: Mapping[str, Any], episodes: Sequence[Mapping[str, Any]]) -> str:
-    data = {"title": title, "summary": dict(summary), "episodes": [page_episode(e) for e in episodes]}
+def render_report_html(title: str, summary: Mapping[str, Any], episodes: Sequence[Mapping[str, Any]],
+                       max_trajectory_bytes: int = MAX_TRAJECTORY_BYTES) -> str:
+    data = {"title": title, "summary": dict(summary),
+            "episodes": capped(list(map(page_episode, episodes)), max_trajectory_bytes)}
     css = (ASSETS / "viewer.css").read_text(encoding="utf-8")
     script = (ASSETS / "viewer.js").read_text(encoding="utf-8")
     return "".join([
@@ -121,6 +127,19 @@ def page_episode(episode: Mapping[str, Any]) -> dict[str, Any]:
     if episode.get("text"):
         out["text"] = episode["text"]
     return out
+
+
+def capped(episodes: list[dict[str, Any]], max_trajectory_bytes: int) -> list[dict[str, Any]]:
+    """The episodes with their trajectories embedded, in order, while their JSON fits `max_trajectory_bytes`;
+    each one past that keeps its row, its trajectory replaced by `trajectory_omitted` (its size in bytes)."""
+    used = 0
+    for episode in episodes:
+        size = len(json.dumps(episode["trajectory"], ensure_ascii=False, separators=(",", ":")))
+        if used + size > max_trajectory_bytes and episode["trajectory"]:
+            episode["trajectory"], episode["trajectory_omitted"] = {}, size
+        else:
+            used += size
+    return episodes
 
 
 def tool_error_count(trajectory: Mapping[str, Any]) -> int:

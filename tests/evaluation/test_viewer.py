@@ -135,6 +135,19 @@ def test_an_episode_with_a_tool_error_and_no_trajectory_renders() -> None:
         render_report_html("t", {}, [{k: v for k, v in failed.items() if k != "turns"}])
 
 
+def test_trajectories_past_the_page_cap_keep_their_rows_and_say_where_they_are() -> None:
+    episodes = [{**built_failed_episode(), "id": f"e{i}"} for i in range(5)]
+    one = len(json.dumps(page_episode(episodes[0])["trajectory"], ensure_ascii=False, separators=(",", ":")))
+    _, data = embedded_data(render_report_html("t", {}, episodes, max_trajectory_bytes=2 * one + 10))
+    shown = data["episodes"]
+    assert [e["id"] for e in shown] == ["e0", "e1", "e2", "e3", "e4"]  # every row stays
+    assert [bool(e["trajectory"]) for e in shown] == [True, True, False, False, False]
+    assert [e.get("trajectory_omitted") for e in shown] == [None, None, one, one, one]
+    assert all(e["tool_errors"] == 2 for e in shown)  # counted before the cap
+    _, whole = embedded_data(render_report_html("t", {}, episodes))  # the default cap holds a normal eval
+    assert all(e["trajectory"] and "trajectory_omitted" not in e for e in whole["episodes"])
+
+
 def test_training_samples_become_a_report_with_one_family_per_step(tmp_path: Path) -> None:
     from m2rl.rl.trajectory_samples import trajectory_sample, write_sample_report
     from m2rl.runs import read_jsonl

@@ -32,6 +32,8 @@ from m2rl.agent.loop import LoopConfig, TextEnv, Tokenizer
 from m2rl.agent.policy import Policy, PolicyOutput, SamplingParams
 from m2rl.rl.admission import ResourceCost, episode_cost
 from m2rl.rl.env_pool import VersionCallback, WatchedPolicy
+from m2rl.rl.parity import ParityProbe, ParityResult
+from m2rl.rl.weight_sync import SyncRejected, SyncReport
 from m2rl.rl.rollout import EpisodeRunner, ScoredTrajectory, failed_episode
 from m2rl.rl.rollout_stats import BusyClock
 
@@ -254,16 +256,29 @@ class RayEnvPool:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         ray.get(self.generator.update_weights.remote(state, version))
 
-    def sync(self, model: torch.nn.Module, version: int) -> None:
+    def sync(self, model: torch.nn.Module, version: int, probe: ParityProbe | None = None,
+             retries: int = 1) -> ParityResult | None:
         """After the trainer's own weight sync: an in-process generator gets the weights, a server's client the
-        version (the server itself was updated by the trainer's transport). Nothing when the version is the same."""
+        version (the server itself was updated, and probed, by the trainer's transport). Nothing when the version
+        is the same. With `probe`, the generator actor's copy is probed as the trainer probes its own: pushed
+        again up to `retries` times while it disagrees, then SyncRejected. Returns the last probe's result."""
         if version == self.version:
-            return
-        if self.local_generator:
-            self.push_weights(model, version)
-        else:
+            return None
+        parity = None
+        if not self.local_generator:
             self.set_policy_version(version)
+        else:
+            for _ in range(retries + 1):
+                self.push_weights(model, version)
+                if probe is None:
+                    break
+                parity = probe.check(model, self.generator_logprobs)
+                if parity.passed:
+                    break
+            else:
+                raise SyncRejected(SyncReport(version, 0.0, parity, retries + 1))
         self.version = version
+        return parity
 
     def set_policy_version(self, version: int) -> None:
         import ray

@@ -701,7 +701,10 @@ class Trainer:
         if kept:  # the weights changed; outside the deferred block: a restart may take a minute
             self._push_update(metrics)
         if self.ray_pool is not None:  # the generator actor: the same weights, or the server's new version
-            self.ray_pool.sync(self.model, self.policy.policy_version)
+            parity = self.ray_pool.sync(self.model, self.policy.policy_version, self.backend.probe,
+                                        self.backend.retries)
+            if parity is not None:
+                metrics["sync/ray_generator_parity_max_diff"] = parity.max_abs_diff
         if self.background is not None:  # also when nothing changed: the next batch is built at this version
             self.background.on_weights_updated(self.policy.policy_version)
         metrics["step_s"] = time.perf_counter() - t0

@@ -161,3 +161,38 @@ def test_a_training_run_on_the_ray_backend(tmp_path: Path) -> None:
                if "learner/loss" in r]
     assert [r["rollout/max_staleness"] for r in records] == [0, 0]
     assert all(r["rollout/staleness_max"] == 0 and r["train/turns_mean"] > 0 for r in records)
+    # the generator actor's copy was probed after every update, as the trainer's own generator is
+    assert all(r["sync/ray_generator_parity_max_diff"] <= 1e-3 for r in records)
+
+
+def test_the_generator_actor_is_probed_after_a_sync_and_a_copy_that_disagrees_is_rejected() -> None:
+    """As the trainer probes its own generator: the actor's copy must give the learner's log-probs; a push that
+    corrupts the weights is retried, then rejected (the run stops with its data kept)."""
+    from m2rl.model import M2Config, M2ForCausalLM
+    from m2rl.rl.parity import ParityProbe
+    from m2rl.rl.weight_sync import SyncRejected
+
+    config = M2Config.from_preset("tiny")
+    learner = M2ForCausalLM(config).init_weights(seed=1)
+    pool = RayEnvPool(EnvFactory(), 2, TOK, LocalPolicyFactory(M2ForCausalLM(config).init_weights(seed=0), TOK,
+                                                               max_batch_size=2), SMALL)
+    probe = ParityProbe.for_model(learner, tolerance=1e-4, tokenizer=TOK)
+    try:
+        parity = pool.sync(learner, 1, probe)
+        assert parity is not None and parity.passed and pool.version == 1
+        assert pool.sync(learner, 1, probe) is None  # the same version: nothing to do
+        pushes = []
+        real_push = pool.push_weights
+
+        def corrupting_push(model, version):  # what a broken transport would deliver
+            pushes.append(version)
+            broken = M2ForCausalLM(config).init_weights(seed=7)
+            real_push(broken, version)
+
+        pool.push_weights = corrupting_push
+        with pytest.raises(SyncRejected) as rejected:
+            pool.sync(learner, 2, probe, retries=1)
+        assert pushes == [2, 2] and rejected.value.report.rejected == 2
+        assert rejected.value.report.parity.max_abs_diff > 1e-4 and pool.version == 1
+    finally:
+        pool.close()

@@ -18,6 +18,7 @@ from typing import Any
 import gymnasium as gym
 import torch
 from m2rl.agent.format import parse, render, render_completion, render_ids, render_tool_suffix
+from m2rl.envs import Task, TaskSet, ToolOutput
 from m2rl.model import M2Config, M2ForCausalLM, M2Tokenizer
 
 EOS = "[e~["
@@ -158,3 +159,31 @@ def memorized_model(seed: int = 0, max_steps: int = 400, lr: float = 3e-3) -> tu
     model.eval()
     TRAIN_STEPS[(seed, lr)] = step
     return model, ids, mask
+
+
+# A ToolEnv task set and its tools: one sum, an add tool and a submit tool (the loop and chat-adapter tests).
+class SumTasks(TaskSet):
+    family, kinds = "sum", ("three",)
+
+    def generate(self, kind: str, seed: int) -> Task:
+        return Task(id=self.task_id(kind, seed), family=self.family, kind=kind, seed=seed, split="train",
+                    prompt="What is 2 + 3 + 4? Use the add tool, then submit.", answer="9")
+
+
+def add(a: int, b: int) -> str:
+    """Add two integers.
+
+    Args:
+        a: first addend
+        b: second addend
+    """
+    return str(a + b)
+
+
+def submit(answer: str) -> ToolOutput:
+    """Submit the final answer.
+
+    Args:
+        answer: the answer
+    """
+    return ToolOutput(output="Submitted.", answer=answer)

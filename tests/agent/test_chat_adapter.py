@@ -26,8 +26,11 @@ from agent_loop_doubles import (
     ADD_SPEC,
     SUBMIT_SPEC,
     CalculatorEnv,
+    SumTasks,
+    add,
     canonical_episode_texts,
     canonical_messages,
+    submit,
 )
 from m2rl.agent.chat_adapter import (
     NOT_RUN,
@@ -42,7 +45,7 @@ from m2rl.agent.loop import run_episode
 from m2rl.agent.openai_policy import ChatOutput, parse_chat
 from m2rl.agent.policy import ChatPolicy, Policy, PolicyError, SamplingParams
 from m2rl.agent.scripted_policy import ScriptedPolicy
-from m2rl.envs import Task, TaskSet, ToolEnv, ToolOutput
+from m2rl.envs import ToolEnv
 from m2rl.model import M2Tokenizer
 
 TOK = M2Tokenizer.tiny()
@@ -260,33 +263,6 @@ def test_chat_policy_plays_the_same_episode_as_the_m2_text_policy() -> None:
     assert policy.usage == {"prompt_tokens": 30, "completion_tokens": 9}
     with pytest.raises(PolicyError, match="chat_turn"):
         asyncio.run(policy.generate([1, 2], PARAMS))
-
-
-class SumTasks(TaskSet):
-    family, kinds = "sum", ("three",)
-
-    def generate(self, kind: str, seed: int) -> Task:
-        return Task(id=self.task_id(kind, seed), family=self.family, kind=kind, seed=seed, split="train",
-                    prompt="What is 2 + 3 + 4? Use the add tool, then submit.", answer="9")
-
-
-def add(a: int, b: int) -> str:
-    """Add two integers.
-
-    Args:
-        a: first addend
-        b: second addend
-    """
-    return str(a + b)
-
-
-def submit(answer: str) -> ToolOutput:
-    """Submit the final answer.
-
-    Args:
-        answer: the answer
-    """
-    return ToolOutput(output="Submitted.", answer=answer)
 
 
 def sum_env() -> ToolEnv:

@@ -19,13 +19,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
 
-from agent_loop_doubles import CalculatorEnv, canonical_episode_texts, memorized_model, tiny_config
+from agent_loop_doubles import (
+    CalculatorEnv,
+    SumTasks,
+    add,
+    canonical_episode_texts,
+    memorized_model,
+    submit,
+    tiny_config,
+)
 from m2rl.agent.local_policy import LocalPolicy
 from m2rl.agent.loop import LoopConfig, arun_episode, run_episode
 from m2rl.agent.policy import PolicyError, PolicyOutput, SamplingParams
 from m2rl.agent.scripted_policy import ScriptedPolicy
 from m2rl.agent.trajectory import load_jsonl
-from m2rl.envs import Task, TaskSet, ToolEnv, ToolOutput
+from m2rl.envs import ToolEnv, ToolOutput
 from m2rl.model import M2ForCausalLM, M2Tokenizer, token_logprobs
 from m2rl.rewards.episode import parse_steps
 
@@ -240,33 +248,6 @@ def test_untrained_model_episode_is_recorded_consistently():
 
 
 # ---- the real m2rl ToolEnv (no sandbox: pure-Python tools) -------------------------------------------------
-
-
-class SumTasks(TaskSet):
-    family, kinds = "sum", ("three",)
-
-    def generate(self, kind: str, seed: int) -> Task:
-        return Task(id=self.task_id(kind, seed), family=self.family, kind=kind, seed=seed, split="train",
-                    prompt="What is 2 + 3 + 4? Use the add tool, then submit.", answer="9")
-
-
-def add(a: int, b: int) -> str:
-    """Add two integers.
-
-    Args:
-        a: first addend
-        b: second addend
-    """
-    return str(a + b)
-
-
-def submit(answer: str) -> ToolOutput:
-    """Submit the final answer.
-
-    Args:
-        answer: the answer
-    """
-    return ToolOutput(output="Submitted.", answer=answer)
 
 
 def test_episode_against_the_real_tool_env():
